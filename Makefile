@@ -1,0 +1,46 @@
+# The two commands: `make demo` and `make test`. Both set up everything on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv tools lint typecheck unit plane lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip wheel setuptools
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev,transformers]"
+	touch $@
+
+venv: $(STAMP)
+
+# Test control plane binaries (etcd, kube-apiserver/-controller-manager/-scheduler, kwok, KubeRay, helm),
+# built from Go modules and cached by version in ~/.cache/regserve-tools.
+tools:
+	tools/build.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv tools lint typecheck
+	$(BIN)/pytest --durations=25 $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/regserve demo
+
+# Starts the test control plane for manual use; prints the kubeconfig path; Ctrl-C stops it.
+plane: venv tools
+	$(BIN)/python -m tests.k8s.plane
+
+# Re-pins constraints.txt from the current virtualenv.
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^regserve' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

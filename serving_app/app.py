@@ -1,0 +1,205 @@
+"""`serving_app.app:build_app` — the Ray Serve application serving one registered model.
+
+The deployment class is defined inside `build_app` because `@serve.multiplexed` and `@serve.batch`
+fix their sizes when the decorator runs, and those sizes come from the application's args.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from serving_app import http, registry
+from serving_app.config import AppArgs, UserConfig
+from serving_app.convert import normalise_records, records_to_model_input
+from serving_app.errors import InvalidInput, ServingError
+from serving_app.invocations import parse_invocation
+from serving_app.metrics import ServingMetrics
+from serving_app.registry import LoadedVersion
+from serving_app.service import ModelService, PredictJob
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    app_args = AppArgs.model_validate(args)
+    # The default version lives outside Ray's LRU so it is never evicted; pinned versions share the rest.
+    pinned_slots = max(1, app_args.max_models_per_replica - 1)
+    api = FastAPI(
+        title=f"regserve: {app_args.model_name}",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0.5})
+    @serve.ingress(api)
+    class ModelServer:
+        async def __init__(self) -> None:
+            registry.configure_client(app_args.tracking_uri)
+            self.metrics = ServingMetrics.create()
+            self.pinned_versions: set[str] = set()
+            self.service = ModelService(app_args, self._load_pinned, self.metrics)
+            self.token = _auth_token(app_args)
+            self.user_config_seen = False
+            if app_args.default_version:
+                await self.service.set_default(app_args.default_version)
+
+        async def reconfigure(self, user_config: dict[str, Any]) -> None:
+            config = UserConfig.model_validate(user_config or {})
+            version = config.default_version or app_args.default_version
+            if version is None:
+                raise ValueError("no default version: set args.default_version or user_config.default_version")
+            await self.service.set_default(version)
+
+        @serve.multiplexed(max_num_models_per_replica=pinned_slots)
+        async def _load_pinned(self, version: str) -> LoadedVersion:
+            loaded = await self.service.load_for_multiplexer(version)
+            self.pinned_versions.add(version)
+            count_eviction = loaded.on_release
+
+            def released() -> None:
+                self.pinned_versions.discard(version)
+                if count_eviction is not None:
+                    count_eviction()
+
+            loaded.on_release = released
+            return loaded
+
+        @serve.batch(
+            max_batch_size=app_args.max_batch_size,
+            batch_wait_timeout_s=app_args.batch_wait_timeout_s,
+        )
+        async def _predict_batched(self, jobs: list[PredictJob]) -> list[Any]:
+            return await self.service.predict_many(jobs)
+
+        async def _predict(self, job: PredictJob) -> list[Any]:
+            # Batch only when others are waiting: a lone request must not sit out the batch timeout.
+            if app_args.batching and self.service.in_flight > 1:
+                result = await self._predict_batched(job)
+            else:
+                result = (await self.service.predict_many([job]))[0]
+            if isinstance(result, ServingError):
+                raise result
+            return result
+
+        # ------------------------------------------------------------------------------- routes
+
+        @api.post("/serve", summary="Predict with records shaped by the model signature")
+        async def serve_records(self, request: Request) -> Response:
+            return await self._answer(request, "serve", self._serve_records)
+
+        @api.post("/invocations", summary="MLflow scoring protocol")
+        async def invocations(self, request: Request) -> Response:
+            return await self._answer(request, "invocations", self._invocations)
+
+        @api.get("/healthz", summary="Liveness and readiness")
+        async def healthz(self) -> Response:
+            if not self.service.ready:
+                return http.json_response({"status": "loading"}, status_code=503)
+            return http.json_response({"status": "ok", "default_version": self.service.default.version})
+
+        @api.get("/metadata", summary="Model, default version, signature and loaded versions")
+        async def metadata(self, request: Request) -> Response:
+            http.check_token(request, self.token)
+            return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
+
+        @api.get("/openapi.json", include_in_schema=False)
+        async def openapi(self, request: Request) -> Response:
+            default = self.service.default
+            document = http.build_openapi(
+                api,
+                default.api,
+                title=f"{app_args.model_name} (regserve)",
+                version=default.version,
+                root_path=request.scope.get("root_path", ""),
+            )
+            return http.json_response(document)
+
+        @api.get("/docs", include_in_schema=False)
+        async def docs(self, request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "").rstrip("/")
+            return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app_args.model_name} — docs")
+
+        async def check_health(self) -> None:
+            if not self.service.ready:
+                raise RuntimeError("no default version loaded")
+
+        # ----------------------------------------------------------------------------- handlers
+
+        async def _answer(
+            self, request: Request, route: str, handler: Callable[[Request], Awaitable[tuple[Any, str]]]
+        ) -> Response:
+            started = time.perf_counter()
+            version = "none"
+            self.service.in_flight += 1
+            try:
+                http.check_token(request, self.token)
+                payload, version = await handler(request)
+                response = http.json_response(payload, headers={"X-Model-Version": version})
+            except ServingError as error:
+                response = http.error_response(http.with_error_id(error))
+            except Exception as error:  # never let one request take the replica down
+                response = http.internal_error(error)
+            finally:
+                self.service.in_flight -= 1
+            self.metrics.requests.inc(tags={"route": route, "version": version, "status": str(response.status_code)})
+            self.metrics.latency.observe(
+                (time.perf_counter() - started) * 1000, tags={"route": route, "version": version}
+            )
+            return response
+
+        async def _serve_records(self, request: Request) -> tuple[Any, str]:
+            http.require_json(request)
+            body = await http.read_body(request, app_args.max_body_bytes)
+            default = self.service.default
+            loaded = await self.service.resolve(http.requested_version(request))
+            try:
+                payload = default.api.request_adapter.validate_json(body)
+                params = _query_params(request, default.api.params_adapter)
+            except ValidationError as error:
+                raise http.validation_failure(error, expose_fields=app_args.expose_schema_in_errors) from None
+            records = normalise_records(payload, default.api.input_shape)
+            if not records:
+                raise InvalidInput("the request holds no records")
+            model_input = records_to_model_input(records, default.api.input_shape)
+            job = PredictJob(loaded, model_input, len(records), params)
+            return await self._predict(job), loaded.version
+
+        async def _invocations(self, request: Request) -> tuple[Any, str]:
+            body = await http.read_body(request, app_args.max_body_bytes)
+            default = self.service.default
+            loaded = await self.service.resolve(http.requested_version(request))
+            try:
+                parsed = parse_invocation(body, request.headers.get("content-type", "application/json"), default.loaded)
+            except MlflowException as error:
+                message = error.message if app_args.expose_schema_in_errors else "request body is not valid input"
+                raise InvalidInput(message) from None
+            job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
+            return {"predictions": await self._predict(job)}, loaded.version
+
+    return ModelServer.bind()  # type: ignore[attr-defined,no-any-return]
+
+
+def _query_params(request: Request, adapter: Any) -> dict[str, Any] | None:
+    if adapter is None or not request.query_params:
+        return None
+    return adapter.validate_python(dict(request.query_params))  # type: ignore[no-any-return]
+
+
+def _auth_token(args: AppArgs) -> str | None:
+    if args.auth_token_env is None:
+        return None
+    token = os.environ.get(args.auth_token_env)
+    if not token:
+        # Refuse to start open when auth was asked for: a missing Secret must not mean "no auth".
+        raise RuntimeError(f"auth is on but the env var {args.auth_token_env} is empty or unset")
+    return token

@@ -1,0 +1,59 @@
+"""Arguments of the serving application and its runtime `user_config`.
+
+Ray hashes `build_app`'s args into the code version, so any change of them restarts every replica.
+The default version therefore travels in `user_config`, which Ray applies in place via `reconfigure()`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+VERSION_PATTERN = r"^[1-9][0-9]*$"
+
+
+class AppArgs(BaseModel):
+    """What `serving_app.app:build_app` accepts (the `args` of a Serve config application)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(min_length=1, description="Registered model name in MLflow.")
+    default_version: str | None = Field(
+        default=None,
+        pattern=VERSION_PATTERN,
+        description="Version served when a request names none; optional when user_config carries it.",
+    )
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; defaults to the MLFLOW_TRACKING_URI env var."
+    )
+    max_models_per_replica: int = Field(default=2, ge=1, le=64)
+    max_batch_size: int = Field(
+        default=1, ge=1, le=1024, description="Largest batch `@serve.batch` forms; 1 turns batching off."
+    )
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    auth_token_env: str | None = Field(
+        default=None,
+        description="Name of an env var holding a bearer token; when set, requests must present it.",
+    )
+    expose_schema_in_errors: bool = Field(
+        default=True, description="Field-level detail in 422 answers; off hides the schema from callers."
+    )
+    registry_retry_after_s: int = Field(default=5, ge=1, le=600)
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+
+class UserConfig(BaseModel):
+    """The in-place part of the application's configuration."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    default_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
+
+    @field_validator("default_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: object) -> object:
+        # YAML writers turn "3" into 3; a registry version is text.
+        return str(value) if isinstance(value, int) else value

@@ -1,0 +1,92 @@
+"""Application metrics, exported by Ray's metrics agent next to Serve's own (deployment/replica tags added).
+
+Serve already reports `serve_multiplexed_model_load_latency_ms` and friends; these add what only the
+app knows: answers by version and status, default switches, evictions and batch sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+_LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+_LOAD_BUCKETS_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class Counter(Protocol):
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+
+
+class Histogram(Protocol):
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+
+@dataclass
+class ServingMetrics:
+    requests: Counter
+    latency: Histogram
+    loads: Counter
+    load_latency: Histogram
+    evictions: Counter
+    default_switches: Counter
+    batch_size: Histogram
+
+    @classmethod
+    def create(cls) -> ServingMetrics:
+        from ray.serve import metrics
+
+        return cls(
+            requests=metrics.Counter(
+                "regserve_requests",
+                description="Requests answered, by route, version and HTTP status.",
+                tag_keys=("route", "version", "status"),
+            ),
+            latency=metrics.Histogram(
+                "regserve_request_latency_ms",
+                description="Time to answer a request, by route and version.",
+                boundaries=_LATENCY_BUCKETS_MS,
+                tag_keys=("route", "version"),
+            ),
+            loads=metrics.Counter(
+                "regserve_version_loads",
+                description="Model version loads by outcome (loaded or an error code).",
+                tag_keys=("version", "outcome"),
+            ),
+            load_latency=metrics.Histogram(
+                "regserve_version_load_latency_ms",
+                description="Time to load a model version from the registry.",
+                boundaries=_LOAD_BUCKETS_MS,
+                tag_keys=("version",),
+            ),
+            evictions=metrics.Counter(
+                "regserve_version_evictions",
+                description="Versions dropped from a replica's LRU.",
+                tag_keys=("version",),
+            ),
+            default_switches=metrics.Counter(
+                "regserve_default_switches",
+                description="Attempts to switch the default version, by outcome.",
+                tag_keys=("outcome",),
+            ),
+            batch_size=metrics.Histogram(
+                "regserve_batch_size",
+                description="Requests per model call.",
+                boundaries=_BATCH_BUCKETS,
+                tag_keys=("version",),
+            ),
+        )
+
+    @classmethod
+    def discard(cls) -> ServingMetrics:
+        """Metrics that record nothing, for running the service outside a Ray replica."""
+        null = _Null()
+        return cls(null, null, null, null, null, null, null)
+
+
+class _Null:
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def observe(self, value: float, tags: dict[str, str] | None = None, **_: Any) -> None:
+        pass

@@ -1,0 +1,278 @@
+"""The desired KubeRay RayService for a RegisteredModelServing. Pure: everything comes in as arguments.
+
+Invariants the rollout relies on:
+- `args` of the Serve application depend only on the resource's spec, never on the version: Ray hashes
+  args into the code version and would restart every replica on any change.
+- The version travels only in the deployment's `user_config`, so a promotion changes `serveConfigV2`
+  alone and KubeRay applies it to the running cluster (`reconfigure()` in place).
+- Credentials reach the pods by reference (`envFrom` the Secret the resource names, `secretKeyRef`
+  for the endpoint token), never as literal values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from regserve_operator import spec as s
+from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize
+from serving_app.config import AppArgs
+
+IMPORT_PATH = "serving_app.app:build_app"
+# Name of the Serve deployment `build_app` creates; the version override targets it.
+DEPLOYMENT_NAME = "ModelServer"
+AUTH_TOKEN_ENV = "REGSERVE_AUTH_TOKEN"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+SERVE_PORT = 8000
+MANAGED_BY = "regserve"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "regserve.io/serving"
+LABEL_MODEL = "regserve.io/model"
+WORKER_GROUP = "serve"
+# Hash of the rayClusterConfig we last wrote: detects our own removals (e.g. a dropped nodeSelector),
+# which a subset comparison against the server's defaulted copy cannot see.
+ANNOTATION_CLUSTER_HASH = "regserve.io/cluster-config-hash"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The RegisteredModelServing the RayService belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+    api_version: str = f"{s.GROUP}/{s.VERSION}"
+    kind: str = s.KIND
+
+
+@dataclass(frozen=True)
+class BuildDefaults:
+    """Operator-wide defaults (from settings) that a spec may override."""
+
+    image: str
+    ray_version: str
+
+
+def route_prefix(owner_name: str, serving: s.Serving) -> str:
+    return serving.route_prefix or f"/{owner_name}"
+
+
+def app_args(spec: s.RegisteredModelServingSpec) -> dict[str, Any]:
+    """`build_app` args: fixed per resource (never the version), validated by the app's own model."""
+    serving = spec.serving
+    fields: dict[str, Any] = {
+        "model_name": spec.model.name,
+        "tracking_uri": spec.registry.tracking_uri,
+        "max_models_per_replica": serving.max_models_per_replica,
+        "max_batch_size": serving.batching.max_batch_size,
+        "batch_wait_timeout_s": serving.batching.batch_wait_timeout_ms / 1000.0,
+    }
+    if serving.auth:
+        fields["auth_token_env"] = AUTH_TOKEN_ENV
+    if serving.hide_schema_in_errors:
+        fields["expose_schema_in_errors"] = False
+    return AppArgs(**fields).model_dump(exclude_unset=True)
+
+
+def build_serve_config(
+    owner_name: str, spec: s.RegisteredModelServingSpec, version: str, size: ReplicaSize
+) -> dict[str, Any]:
+    """The Serve config (what `serve deploy` takes): one application, version in user_config only."""
+    return {
+        "applications": [
+            {
+                "name": owner_name,
+                "route_prefix": route_prefix(owner_name, spec.serving),
+                "import_path": IMPORT_PATH,
+                "args": app_args(spec),
+                "deployments": [
+                    {
+                        "name": DEPLOYMENT_NAME,
+                        "num_replicas": spec.serving.replicas,
+                        "max_ongoing_requests": max(8, spec.serving.batching.max_batch_size * 2),
+                        "user_config": {"default_version": version},
+                        "ray_actor_options": size.actor_options(),
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def serve_config_yaml(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=True)
+
+
+def labels(owner: Owner, spec: s.RegisteredModelServingSpec) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_NAME: "regserve",
+        LABEL_INSTANCE: owner.name,
+        # Label values are limited to 63 chars of a restricted alphabet; the model name may not fit.
+        LABEL_MODEL: _label_value(spec.model.name),
+    }
+
+
+def _label_value(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)[:63]
+    return cleaned.strip("-_.") or "model"
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": owner.api_version,
+        "kind": owner.kind,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _env(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": spec.registry.tracking_uri}]
+    if spec.serving.ingress_mode == "haproxy":
+        # Read by the Ray processes at import time, so it belongs in the pod env, not the operator's.
+        env.append({"name": HAPROXY_ENV, "value": "1"})
+    if spec.serving.auth:
+        ref = spec.serving.auth.token_secret_ref
+        env.append(
+            {"name": AUTH_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    return env
+
+
+def _env_from(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
+    ref = spec.registry.credentials_secret_ref
+    return [{"secretRef": {"name": ref.name}}] if ref else []
+
+
+def _container(
+    name: str, image: str, spec: s.RegisteredModelServingSpec, resources: dict[str, Any]
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "env": _env(spec),
+        "resources": resources,
+    }
+    env_from = _env_from(spec)
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+def _pod_spec(spec: s.RegisteredModelServingSpec, container: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = {"containers": [container]}
+    overrides = spec.ray_service
+    if overrides.service_account_name:
+        pod["serviceAccountName"] = overrides.service_account_name
+    if overrides.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": ref.name} for ref in overrides.image_pull_secrets]
+    return pod
+
+
+def build_cluster_config(
+    spec: s.RegisteredModelServingSpec, size: ReplicaSize, defaults: BuildDefaults
+) -> dict[str, Any]:
+    image = spec.ray_service.image or defaults.image
+    head_resources = {
+        "requests": {"cpu": "500m", "memory": "2Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi"},
+    }
+    head = _container("ray-head", image, spec, head_resources)
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": SERVE_PORT, "name": "serve"},
+    ]
+    worker_limits: dict[str, Any] = {"cpu": str(size.pod_cpus), "memory": str(size.pod_memory_bytes)}
+    if size.gpus:
+        worker_limits[GPU_RESOURCE] = str(size.gpus)
+    worker = _container(
+        "ray-worker", image, spec, {"requests": dict(worker_limits), "limits": dict(worker_limits)}
+    )
+    worker_pod = _pod_spec(spec, worker)
+    if size.node_selector:
+        worker_pod["nodeSelector"] = dict(size.node_selector)
+    if size.tolerations:
+        worker_pod["tolerations"] = [dict(t) for t in size.tolerations]
+    replicas = spec.serving.replicas
+    return {
+        "rayVersion": spec.ray_service.ray_version or defaults.ray_version,
+        "headGroupSpec": {
+            # Replicas go to the workers, whose pods are sized for them; the head runs Serve's controller.
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+            "template": {"spec": _pod_spec(spec, head)},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": WORKER_GROUP,
+                "replicas": replicas,
+                "minReplicas": replicas,
+                "maxReplicas": replicas,
+                "rayStartParams": {},
+                "template": {"spec": worker_pod},
+            }
+        ],
+    }
+
+
+def build_rayservice(
+    owner: Owner,
+    spec: s.RegisteredModelServingSpec,
+    version: str,
+    size: ReplicaSize,
+    defaults: BuildDefaults,
+) -> dict[str, Any]:
+    cluster = build_cluster_config(spec, size, defaults)
+    body: dict[str, Any] = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": rayservice_name(owner.name),
+            "namespace": owner.namespace,
+            "labels": labels(owner, spec),
+            "annotations": {ANNOTATION_CLUSTER_HASH: config_hash(cluster)},
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "serveConfigV2": serve_config_yaml(build_serve_config(owner.name, spec, version, size)),
+            "rayClusterConfig": cluster,
+        },
+    }
+    if spec.ray_service.upgrade_strategy is not None:
+        body["spec"]["upgradeStrategy"] = spec.ray_service.upgrade_strategy.model_dump(mode="json")
+    return body
+
+
+def config_hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rayservice_name(owner_name: str) -> str:
+    return owner_name
+
+
+def serving_version_of(rayservice: dict[str, Any]) -> str | None:
+    """The default version a RayService's serveConfigV2 carries (None when unreadable)."""
+    text = (rayservice.get("spec") or {}).get("serveConfigV2")
+    if not text:
+        return None
+    try:
+        config = yaml.safe_load(text)
+        for app in config.get("applications", []):
+            for deployment in app.get("deployments", []):
+                if deployment.get("name") == DEPLOYMENT_NAME:
+                    version = (deployment.get("user_config") or {}).get("default_version")
+                    return None if version is None else str(version)
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return None

@@ -1,0 +1,130 @@
+"""Desired vs existing RayService → the smallest change that gets there. Pure.
+
+The order of preference matters for rollouts: a version change alone is a `serveConfigV2` patch,
+which KubeRay applies to the running cluster in place; only a changed cluster shape (image, memory,
+GPU, replicas) patches `rayClusterConfig`, which makes KubeRay bring up a new cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from regserve_operator.builders import ANNOTATION_CLUSTER_HASH
+
+Action = Literal["create", "patch_serve_config", "patch_cluster", "none", "conflict"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Action
+    name: str
+    namespace: str
+    # The full desired RayService, whatever the action: targets that cannot patch (local mode) use it.
+    desired: dict[str, Any]
+    # patch_*: a JSON Patch (RFC 6902) taking the existing object to the desired one, guarded by a
+    # resourceVersion test so a concurrent writer makes it fail rather than be clobbered.
+    patch: list[dict[str, Any]] = field(default_factory=list)
+    changes: tuple[str, ...] = ()
+    message: str = ""
+
+    @property
+    def writes(self) -> bool:
+        return self.action in ("create", "patch_serve_config", "patch_cluster")
+
+
+def make_plan(desired: dict[str, Any], existing: dict[str, Any] | None) -> Plan:
+    meta = desired["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    if existing is None:
+        return Plan("create", name, namespace, desired, changes=("created",))
+    owner_uid = meta["ownerReferences"][0]["uid"]
+    existing_meta = existing.get("metadata") or {}
+    if owner_uid not in {ref.get("uid") for ref in existing_meta.get("ownerReferences") or []}:
+        return Plan(
+            "conflict",
+            name,
+            namespace,
+            desired,
+            message=f"RayService {namespace}/{name} exists and is not owned by this RegisteredModelServing",
+        )
+
+    want, have = desired["spec"], existing.get("spec") or {}
+    ops: list[dict[str, Any]] = []
+    changes: list[str] = []
+    cluster_changed = _annotation(existing, ANNOTATION_CLUSTER_HASH) != meta["annotations"][
+        ANNOTATION_CLUSTER_HASH
+    ] or not is_subset(want["rayClusterConfig"], have.get("rayClusterConfig"))
+    if cluster_changed:
+        ops.append(_set("/spec/rayClusterConfig", want["rayClusterConfig"], have, "rayClusterConfig"))
+        ops.append(
+            _set_annotation(existing, ANNOTATION_CLUSTER_HASH, meta["annotations"][ANNOTATION_CLUSTER_HASH])
+        )
+        changes.append("rayClusterConfig")
+    if _parse_yaml(want["serveConfigV2"]) != _parse_yaml(have.get("serveConfigV2")):
+        ops.append(_set("/spec/serveConfigV2", want["serveConfigV2"], have, "serveConfigV2"))
+        changes.append("serveConfigV2")
+    if "upgradeStrategy" in want and not is_subset(want["upgradeStrategy"], have.get("upgradeStrategy")):
+        ops.append(_set("/spec/upgradeStrategy", want["upgradeStrategy"], have, "upgradeStrategy"))
+        changes.append("upgradeStrategy")
+    if not is_subset(meta["labels"], existing_meta.get("labels")):
+        ops.append(
+            _set(
+                "/metadata/labels",
+                {**(existing_meta.get("labels") or {}), **meta["labels"]},
+                existing_meta,
+                "labels",
+            )
+        )
+        changes.append("labels")
+
+    if not ops:
+        return Plan("none", name, namespace, desired)
+    action: Action = "patch_cluster" if cluster_changed else "patch_serve_config"
+    # A resourceVersion test makes the patch fail instead of clobbering a concurrent writer.
+    rv = existing_meta.get("resourceVersion")
+    if rv:
+        ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": rv})
+    return Plan(action, name, namespace, desired, patch=ops, changes=tuple(changes))
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """True when every field `want` sets has the same value in `have` (which may carry server defaults)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(is_subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(want) == len(have)
+            and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
+        )
+    if isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(have, str):
+        return str(want) == have
+    return bool(want == have)
+
+
+def _set(path: str, value: Any, parent: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"op": "replace" if key in parent else "add", "path": path, "value": value}
+
+
+def _annotation(obj: dict[str, Any], key: str) -> str | None:
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
+
+
+def _set_annotation(obj: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    annotations = (obj.get("metadata") or {}).get("annotations")
+    if annotations is None:
+        return {"op": "add", "path": "/metadata/annotations", "value": {key: value}}
+    escaped = key.replace("~", "~0").replace("/", "~1")
+    return {"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value}
+
+
+def _parse_yaml(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,265 @@
+"""The RegisteredModelServing resource: pydantic models of its spec and status.
+
+These models are the single source of the CRD's OpenAPI schema (see `crd.py`): bounds, enums and
+defaults are declared here once, and the API server enforces them at apply time. Cross-field rules
+the API server must check are attached as CEL (`x-kubernetes-validations`).
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "regserve.io"
+VERSION = "v1alpha1"
+KIND = "RegisteredModelServing"
+PLURAL = "registeredmodelservings"
+SINGULAR = "registeredmodelserving"
+SHORT_NAMES = ["rms"]
+
+# A registry version number as MLflow prints it.
+VERSION_PATTERN = r"^[1-9][0-9]{0,9}$"
+
+# CEL: exactly one selector. `has()` on an absent optional field is false.
+EXACTLY_ONE_SELECTOR = (
+    "(has(self.alias) ? 1 : 0) + (has(self.stage) ? 1 : 0) + (has(self.version) ? 1 : 0) == 1"
+)
+
+
+# Lets the API server fill nested defaults when the whole section is left out.
+_DEFAULT_EMPTY: dict[str, Any] = {"default": {}}
+
+
+def _cel(rule: str, message: str) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ModelSelector(_Model):
+    """Which registered model, and which of its versions: exactly one of alias, stage, version."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            EXACTLY_ONE_SELECTOR, "set exactly one of model.alias, model.stage, model.version"
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=256, description="Registered model name in MLflow.")
+    alias: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="Serve the version this alias points at (recommended).",
+    )
+    stage: Literal["Staging", "Production", "Archived"] | None = Field(
+        None, description="Serve the latest version in this stage (deprecated in MLflow; polled only)."
+    )
+    version: str | None = Field(None, pattern=VERSION_PATTERN, description="Serve this exact version.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSelector:
+        # Same rule as the CEL one, for resources read from files (local mode) rather than the API server.
+        if sum(x is not None for x in (self.alias, self.stage, self.version)) != 1:
+            raise ValueError("set exactly one of model.alias, model.stage, model.version")
+        return self
+
+    def selector_text(self) -> str:
+        """Short human form for `kubectl get`: `@champion`, `stage:Production`, `v3`."""
+        if self.alias:
+            return f"@{self.alias}"
+        if self.stage:
+            return f"stage:{self.stage}"
+        return f"v{self.version}"
+
+
+class SecretRef(_Model):
+    name: str = Field(min_length=1, max_length=253, description="Secret in the resource's namespace.")
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class Registry(_Model):
+    tracking_uri: str = Field(
+        pattern=r"^https?://[^\s]+$", max_length=2048, description="MLflow tracking server URL."
+    )
+    credentials_secret_ref: SecretRef | None = Field(
+        None,
+        description=(
+            "Secret whose keys are environment variable names understood by MLflow and the artifact "
+            "store (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID, ...). The "
+            "operator reads it with `get`; Ray pods get it by reference (envFrom), never as literal values."
+        ),
+    )
+    poll_interval_seconds: int = Field(30, ge=2, le=86400, description="Registry polling interval.")
+
+
+class Batching(_Model):
+    max_batch_size: int = Field(1, ge=1, le=1024, description="1 disables batching.")
+    batch_wait_timeout_ms: int = Field(10, ge=0, le=10000)
+
+
+class Auth(_Model):
+    """Bearer-token auth on the endpoint; the token comes from a Secret key."""
+
+    token_secret_ref: SecretKeyRef
+
+
+class Serving(_Model):
+    route_prefix: str | None = Field(
+        None,
+        pattern=r"^/[A-Za-z0-9._~\-/]*$",
+        max_length=256,
+        description="HTTP route prefix of the application; defaults to /<metadata.name>.",
+    )
+    max_models_per_replica: int = Field(2, ge=1, le=64, description="Versions a replica may hold at once.")
+    replicas: int = Field(1, ge=1, le=512)
+    cpus_per_replica: float = Field(1.0, ge=0.05, le=256)
+    batching: Batching = Field(default_factory=Batching, json_schema_extra=_DEFAULT_EMPTY)
+    ingress_mode: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description=(
+            "proxy: Ray Serve's Python proxy (keeps version affinity). haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 "
+            "(higher throughput on small nodes; loses version affinity with several replicas)."
+        ),
+    )
+    auth: Auth | None = None
+    hide_schema_in_errors: bool = Field(False, description="Omit field-level detail from 422 answers.")
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Resources(_Model):
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: GPU when the model's flavor and size call for it (see sizing)."
+    )
+    memory_multiplier: float = Field(
+        2.0, ge=1.0, le=20.0, description="Replica memory per byte of serialized model."
+    )
+    gpu_node_selector: dict[str, str] | None = None
+    gpu_tolerations: list[Toleration] | None = None
+
+
+class UpgradeStrategy(_Model):
+    type: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = "NewCluster"
+
+
+class RayServiceOverrides(_Model):
+    """Passthrough settings for the generated RayService."""
+
+    image: str | None = Field(None, max_length=512, description="Ray image with serving_app installed.")
+    ray_version: str | None = Field(None, max_length=32)
+    upgrade_strategy: UpgradeStrategy | None = None
+    service_account_name: str | None = Field(None, max_length=253)
+    image_pull_secrets: list[SecretRef] | None = None
+
+
+class Rollout(_Model):
+    allow_incompatible_version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description=(
+            "Deliberately roll out this version although its signature is incompatible with the serving one "
+            "(also retries it after a rollback)."
+        ),
+    )
+    deadline_seconds: int = Field(
+        600,
+        ge=10,
+        le=86400,
+        description="A new version must be RUNNING within this time, or it is rolled back.",
+    )
+
+
+class RegisteredModelServingSpec(_Model):
+    model: ModelSelector
+    registry: Registry
+    serving: Serving = Field(default_factory=Serving, json_schema_extra=_DEFAULT_EMPTY)
+    resources: Resources = Field(default_factory=Resources, json_schema_extra=_DEFAULT_EMPTY)
+    ray_service: RayServiceOverrides = Field(
+        default_factory=RayServiceOverrides, json_schema_extra=_DEFAULT_EMPTY
+    )
+    rollout: Rollout = Field(default_factory=Rollout, json_schema_extra=_DEFAULT_EMPTY)
+    paused: bool = Field(False, description="Stop rollouts; the serving version stays as it is.")
+
+
+# ----------------------------------------------------------------------------------------------- status
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class VersionRecord(_Model):
+    """A version that was held back or rolled back; not retried until the selector moves."""
+
+    version: str
+    reason: Literal["Incompatible", "RolledBack"]
+    message: str = ""
+    differences: list[str] | None = None
+    at: str | None = None
+
+
+class HistoryEntry(_Model):
+    version: str
+    outcome: Literal["Serving", "Held", "RolledBack", "Superseded"]
+    at: str
+    message: str = ""
+
+
+class Sizing(_Model):
+    memory_bytes: int = 0
+    gpus: int = 0
+    basis: str = ""  # fingerprint of the spec fields sizing depends on (shrink only when they change)
+
+
+class RegisteredModelServingStatus(_Model):
+    model_config = ConfigDict(extra="allow")  # kopf keeps its own bookkeeping in status
+
+    selector: str | None = None
+    resolved_version: str | None = None
+    serving_version: str | None = None
+    last_good_version: str | None = None
+    ray_service_name: str | None = None
+    url: str | None = None
+    model_size_bytes: int | None = None
+    sizing: Sizing | None = None
+    rejected: VersionRecord | None = None
+    rollout_started_at: str | None = None
+    rollout_version: str | None = None
+    history: list[HistoryEntry] | None = None
+    conditions: list[Condition] | None = None
+    observed_generation: int | None = None
+    revision: int | None = None  # bumped on every status write: orders our own writes
+
+
+def parse_spec(raw: Any) -> RegisteredModelServingSpec:
+    return RegisteredModelServingSpec.model_validate(dict(raw))
+
+
+def parse_status(raw: Any) -> RegisteredModelServingStatus:
+    return RegisteredModelServingStatus.model_validate(dict(raw or {}))
+
+
+def status_to_wire(status: RegisteredModelServingStatus) -> dict[str, Any]:
+    return status.model_dump(by_alias=True, exclude_none=True, mode="json")

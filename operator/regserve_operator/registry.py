@@ -1,0 +1,415 @@
+"""The registry port: what the operator asks MLflow, and how often.
+
+Two kinds of questions, answered differently:
+
+- "Which version does each selector point at?" is asked for every resource at every poll. It is
+  answered from one shared snapshot per tracking server (and credentials): a paged
+  `registered-models/search` pass whose results carry each model's aliases and latest version per
+  stage. However many resources watch a server, it costs the same requests per interval.
+- "What is version N?" (signature, flavors, size, requirements) is asked once per version: registry
+  versions are immutable, so the answer is cached.
+
+Credentials come from the Secret a resource names, as environment-variable-style keys
+(MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*...). They are never logged: the
+`Credentials` repr shows key names only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from regserve_operator.spec import ModelSelector
+
+log = logging.getLogger(__name__)
+
+SEARCH_PATH = "/api/2.0/mlflow/registered-models/search"
+PAGE_SIZE = 1000
+BACKOFF_BASE_S = 2.0
+BACKOFF_MAX_S = 300.0
+
+
+class RegistryError(Exception):
+    """The registry could not answer."""
+
+
+class RegistryUnreachable(RegistryError):
+    """Network failure, 5xx, or auth refused: nothing is known about the selector."""
+
+
+class NotFound(RegistryError):
+    """The registry answered: no such model, alias, stage or version."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Environment-style keys from a Secret. Values are kept out of repr and logs."""
+
+    items: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, str] | None) -> Credentials:
+        return cls(tuple(sorted((data or {}).items())))
+
+    def __repr__(self) -> str:
+        return f"Credentials(keys={[k for k, _ in self.items]})"
+
+    __str__ = __repr__
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
+        return digest[:16]
+
+    def headers(self) -> dict[str, str]:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_TOKEN"):
+            return {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}
+        return {}
+
+    def auth(self) -> httpx.BasicAuth | None:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_USERNAME") and not env.get("MLFLOW_TRACKING_TOKEN"):
+            return httpx.BasicAuth(env["MLFLOW_TRACKING_USERNAME"], env.get("MLFLOW_TRACKING_PASSWORD", ""))
+        return None
+
+    def verify(self) -> bool | str:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            return False
+        return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    aliases: Mapping[str, str]  # alias -> version
+    stages: Mapping[str, str]  # stage -> latest version in it
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    models: Mapping[str, ModelEntry]
+    fetched_at: float
+    requests: int  # HTTP requests the pass took (pages)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the operator needs to know about one registry version (from its MLmodel file)."""
+
+    name: str
+    version: str
+    signature: Any  # mlflow.models.ModelSignature | None
+    flavors: tuple[str, ...]
+    model_size_bytes: int | None
+    requirements: tuple[str, ...] = ()
+
+
+def resolve_in(snapshot: Snapshot, selector: ModelSelector) -> str:
+    entry = snapshot.models.get(selector.name)
+    if entry is None:
+        raise NotFound(f"registered model {selector.name!r} not found")
+    if selector.alias:
+        version = entry.aliases.get(selector.alias)
+        if version is None:
+            raise NotFound(f"model {selector.name!r} has no alias {selector.alias!r}")
+        return version
+    if selector.stage:
+        version = entry.stages.get(selector.stage)
+        if version is None:
+            raise NotFound(f"model {selector.name!r} has no version in stage {selector.stage}")
+        return version
+    assert selector.version is not None
+    return selector.version
+
+
+def parse_search_page(body: Mapping[str, Any]) -> dict[str, ModelEntry]:
+    models: dict[str, ModelEntry] = {}
+    for rm in body.get("registered_models") or []:
+        # Alias versions are int from a SQL store through the Python client but str over REST: normalise.
+        aliases = {a["alias"]: str(a["version"]) for a in rm.get("aliases") or []}
+        stages: dict[str, str] = {}
+        for mv in rm.get("latest_versions") or []:
+            stage = mv.get("current_stage") or "None"
+            version = str(mv["version"])
+            if stage not in stages or int(version) > int(stages[stage]):
+                stages[stage] = version
+        models[rm["name"]] = ModelEntry(aliases=aliases, stages=stages)
+    return models
+
+
+class Poller:
+    """One tracking server seen with one set of credentials: a snapshot refreshed at most once per max_age.
+
+    Thread-safe; concurrent callers share one fetch. After a failure, further fetches wait for an
+    exponential backoff and callers get the last error meanwhile (no hammering a sick server).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        credentials: Credentials,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[float, bool], None] | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri.rstrip("/")
+        self._credentials = credentials
+        self._transport = transport
+        self._clock = clock
+        self._on_fetch = on_fetch
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._stale = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: RegistryUnreachable | None = None
+
+    def invalidate(self) -> None:
+        """Fetch again on next use (a webhook said something changed); keeps error backoff."""
+        with self._lock:
+            self._stale = True
+
+    def snapshot(self, max_age: float) -> Snapshot:
+        with self._lock:
+            now = self._clock()
+            fresh = (
+                self._snapshot is not None and not self._stale and now - self._snapshot.fetched_at < max_age
+            )
+            if fresh:
+                assert self._snapshot is not None
+                return self._snapshot
+            if self._last_error is not None and now < self._retry_at:
+                raise self._last_error
+            started = time.perf_counter()
+            try:
+                models, requests = self._fetch()
+            except RegistryUnreachable as exc:
+                self._failures += 1
+                self._retry_at = now + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self._failures - 1))
+                self._last_error = exc
+                if self._on_fetch:
+                    self._on_fetch(time.perf_counter() - started, False)
+                raise
+            if self._on_fetch:
+                self._on_fetch(time.perf_counter() - started, True)
+            self._failures, self._last_error, self._stale = 0, None, False
+            self._snapshot = Snapshot(models=models, fetched_at=self._clock(), requests=requests)
+            return self._snapshot
+
+    def _fetch(self) -> tuple[dict[str, ModelEntry], int]:
+        models: dict[str, ModelEntry] = {}
+        token: str | None = None
+        requests = 0
+        creds = self._credentials
+        with httpx.Client(
+            base_url=self.tracking_uri,
+            headers=creds.headers(),
+            auth=creds.auth(),
+            verify=creds.verify(),
+            transport=self._transport,
+            timeout=httpx.Timeout(10.0),
+        ) as client:
+            while True:
+                params: dict[str, Any] = {"max_results": PAGE_SIZE}
+                if token:
+                    params["page_token"] = token
+                requests += 1
+                try:
+                    response = client.get(SEARCH_PATH, params=params)
+                except httpx.HTTPError as exc:
+                    raise RegistryUnreachable(f"{self.tracking_uri}: {type(exc).__name__}: {exc}") from exc
+                if response.status_code != 200:
+                    # Never echo the body: an auth proxy may reflect headers.
+                    raise RegistryUnreachable(
+                        f"{self.tracking_uri}: search answered HTTP {response.status_code}"
+                    )
+                body = response.json()
+                models.update(parse_search_page(body))
+                token = body.get("next_page_token")
+                if not token:
+                    return models, requests
+
+
+FactsFetcher = Callable[[str, Credentials, str, str], ModelFacts]
+
+
+class Registry:
+    """Shared by all resources in the operator: one Poller per (server, credentials), one facts cache."""
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        fetch_facts: FactsFetcher | None = None,
+        facts_cache_size: int = 512,
+        on_poll: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._fetch_facts = fetch_facts or fetch_facts_with_mlflow
+        self._pollers: dict[tuple[str, str], Poller] = {}
+        self._facts: OrderedDict[tuple[str, str, str], ModelFacts] = OrderedDict()
+        self._facts_cache_size = facts_cache_size
+        self._lock = threading.Lock()
+        self._on_poll = on_poll
+
+    def poller(self, tracking_uri: str, credentials: Credentials) -> Poller:
+        key = (tracking_uri.rstrip("/"), credentials.fingerprint)
+        with self._lock:
+            poller = self._pollers.get(key)
+            if poller is None:
+                on_fetch = None
+                if self._on_poll is not None:
+                    hook = self._on_poll
+                    uri = key[0]
+
+                    def on_fetch(seconds: float, ok: bool) -> None:
+                        hook(uri, seconds, ok)
+
+                poller = Poller(
+                    tracking_uri, credentials, transport=self._transport, clock=self._clock, on_fetch=on_fetch
+                )
+                self._pollers[key] = poller
+            return poller
+
+    def resolve(
+        self, tracking_uri: str, credentials: Credentials, selector: ModelSelector, max_age: float
+    ) -> str:
+        if selector.version:
+            return selector.version  # nothing to poll; existence is checked when its facts are read
+        return resolve_in(self.poller(tracking_uri, credentials).snapshot(max_age), selector)
+
+    def facts(self, tracking_uri: str, credentials: Credentials, name: str, version: str) -> ModelFacts:
+        key = (tracking_uri.rstrip("/"), name, version)
+        with self._lock:
+            cached = self._facts.get(key)
+            if cached is not None:
+                self._facts.move_to_end(key)
+                return cached
+        facts = self._fetch_facts(tracking_uri, credentials, name, version)
+        with self._lock:
+            self._facts[key] = facts
+            while len(self._facts) > self._facts_cache_size:
+                self._facts.popitem(last=False)
+        return facts
+
+    def model_changed(self, model_name: str) -> None:
+        """A webhook said `model_name` changed somewhere: refetch the snapshots that know it.
+
+        The delivery does not say which server sent it, so pollers that have never seen the model
+        are refreshed too (a newly created model must show up)."""
+        with self._lock:
+            pollers = list(self._pollers.values())
+        for poller in pollers:
+            poller.invalidate()
+
+
+# ------------------------------------------------------------------------------------ MLmodel facts
+
+# mlflow reads credentials from the process environment only; requests that need different ones
+# take turns. Facts are fetched once per version, so the lock is rarely contended.
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, old in saved.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+
+
+def fetch_facts_with_mlflow(
+    tracking_uri: str, credentials: Credentials, name: str, version: str
+) -> ModelFacts:
+    """Downloads only the version's MLmodel (and requirements.txt) to a temp dir."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    uri = f"models:/{name}/{version}"
+    with _env(credentials.env), tempfile.TemporaryDirectory(prefix="regserve-mlmodel-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{uri}/MLmodel",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+        except MlflowException as exc:
+            code = getattr(exc, "error_code", "")
+            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+                raise NotFound(f"{uri}: {exc.message}") from exc
+            raise RegistryUnreachable(f"{uri}: {code or type(exc).__name__}") from exc
+        except OSError as exc:
+            raise RegistryUnreachable(f"{uri}: {type(exc).__name__}") from exc
+        model = Model.load(path)
+        requirements: tuple[str, ...] = ()
+        with contextlib.suppress(Exception):
+            req_path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{uri}/requirements.txt",
+                dst_path=os.path.join(tmp, "req"),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+            with open(req_path) as handle:
+                requirements = tuple(
+                    line.strip() for line in handle if line.strip() and not line.startswith(("#", "-"))
+                )
+    return ModelFacts(
+        name=name,
+        version=version,
+        signature=model.signature,
+        flavors=tuple(sorted(model.flavors)),
+        model_size_bytes=model.model_size_bytes,
+        requirements=requirements,
+    )
+
+
+@dataclass
+class RequirementCheck:
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def check_requirements(requirements: tuple[str, ...], image_pins: Mapping[str, str]) -> RequirementCheck:
+    """Compare a version's `name==x` pins with the serving image's; unknown packages are not judged."""
+    check = RequirementCheck()
+    for line in requirements:
+        spec = line.split(";")[0].strip()
+        if "==" not in spec:
+            continue
+        pkg, _, wanted = spec.partition("==")
+        pkg = pkg.split("[")[0].strip().lower().replace("_", "-")
+        have = image_pins.get(pkg)
+        if have is not None and have != wanted.strip():
+            check.mismatches.append(f"{pkg}=={wanted.strip()} (image has {have})")
+    return check

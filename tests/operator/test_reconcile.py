@@ -1,0 +1,254 @@
+"""Rollout behaviour of `reconcile`, scenario by scenario, with in-memory ports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from regserve_operator import conditions as c
+from regserve_operator.builders import serving_version_of
+from regserve_operator.reconcile import next_delay
+
+from .fakes import World, signature
+from .helpers import make_spec
+
+SIG = signature(prompt="string")
+
+
+def _world(**spec: Any) -> World:
+    world = World(make_spec(**spec))
+    world.server.add("1", SIG)
+    world.server.add("2", SIG)
+    world.server.add("3", signature(text="string"))  # incompatible: prompt removed, text required
+    world.server.add("4", SIG, size=3 * 1024**3)  # compatible but much bigger
+    world.server.aliases["champion"] = "1"
+    return world
+
+
+def _cond(world: World, type_: str) -> Any:
+    return c.get_condition(world.status.conditions, type_)
+
+
+def _serving(world: World) -> str | None:
+    return serving_version_of(world.rayservice())
+
+
+def _running(world: World) -> World:
+    """Create, then let the first version become RUNNING."""
+    world.step()
+    world.target.set_app_status("RUNNING")
+    world.step(6)
+    assert world.status.last_good_version == "1"
+    world.events.clear()
+    world.target.applied.clear()
+    return world
+
+
+def test_create() -> None:
+    world = _world()
+    out = world.step()
+    assert out.plan is not None and out.plan.action == "create"
+    assert _serving(world) == "1"
+    assert world.status.resolved_version == "1" and world.status.serving_version == "1"
+    assert world.status.rollout_version == "1" and out.in_flight
+    assert world.events == [("Normal", "RolloutStarted"), ("Normal", "Created")]
+    assert world.status.url == "http://translator-serve-svc.ml.svc:8000/translator"
+    assert world.status.selector == "@champion" and world.status.ray_service_name == "translator"
+    assert _cond(world, c.READY).status == "False" and _cond(world, c.ROLLOUT_IN_PROGRESS).status == "True"
+    assert world.target.secret_reads == [("ml", "mlflow-auth")]
+
+
+def test_first_version_confirmed_when_running() -> None:
+    world = _world()
+    world.step()
+    world.target.set_app_status("RUNNING")
+    world.step(1)  # within settle time: not yet
+    assert world.status.last_good_version is None
+    world.step(6)
+    assert world.status.last_good_version == "1" and world.status.rollout_version is None
+    assert ("Normal", "RolloutSucceeded") in world.events
+    assert _cond(world, c.READY).status == "True" and _cond(world, c.ROLLOUT_IN_PROGRESS).status == "False"
+
+
+def test_steady_state_writes_nothing() -> None:
+    world = _running(_world())
+    for _ in range(3):
+        out = world.step()
+        assert out.plan is not None and out.plan.action == "none"
+    assert world.events == [] and world.target.applied == []
+
+
+def test_compatible_promotion_patches_serve_config_only() -> None:
+    world = _running(_world())
+    cluster_before = world.rayservice()["spec"]["rayClusterConfig"]
+    world.server.aliases["champion"] = "2"
+    out = world.step()
+    assert out.plan is not None and out.plan.action == "patch_serve_config"
+    assert _serving(world) == "2"
+    assert world.rayservice()["spec"]["rayClusterConfig"] == cluster_before
+    assert world.events == [("Normal", "RolloutStarted")]
+    world.target.set_app_status("RUNNING")
+    world.step(6)
+    assert world.status.last_good_version == "2"
+    assert [h.outcome for h in world.status.history or []][-2:] == ["Serving", "Superseded"]
+
+
+def test_bigger_version_grows_the_cluster() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "4"
+    out = world.step()
+    assert out.plan is not None and out.plan.action == "patch_cluster"
+    assert ("Normal", "ClusterUpdated") in world.events
+
+
+def test_incompatible_version_is_held_once() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "3"
+    out = world.step()
+    assert out.results == ["held"]
+    assert world.target.applied == [] and _serving(world) == "1"
+    cond = _cond(world, c.SIGNATURE_COMPATIBLE)
+    assert cond.status == "False" and "inputs.prompt" in cond.message
+    assert world.status.rejected is not None and world.status.rejected.version == "3"
+    assert world.status.rejected.differences
+    assert world.events == [("Warning", "SignatureIncompatible")]
+    for _ in range(3):
+        world.step()
+    assert world.events == [("Warning", "SignatureIncompatible")]
+    assert world.target.applied == []
+    assert world.status.serving_version == "1" and world.status.resolved_version == "3"
+
+
+def test_selector_moving_on_clears_the_hold() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "3"
+    world.step()
+    world.server.aliases["champion"] = "2"
+    world.step()
+    assert world.status.rejected is None and _serving(world) == "2"
+    assert _cond(world, c.SIGNATURE_COMPATIBLE).status == "True"
+
+
+def test_deliberate_breaking_rollout() -> None:
+    world = _running(_world(rollout={"allowIncompatibleVersion": "3"}))
+    world.server.aliases["champion"] = "3"
+    world.step()
+    assert _serving(world) == "3"
+    assert _cond(world, c.SIGNATURE_COMPATIBLE).reason == "AllowedIncompatible"
+
+
+def test_failed_rollout_rolls_back_without_retry() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.target.set_app_status("DEPLOY_FAILED", "load error")
+    out = world.step(2)
+    assert out.results == ["rolled_back"]
+    assert _serving(world) == "1"
+    assert world.status.rejected is not None and world.status.rejected.reason == "RolledBack"
+    assert "load error" in world.status.rejected.message
+    assert world.events == [("Normal", "RolloutStarted"), ("Warning", "RolledBack")]
+    world.target.set_app_status("RUNNING")
+    world.target.applied.clear()
+    for _ in range(3):
+        world.step()
+    assert world.target.applied == [] and _serving(world) == "1"
+    assert world.events == [("Normal", "RolloutStarted"), ("Warning", "RolledBack")]
+
+
+def test_rollout_deadline() -> None:
+    world = _running(_world(rollout={"deadlineSeconds": 60}))
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.target.set_app_status("DEPLOYING")
+    world.step(30)
+    assert world.status.rollout_version == "2"
+    world.step(31)
+    assert _serving(world) == "1" and "within 60s" in (
+        world.status.rejected.message if world.status.rejected else ""
+    )
+
+
+def test_registry_down_keeps_serving() -> None:
+    world = _running(_world())
+    world.server.down = True
+    out = world.step()
+    assert out.retry and world.target.applied == []
+    assert _cond(world, c.REGISTRY_REACHABLE).status == "False"
+    assert _cond(world, c.READY).status == "True"  # still serving
+    for _ in range(3):
+        world.step(400)
+    assert world.events == [("Warning", "RegistryUnreachable")]
+    world.server.down = False
+    world.step(400)
+    assert _cond(world, c.REGISTRY_REACHABLE).status == "True"
+    assert world.events[-1] == ("Normal", "RegistryReachable")
+
+
+def test_missing_alias_creates_nothing() -> None:
+    world = _world(model={"name": "translation_model", "alias": "nope"})
+    out = world.step()
+    assert out.retry and world.target.objects == {}
+    assert _cond(world, c.SELECTOR_RESOLVED).status == "False"
+    world.step()
+    assert world.events == [("Warning", "SelectorUnresolved")]
+
+
+def test_missing_secret() -> None:
+    world = _world()
+    world.target.secrets.clear()
+    out = world.step()
+    assert out.retry and world.target.objects == {}
+    assert _cond(world, c.READY).reason == "CredentialsUnavailable"
+
+
+def test_paused_stops_rollouts() -> None:
+    world = _running(_world())
+    world.spec = make_spec(paused=True)
+    world.server.aliases["champion"] = "2"
+    world.step()
+    assert world.target.applied == [] and world.status.resolved_version == "2" and _serving(world) == "1"
+    paused_before = _world(paused=True)
+    paused_before.step()
+    assert paused_before.target.objects == {}
+    assert _cond(paused_before, c.READY).reason == "Paused"
+
+
+def test_foreign_rayservice_is_not_touched() -> None:
+    world = _world()
+    world.step()
+    obj = world.target.objects[("ml", "translator")]
+    obj["metadata"]["ownerReferences"] = [{"uid": "someone-else"}]
+    world.target.applied.clear()
+    world.server.aliases["champion"] = "2"
+    out = world.step()
+    assert out.plan is not None and out.plan.action == "conflict"
+    assert world.target.applied == [] and _cond(world, c.READY).reason == "Conflict"
+
+
+def test_requirements_mismatch_is_a_warning_condition() -> None:
+    world = _world()
+    world.deps.image_pins = {"mlflow": "3.16.0"}
+    world.step()
+    cond = _cond(world, c.REQUIREMENTS_MATCH)
+    assert cond.status == "False" and "mlflow==3.17.2" in cond.message
+    assert ("Warning", "RequirementsMismatch") in world.events
+    assert _serving(world) == "1"  # a warning, not a gate
+
+
+def test_credentials_never_reach_status_or_events() -> None:
+    world = _world()
+    world.step()
+    world.server.down = True
+    world.step()
+    text = world.status.model_dump_json() + repr(world.events)
+    assert "tok" not in text.replace("token", "")
+
+
+def test_next_delay() -> None:
+    world = _world()
+    out = world.step()
+    assert next_delay(out, 30, 0) == 2.0
+    out.in_flight, out.retry = False, False
+    assert next_delay(out, 30, 0) == 30
+    out.retry = True
+    assert [next_delay(out, 30, n) for n in (1, 2, 3, 20)] == [2.0, 4.0, 8.0, 300.0]

@@ -217,13 +217,19 @@ def _rayservice(name: str) -> dict[str, Any]:
 
 
 def test_rayservice_schema_is_kuberays(kube_api: client.ApiClient, kuberay_namespace: str) -> None:
+    """The sample is accepted (the other test creates it); these violations of KubeRay's schema are not.
+
+    (``upgradeStrategy.type`` is a free string in the CRD: KubeRay checks it while reconciling.)
+    """
     objects = client.CustomObjectsApi(kube_api)
     bad = _rayservice(f"bad-{uuid.uuid4().hex[:6]}")
-    bad["spec"]["upgradeStrategy"] = {"type": "Sideways"}  # not in the CRD's enum
+    del bad["spec"]["rayClusterConfig"]  # required
+    bad["spec"]["serviceUnhealthySecondThreshold"] = "soon"  # int32
     with pytest.raises(ApiException) as refused:
         objects.create_namespaced_custom_object("ray.io", "v1", kuberay_namespace, "rayservices", bad)
     assert refused.value.status == 422
-    assert "Sideways" in str(refused.value.body)
+    assert "spec.rayClusterConfig" in str(refused.value.body)
+    assert "spec.serviceUnhealthySecondThreshold" in str(refused.value.body)
 
 
 def _owned_rayclusters(

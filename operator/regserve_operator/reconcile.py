@@ -299,6 +299,12 @@ def _choose_version(run: _Run, resolved: str | None, carried: str | None) -> str
             "SelectorMoved",
             f"selector no longer points at {rejected.version}",
         )
+    if st.rollout_version and resolved and resolved != st.rollout_version and not spec.paused:
+        # The selector moved during a rollout: the newer intent wins, judged against the last good version.
+        run.history(st.rollout_version, "Superseded", f"selector moved to {resolved} during its rollout")
+        st.rollout_version = st.rollout_started_at = None
+        if st.last_good_version:
+            carried = st.last_good_version
     # A rolled-back version leaves `last_good_version` as the target.
     current = st.rollout_version or st.last_good_version or carried
     if st.rollout_version or resolved is None or resolved == current:

@@ -252,3 +252,18 @@ def test_next_delay() -> None:
     assert next_delay(out, 30, 0) == 30
     out.retry = True
     assert [next_delay(out, 30, n) for n in (1, 2, 3, 20)] == [2.0, 4.0, 8.0, 300.0]
+
+
+def test_selector_moving_during_a_rollout_supersedes_it() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.target.set_app_status("DEPLOYING")
+    world.server.aliases["champion"] = "3"  # incompatible with the last good version 1
+    world.step()
+    assert world.status.rejected is not None and world.status.rejected.version == "3"
+    assert _serving(world) == "1"  # back to the last good version
+    assert world.status.rollout_version is None
+    world.server.aliases["champion"] = "2"
+    world.step()
+    assert _serving(world) == "2" and world.status.rollout_version == "2"

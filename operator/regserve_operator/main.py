@@ -1,0 +1,266 @@
+"""kopf registration. Handlers are thin: they mark resources due and delegate to `reconcile`.
+
+- create/resume/update: mark the resource due (the next tick reconciles it).
+- delete: forget it; the RayService goes with it through its owner reference (no finalizer).
+- timer (every `tick_seconds`): reconcile when due; write status through kopf's `patch`; post Events.
+- RayService events (ours, by label): mark the owner due, so rollouts are judged as soon as KubeRay
+  reports.
+- webhook deliveries: mark resources serving the named model due and refresh the registry snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from regserve_operator import metrics
+from regserve_operator import spec as s
+from regserve_operator.builders import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
+from regserve_operator.conditions import READY, set_condition
+from regserve_operator.rbac import rule
+from regserve_operator.reconcile import Deps, Outcome, iso, next_delay, reconcile
+from regserve_operator.registry import Registry
+from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.settings import Settings
+from regserve_operator.webhook import Receiver, Verdict, start_receiver
+
+log = logging.getLogger(__name__)
+
+rule(
+    __name__, [s.GROUP], [s.PLURAL], ["get", "list", "watch", "patch"], "kopf watches and annotates resources"
+)
+rule(__name__, [s.GROUP], [f"{s.PLURAL}/status"], ["get", "patch"], "status written through kopf's patch")
+rule(__name__, ["ray.io"], ["rayservices"], ["list", "watch"], "wake owners when KubeRay reports status")
+rule(__name__, ["", "events.k8s.io"], ["events"], ["create", "patch"], "Events on transitions")
+rule(
+    __name__,
+    ["apiextensions.k8s.io"],
+    ["customresourcedefinitions"],
+    ["list", "watch"],
+    "kopf follows CRD changes at startup",
+)
+
+SETTINGS = Settings()
+
+
+class State:
+    """What the handlers share; built at startup."""
+
+    def __init__(self, settings: Settings, deps: Deps) -> None:
+        self.settings = settings
+        self.deps = deps
+        self.scheduler = Scheduler()
+        self.receiver_runner: Any = None
+
+
+_state: State | None = None
+
+
+def _get_state() -> State:
+    if _state is None:
+        raise kopf.TemporaryError("operator not started yet", delay=1)
+    return _state
+
+
+def build_state(settings: Settings, target: Any = None) -> State:
+    if target is None:
+        from regserve_operator.targets.kube import KubeTarget
+
+        target = KubeTarget()
+    deps = Deps(
+        registry=Registry(on_poll=metrics.record_poll),
+        target=target,
+        defaults=BuildDefaults(image=settings.image, ray_version=settings.ray_version),
+        image_pins=settings.image_pins,
+        settle_seconds=settings.settle_seconds,
+    )
+    return State(settings, deps)
+
+
+def _load_kube_config() -> None:
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _state
+    settings.posting.level = logging.INFO
+    settings.persistence.finalizer = f"{s.GROUP}/finalizer"
+    # Handler progress in annotations only: status belongs to the resource's own fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
+    _load_kube_config()
+    state = build_state(SETTINGS)
+    _state = state
+    metrics.serve(SETTINGS.metrics_port)
+    secret = SETTINGS.webhook_secret.get_secret_value() if SETTINGS.webhook_secret else ""
+    if SETTINGS.webhook_port and secret:
+        receiver = Receiver(secret, on_model_changed=_model_changed, on_verdict=_count_delivery)
+        state.receiver_runner = await start_receiver(receiver, SETTINGS.webhook_host, SETTINGS.webhook_port)
+        log.info("webhook receiver on %s:%s/webhook", SETTINGS.webhook_host, SETTINGS.webhook_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    global _state
+    if _state is not None and _state.receiver_runner is not None:
+        await _state.receiver_runner.cleanup()
+    _state = None
+
+
+def _model_changed(model_name: str) -> None:
+    state = _get_state()
+    state.deps.registry.model_changed(model_name)
+    state.scheduler.wake_model(model_name)
+
+
+def _count_delivery(verdict: Verdict) -> None:
+    metrics.WEBHOOK_DELIVERIES.labels("accepted" if verdict.ok else "refused").inc()
+
+
+@kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL)
+@kopf.on.create(s.GROUP, s.VERSION, s.PLURAL)
+@kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, field="spec")
+def wake(*, namespace: str | None, name: str, **_: Any) -> None:
+    _get_state().scheduler.wake((namespace or "", name))
+
+
+@kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, optional=True)
+def forget(*, namespace: str | None, name: str, **_: Any) -> None:
+    _get_state().scheduler.forget((namespace or "", name))
+
+
+@kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def rayservice_changed(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    owner = labels.get(LABEL_INSTANCE)
+    if owner and _state is not None:
+        _state.scheduler.wake((namespace or "", owner))
+
+
+@kopf.timer(s.GROUP, s.VERSION, s.PLURAL, interval=SETTINGS.tick_seconds)
+def tick(
+    *,
+    namespace: str | None,
+    name: str,
+    uid: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    state = _get_state()
+    key: Key = (namespace or "", name)
+    generation = meta.get("generation")
+    if not state.scheduler.due(key, generation):
+        return
+    handle(state, key, uid, generation, body, patch)
+
+
+def handle(state: State, key: Key, uid: str, generation: int | None, body: Any, patch: Any) -> None:
+    namespace, name = key
+    raw_status = state.scheduler.latest_status(key, copy.deepcopy(dict(body.get("status") or {})))
+    now = datetime.now(UTC)
+    try:
+        spec = s.parse_spec(copy.deepcopy(dict(body["spec"])))
+    except ValidationError as exc:
+        _invalid_spec(state, key, generation, body, patch, raw_status, exc, now)
+        return
+    status = s.parse_status(raw_status)
+    try:
+        outcome = reconcile(Owner(name, namespace, uid), generation, spec, status, state.deps, now)
+    except Exception:
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        metrics.RECONCILES.labels("error").inc()
+        failures = state.scheduler.failures(key)
+        state.scheduler.done(
+            key,
+            delay=min(300.0, 2.0 * 2 ** (failures - 1)),
+            model=spec.model.name,
+            failed=True,
+            generation=generation,
+            status=raw_status,
+        )
+        return
+    wire = s.status_to_wire(outcome.status)
+    _write_status(patch, raw_status, wire)
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    _record(outcome)
+    failures = state.scheduler.failures(key) if outcome.retry else 0
+    state.scheduler.done(
+        key,
+        delay=next_delay(outcome, spec.registry.poll_interval_seconds, failures, state.settings.tick_seconds),
+        model=spec.model.name,
+        failed=outcome.retry,
+        generation=generation,
+        status=wire,
+    )
+
+
+def _write_status(patch: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge-patch semantics: fields we cleared must be sent as null, or the old value stays."""
+    ours = {f.alias or n for n, f in s.RegisteredModelServingStatus.model_fields.items()}
+    for field_name, value in new.items():
+        if old.get(field_name) != value:
+            patch.status[field_name] = value
+    for field_name in old:
+        if field_name in ours and field_name not in new:
+            patch.status[field_name] = None
+
+
+def _invalid_spec(
+    state: State,
+    key: Key,
+    generation: int | None,
+    body: Any,
+    patch: Any,
+    raw_status: dict[str, Any],
+    exc: ValidationError,
+    now: datetime,
+) -> None:
+    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1024]
+    status = s.parse_status(raw_status)
+    was = next((c for c in status.conditions or [] if c.type == READY), None)
+    status.conditions = set_condition(
+        status.conditions, READY, "False", "InvalidSpec", message, now=iso(now), generation=generation
+    )
+    status.revision = (status.revision or 0) + 1
+    wire = s.status_to_wire(status)
+    _write_status(patch, raw_status, wire)
+    if was is None or was.reason != "InvalidSpec":
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+    state.scheduler.done(key, delay=300, model="", failed=False, generation=generation, status=wire)
+
+
+def _record(outcome: Outcome) -> None:
+    metrics.RECONCILES.labels("retry" if outcome.retry else "ok").inc()
+    for result in outcome.results:
+        metrics.ROLLOUTS.labels(result).inc()
+    if outcome.promotion_latency_s is not None:
+        metrics.PROMOTION_LATENCY.observe(outcome.promotion_latency_s)
+
+
+def run(namespaces: list[str], all_namespaces: bool, standalone: bool) -> int:
+    """`regserve run`: the operator in the foreground until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not namespaces and not all_namespaces:
+        raise SystemExit("pass --namespace NS (repeatable) or --all-namespaces")
+    asyncio.run(
+        kopf.operator(
+            standalone=standalone,
+            clusterwide=all_namespaces,
+            namespaces=namespaces,
+        )
+    )
+    return 0

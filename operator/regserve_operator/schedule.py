@@ -1,0 +1,91 @@
+"""Which resources are due for a reconcile, and the last status each one wrote. Thread-safe, no I/O.
+
+kopf's timer ticks every resource every `tick_seconds`; the tick is free unless the resource is due:
+its poll interval passed, a webhook named its model, its RayService changed, its spec changed, or a
+backoff after an error expired.
+
+The status memo exists because a tick can run before the watch stream delivers the status the
+previous tick wrote; a stale status would repeat a transition (and its Event). Each write carries a
+`revision`; the newer of memo and body wins.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class _Entry:
+    next_at: float = 0.0
+    model: str | None = None
+    failures: int = 0
+    memo: dict[str, Any] | None = None
+    generation: int | None = None
+
+
+@dataclass
+class Scheduler:
+    clock: Callable[[], float] = time.monotonic
+    _entries: dict[Key, _Entry] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def due(self, key: Key, generation: int | None = None) -> bool:
+        with self._lock:
+            entry = self._entries.setdefault(key, _Entry())
+            if generation is not None and generation != entry.generation:
+                return True
+            return self.clock() >= entry.next_at
+
+    def done(
+        self,
+        key: Key,
+        *,
+        delay: float,
+        model: str,
+        failed: bool,
+        generation: int | None,
+        status: dict[str, Any],
+    ) -> int:
+        """Record a finished reconcile; returns the consecutive failure count (for backoff)."""
+        with self._lock:
+            entry = self._entries.setdefault(key, _Entry())
+            entry.failures = entry.failures + 1 if failed else 0
+            entry.next_at = self.clock() + delay
+            entry.model = model
+            entry.generation = generation
+            entry.memo = status
+            return entry.failures
+
+    def failures(self, key: Key) -> int:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.failures + 1 if entry else 1
+
+    def wake(self, key: Key) -> None:
+        with self._lock:
+            self._entries.setdefault(key, _Entry()).next_at = 0.0
+
+    def wake_model(self, model: str) -> list[Key]:
+        with self._lock:
+            keys = [key for key, entry in self._entries.items() if entry.model == model]
+            for key in keys:
+                self._entries[key].next_at = 0.0
+            return keys
+
+    def forget(self, key: Key) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def latest_status(self, key: Key, from_body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            entry = self._entries.get(key)
+            memo = entry.memo if entry else None
+        if memo is not None and (memo.get("revision") or 0) > (from_body.get("revision") or 0):
+            return memo
+        return from_body

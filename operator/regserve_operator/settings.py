@@ -1,0 +1,30 @@
+"""Operator settings, from the environment (prefix REGSERVE_), loaded once at startup and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REGSERVE_", extra="ignore")
+
+    image: str = Field(
+        "ghcr.io/regserve/regserve:0.1.0", description="Default Ray image (must have serving_app installed)."
+    )
+    ray_version: str = "2.60.0"
+    tick_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often each resource checks whether it is due (cheap, no I/O)."
+    )
+    settle_seconds: float = Field(
+        10.0, ge=0, description="A rollout counts as done after the app is RUNNING this long after the patch."
+    )
+    webhook_host: str = "0.0.0.0"
+    webhook_port: int = Field(8080, ge=0, le=65535, description="0 disables the webhook receiver.")
+    webhook_secret: SecretStr | None = Field(None, description="Shared secret MLflow signs deliveries with.")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    image_pins: dict[str, str] = Field(
+        default_factory=dict,
+        description='Packages pinned in the serving image, as JSON ({"mlflow": "3.17.2"}): versions whose '
+        "requirements differ get RequirementsMatch=False (a warning).",
+    )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from regserve_operator.schedule import Scheduler
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_due_after_delay_wake_and_generation() -> None:
+    clock = Clock()
+    sched = Scheduler(clock=clock)
+    key = ("ns", "a")
+    assert sched.due(key, 1)
+    sched.done(key, delay=30, model="m", failed=False, generation=1, status={"revision": 1})
+    assert not sched.due(key, 1)
+    clock.now = 31
+    assert sched.due(key, 1)
+    sched.done(key, delay=30, model="m", failed=False, generation=1, status={"revision": 2})
+    assert sched.due(key, 2)  # spec changed
+    assert not sched.due(key, 1)
+    sched.wake(key)
+    assert sched.due(key, 1)
+
+
+def test_wake_model_only_wakes_its_resources() -> None:
+    clock = Clock()
+    sched = Scheduler(clock=clock)
+    for name, model in (("a", "m1"), ("b", "m2"), ("c", "m1")):
+        sched.done(("ns", name), delay=60, model=model, failed=False, generation=1, status={})
+    assert sorted(sched.wake_model("m1")) == [("ns", "a"), ("ns", "c")]
+    assert sched.due(("ns", "a"), 1) and not sched.due(("ns", "b"), 1)
+
+
+def test_failures_count_and_reset() -> None:
+    sched = Scheduler(clock=Clock())
+    key = ("ns", "a")
+    assert sched.done(key, delay=1, model="m", failed=True, generation=1, status={}) == 1
+    assert sched.done(key, delay=1, model="m", failed=True, generation=1, status={}) == 2
+    assert sched.done(key, delay=1, model="m", failed=False, generation=1, status={}) == 0
+
+
+def test_newer_memo_wins_over_stale_body() -> None:
+    sched = Scheduler(clock=Clock())
+    key = ("ns", "a")
+    sched.done(key, delay=1, model="m", failed=False, generation=1, status={"revision": 5, "x": "memo"})
+    assert sched.latest_status(key, {"revision": 4, "x": "body"})["x"] == "memo"
+    assert sched.latest_status(key, {"revision": 5, "x": "body"})["x"] == "body"
+    assert sched.latest_status(("ns", "other"), {"x": "body"})["x"] == "body"

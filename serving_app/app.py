@@ -1,10 +1,9 @@
 """`serving_app.app:build_app` — the Ray Serve application serving one registered model.
 
 The deployment class is defined inside `build_app` because `@serve.multiplexed` and `@serve.batch`
-fix their sizes when the decorator runs, and those sizes come from the application's args.
+fix their sizes when the decorator runs, and those sizes come from the application's args. No `from __future__ import annotations` here: FastAPI
+must see the route parameters' real types through Ray's class-based view.
 """
-
-from __future__ import annotations
 
 import os
 import time
@@ -57,7 +56,9 @@ def build_app(args: dict[str, Any]) -> Application:
             config = UserConfig.model_validate(user_config or {})
             version = config.default_version or app_args.default_version
             if version is None:
-                raise ValueError("no default version: set args.default_version or user_config.default_version")
+                raise ValueError(
+                    "no default version: set args.default_version or user_config.default_version"
+                )
             await self.service.set_default(version)
 
         @serve.multiplexed(max_num_models_per_replica=pinned_slots)
@@ -127,7 +128,9 @@ def build_app(args: dict[str, Any]) -> Application:
         @api.get("/docs", include_in_schema=False)
         async def docs(self, request: Request) -> HTMLResponse:
             root = request.scope.get("root_path", "").rstrip("/")
-            return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app_args.model_name} — docs")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}/openapi.json", title=f"{app_args.model_name} — docs"
+            )
 
         async def check_health(self) -> None:
             if not self.service.ready:
@@ -151,7 +154,9 @@ def build_app(args: dict[str, Any]) -> Application:
                 response = http.internal_error(error)
             finally:
                 self.service.in_flight -= 1
-            self.metrics.requests.inc(tags={"route": route, "version": version, "status": str(response.status_code)})
+            self.metrics.requests.inc(
+                tags={"route": route, "version": version, "status": str(response.status_code)}
+            )
             self.metrics.latency.observe(
                 (time.perf_counter() - started) * 1000, tags={"route": route, "version": version}
             )
@@ -179,9 +184,13 @@ def build_app(args: dict[str, Any]) -> Application:
             default = self.service.default
             loaded = await self.service.resolve(http.requested_version(request))
             try:
-                parsed = parse_invocation(body, request.headers.get("content-type", "application/json"), default.loaded)
+                parsed = parse_invocation(
+                    body, request.headers.get("content-type", "application/json"), default.loaded
+                )
             except MlflowException as error:
-                message = error.message if app_args.expose_schema_in_errors else "request body is not valid input"
+                message = (
+                    error.message if app_args.expose_schema_in_errors else "request body is not valid input"
+                )
                 raise InvalidInput(message) from None
             job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
             return {"predictions": await self._predict(job)}, loaded.version

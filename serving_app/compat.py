@@ -91,7 +91,10 @@ def _compare_inputs(default: Schema | None, candidate: Schema | None) -> list[Si
     if candidate is None:
         return [SignatureDifference("inputs", "", "no_schema", "candidate declares no input schema")]
     if default.is_tensor_spec() != candidate.is_tensor_spec():
-        kinds = ("tensor" if default.is_tensor_spec() else "column", "tensor" if candidate.is_tensor_spec() else "column")
+        kinds = (
+            "tensor" if default.is_tensor_spec() else "column",
+            "tensor" if candidate.is_tensor_spec() else "column",
+        )
         return [SignatureDifference("inputs", "", "kind", f"{kinds[0]}-based input became {kinds[1]}-based")]
     if default.is_tensor_spec():
         return _compare_tensor_lists("inputs", default.inputs, candidate.inputs)

@@ -102,7 +102,9 @@ def requested_version(request: Request) -> str | None:
 _REQUEST_BODY_ROUTES = {"/serve": "serve", "/invocations": "invocations"}
 
 
-def build_openapi(app: FastAPI, api: ApiSchema, *, title: str, version: str, root_path: str) -> dict[str, Any]:
+def build_openapi(
+    app: FastAPI, api: ApiSchema, *, title: str, version: str, root_path: str
+) -> dict[str, Any]:
     """The OpenAPI document with the default version's signature as the request and answer schemas."""
     document = get_openapi(
         title=title,
@@ -126,7 +128,10 @@ def build_openapi(app: FastAPI, api: ApiSchema, *, title: str, version: str, roo
         serve["parameters"] = [_version_header_parameter(), *_params_parameters(api)]
     invocations = document["paths"].get("/invocations", {}).get("post")
     if invocations is not None:
-        invocations["requestBody"] = {"required": True, "content": {"application/json": {"schema": _scoring_schema()}}}
+        invocations["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _scoring_schema()}},
+        }
         invocations["parameters"] = [_version_header_parameter()]
     return document
 
@@ -151,7 +156,12 @@ def _params_parameters(api: ApiSchema) -> list[dict[str, Any]]:
         return []
     properties = api.params_adapter.json_schema().get("properties", {}) if api.params_adapter else {}
     return [
-        {"name": name, "in": "query", "required": False, "schema": {**schema, "default": api.params_defaults.get(name)}}
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {**schema, "default": api.params_defaults.get(name)},
+        }
         for name, schema in properties.items()
     ]
 

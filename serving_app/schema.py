@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated, Any, NotRequired, Required, TypedDict
+from typing import Annotated, Any
+
+from typing_extensions import NotRequired, Required, TypedDict
 
 import numpy as np
 from annotated_types import Len

@@ -27,6 +27,7 @@ from serving_app.errors import (
     RegistryUnavailable,
     ServingError,
     UnknownVersion,
+    VersionLoadFailed,
 )
 from serving_app.metrics import ServingMetrics
 from serving_app.registry import LoadedVersion, VersionFacts
@@ -114,7 +115,7 @@ class ModelService:
                 return
             try:
                 loaded = await self._load_and_count(version)
-                api = await asyncio.to_thread(build_api_schema, loaded.signature, title="Model")
+                api = await asyncio.to_thread(_api_schema_for, loaded)
             except ServingError as error:
                 self.last_switch_failure = SwitchFailure(version, error.message, time.time())
                 self.metrics.default_switches.inc(tags={"outcome": "failed"})
@@ -127,9 +128,7 @@ class ModelService:
             self._facts[version] = VersionFacts(version, loaded.signature, ())
             self.last_switch_failure = None
             self.metrics.default_switches.inc(tags={"outcome": "switched"})
-            logger.info(
-                "default version %s → %s", previous.version if previous else "(none)", version
-            )
+            logger.info("default version %s → %s", previous.version if previous else "(none)", version)
 
     async def _load_and_count(self, version: str) -> LoadedVersion:
         started = time.perf_counter()
@@ -242,3 +241,12 @@ class ModelService:
                 {"version": failure.version, "error": failure.error, "at": failure.at} if failure else None
             ),
         }
+
+
+def _api_schema_for(loaded: LoadedVersion) -> ApiSchema:
+    try:
+        return build_api_schema(loaded.signature, title="Model")
+    except Exception as error:  # an exotic signature must not take the serving default down
+        raise VersionLoadFailed(
+            f"version {loaded.version}: cannot derive an API from its signature: {error}"
+        ) from error

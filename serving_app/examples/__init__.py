@@ -1,0 +1,7 @@
+"""Model code logged to MLflow by the demo and the tests ("models from code": no pickling by reference)."""
+
+from pathlib import Path
+
+EXAMPLES_DIR = Path(__file__).parent
+PHRASEBOOK_MODEL = EXAMPLES_DIR / "phrasebook.py"
+TRANSLATION_MODEL = EXAMPLES_DIR / "translation.py"

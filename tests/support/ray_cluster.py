@@ -1,0 +1,106 @@
+"""A real local Ray cluster with Serve and its dashboard, driven through the dashboard's REST API.
+
+Applications are deployed the way KubeRay deploys them: a Serve config PUT to
+`/api/serve/applications/`, merged with the applications already there (a PUT replaces the set).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.processes import free_port, wait_for
+
+
+def ray_auth_headers() -> dict[str, str]:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path.home() / ".ray" / "auth_token"
+    if not token and os.environ.get("RAY_AUTH_MODE", "") != "disabled" and path.exists():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@dataclass
+class LocalRay:
+    dashboard_url: str
+    serve_url: str
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.dashboard_url, headers=ray_auth_headers(), timeout=30)
+
+    def applications(self) -> dict[str, Any]:
+        with self._client() as client:
+            response = client.get("/api/serve/applications/")
+            response.raise_for_status()
+            return response.json().get("applications") or {}
+
+    def deploy(self, app_config: dict[str, Any]) -> None:
+        """GET the deployed configs, replace or add `app_config`, PUT the whole set back."""
+        configs = [
+            details["deployed_app_config"]
+            for name, details in self.applications().items()
+            if name != app_config["name"] and details.get("deployed_app_config")
+        ]
+        with self._client() as client:
+            response = client.put("/api/serve/applications/", json={"applications": [*configs, app_config]})
+            if response.status_code >= 400:
+                raise RuntimeError(f"Serve config refused ({response.status_code}): {response.text}")
+
+    def delete(self, name: str) -> None:
+        configs = [
+            details["deployed_app_config"]
+            for app, details in self.applications().items()
+            if app != name and details.get("deployed_app_config")
+        ]
+        with self._client() as client:
+            client.put("/api/serve/applications/", json={"applications": configs}).raise_for_status()
+
+    def status(self, name: str) -> str | None:
+        app = self.applications().get(name)
+        return app["status"] if app else None
+
+    def wait_running(self, name: str, *, timeout: float = 180) -> None:
+        def running() -> bool:
+            app = self.applications().get(name) or {}
+            if app.get("status") == "DEPLOY_FAILED":
+                raise AssertionError(f"application {name} failed: {app.get('message')}")
+            return app.get("status") == "RUNNING"
+
+        wait_for(running, timeout=timeout, interval=0.5, message=f"Serve application {name} RUNNING")
+
+
+def start_local_ray(*, num_cpus: int = 8) -> LocalRay:
+    """Start Ray in this process with more logical CPUs than cores, so replicas never wait for CPUs."""
+    import ray
+    from ray import serve
+
+    dashboard_port = free_port()
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    serve_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    local = LocalRay(
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}", serve_url=f"http://127.0.0.1:{serve_port}"
+    )
+    wait_for(lambda: local.applications() is not None, timeout=120, interval=0.5, message="Ray dashboard")
+    return local
+
+
+def stop_local_ray() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,36 @@
+"""Logging test and demo models to a real MLflow server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import infer_signature
+
+from serving_app.examples import PHRASEBOOK_MODEL
+
+
+def log_phrasebook(
+    tracking_uri: str,
+    model_name: str,
+    *,
+    lang_to: str = "de",
+    input_label: str = "prompt",
+    fail_on_load: bool = False,
+    extra_inputs: dict[str, Any] | None = None,
+) -> str:
+    """Register a phrasebook translator version; returns its version number."""
+    mlflow.set_tracking_uri(tracking_uri)
+    example = pd.DataFrame({input_label: ["Hello"], **{k: [v] for k, v in (extra_inputs or {}).items()}})
+    signature = infer_signature(example, [{"translation_text": "Hallo"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PHRASEBOOK_MODEL),
+            model_config={"lang_to": lang_to, "input_label": input_label, "fail_on_load": fail_on_load},
+            signature=signature,
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)

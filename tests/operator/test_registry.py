@@ -20,8 +20,10 @@ from regserve_operator.registry import (
 )
 from regserve_operator.spec import ModelSelector
 
+from tests.support.mlflow_server import MlflowServer
+
 from .counting_proxy import CountingProxy
-from .mlflow_fixture import MlflowServer, log_version
+from .mlflow_fixture import log_version
 
 PAGE = {
     "registered_models": [

@@ -17,9 +17,11 @@ from regserve_operator.reconcile import reconcile
 from regserve_operator.registry import Registry
 from regserve_operator.webhook import Receiver, ReplayGuard, register_webhook, sign, start_receiver, verify
 
+from tests.support.mlflow_server import MlflowServer
+
 from .fakes import FakeTarget
 from .helpers import DEFAULTS, OWNER, make_spec
-from .mlflow_fixture import MlflowServer, free_port, log_version
+from .mlflow_fixture import free_port, log_version
 
 SECRET = "s3cret"
 NOW = 1_800_000_000

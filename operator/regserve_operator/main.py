@@ -46,6 +46,7 @@ rule(
     "kopf follows CRD changes at startup",
 )
 
+# Read at import for the timer's interval (fixed when the decorator runs); re-read at startup for the rest.
 SETTINGS = Settings()
 
 
@@ -101,14 +102,15 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
     _load_kube_config()
-    state = build_state(SETTINGS)
+    current = Settings()
+    state = build_state(current)
     _state = state
-    metrics.serve(SETTINGS.metrics_port)
-    secret = SETTINGS.webhook_secret.get_secret_value() if SETTINGS.webhook_secret else ""
-    if SETTINGS.webhook_port and secret:
+    metrics.serve(current.metrics_port)
+    secret = current.webhook_secret.get_secret_value() if current.webhook_secret else ""
+    if current.webhook_port and secret:
         receiver = Receiver(secret, on_model_changed=_model_changed, on_verdict=_count_delivery)
-        state.receiver_runner = await start_receiver(receiver, SETTINGS.webhook_host, SETTINGS.webhook_port)
-        log.info("webhook receiver on %s:%s/webhook", SETTINGS.webhook_host, SETTINGS.webhook_port)
+        state.receiver_runner = await start_receiver(receiver, current.webhook_host, current.webhook_port)
+        log.info("webhook receiver on %s:%s/webhook", current.webhook_host, current.webhook_port)
 
 
 @kopf.on.cleanup()

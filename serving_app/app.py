@@ -1,8 +1,9 @@
 """`serving_app.app:build_app` — the Ray Serve application serving one registered model.
 
 The deployment class is defined inside `build_app` because `@serve.multiplexed` and `@serve.batch`
-fix their sizes when the decorator runs, and those sizes come from the application's args. No `from __future__ import annotations` here: FastAPI
-must see the route parameters' real types through Ray's class-based view.
+fix their sizes when the decorator runs, and those sizes come from the application's args.
+No `from __future__ import annotations` here: FastAPI must see the route parameters' real types
+through Ray's class-based view.
 """
 
 import os
@@ -42,7 +43,7 @@ def build_app(args: dict[str, Any]) -> Application:
     @serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0.5})
     @serve.ingress(api)
     class ModelServer:
-        async def __init__(self) -> None:
+        async def __init__(self) -> None:  # type: ignore[misc]
             registry.configure_client(app_args.tracking_uri)
             self.metrics = ServingMetrics.create()
             self.pinned_versions: set[str] = set()
@@ -195,13 +196,13 @@ def build_app(args: dict[str, Any]) -> Application:
             job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
             return {"predictions": await self._predict(job)}, loaded.version
 
-    return ModelServer.bind()  # type: ignore[attr-defined,no-any-return]
+    return ModelServer.bind()  # type: ignore[attr-defined]
 
 
 def _query_params(request: Request, adapter: Any) -> dict[str, Any] | None:
     if adapter is None or not request.query_params:
         return None
-    return adapter.validate_python(dict(request.query_params))  # type: ignore[no-any-return]
+    return adapter.validate_python(dict(request.query_params))
 
 
 def _auth_token(args: AppArgs) -> str | None:

@@ -30,7 +30,6 @@ from mlflow.types.schema import (
     Object,
     ParamSchema,
     Schema,
-    TensorSpec,
 )
 
 # Column types a value of the key type may safely be read as, besides itself.
@@ -169,11 +168,13 @@ def _compare_outputs(default: Schema | None, candidate: Schema | None) -> list[S
     for old in default.inputs:
         new = new_by_name.get(old.name)
         if new is None:
-            diffs.append(SignatureDifference("outputs", old.name, "missing", "output removed in candidate"))
+            diffs.append(
+                SignatureDifference("outputs", str(old.name), "missing", "output removed in candidate")
+            )
             continue
         reason = _type_change(old.type, new.type, widen=False)
         if reason:
-            diffs.append(SignatureDifference("outputs", old.name, "type", reason))
+            diffs.append(SignatureDifference("outputs", str(old.name), "type", reason))
     return diffs
 
 
@@ -204,14 +205,14 @@ def _compare_params(default: ParamSchema | None, candidate: ParamSchema | None) 
 
 
 def _compare_tensor_lists(
-    section: str, default: list[TensorSpec], candidate: list[TensorSpec]
+    section: str, default: list[Any], candidate: list[Any]
 ) -> list[SignatureDifference]:
     if len(default) == 1 and len(candidate) == 1 and not default[0].name and not candidate[0].name:
         return _compare_tensors(section, "", default[0], candidate[0])
     new_by_name = {spec.name or "": spec for spec in candidate}
     diffs = []
     for old in default:
-        name = old.name or ""
+        name = str(old.name or "")
         new = new_by_name.get(name)
         if new is None:
             diffs.append(SignatureDifference(section, name, "missing", "tensor removed in candidate"))
@@ -220,7 +221,7 @@ def _compare_tensor_lists(
     return diffs
 
 
-def _compare_tensors(section: str, name: str, old: TensorSpec, new: TensorSpec) -> list[SignatureDifference]:
+def _compare_tensors(section: str, name: str, old: Any, new: Any) -> list[SignatureDifference]:
     diffs = []
     widen = section == "inputs"
     if old.type != new.type and not (widen and np.can_cast(old.type, new.type, casting="safe")):

@@ -36,7 +36,7 @@ def parse_invocation(body: bytes, content_type: str, default: LoadedVersion) -> 
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
             raise MlflowException(f"CSV body is not UTF-8: {error}", error_code=BAD_REQUEST) from error
-        data = scoring_server.parse_csv_input(StringIO(text), schema=input_schema)
+        data = scoring_server.parse_csv_input(StringIO(text), schema=input_schema)  # type: ignore[arg-type]
         return ParsedInvocation(data, None, _rows(data))
     if mime != "application/json":
         raise UnsupportedMediaType(f"/invocations takes application/json or text/csv, got {content_type!r}")

@@ -9,17 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-_LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
-_LOAD_BUCKETS_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
-_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_LATENCY_BUCKETS_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+_LOAD_BUCKETS_MS = [50.0, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+_BATCH_BUCKETS = [1.0, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class Counter(Protocol):
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+    def inc(self, value: float = ..., tags: dict[str, str] = ...) -> Any: ...
 
 
 class Histogram(Protocol):
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+    def observe(self, value: float, tags: dict[str, str] = ...) -> Any: ...
 
 
 @dataclass
@@ -34,42 +34,40 @@ class ServingMetrics:
 
     @classmethod
     def create(cls) -> ServingMetrics:
-        from ray.serve import metrics
-
         return cls(
-            requests=metrics.Counter(
+            requests=_counter(
                 "regserve_requests",
                 description="Requests answered, by route, version and HTTP status.",
                 tag_keys=("route", "version", "status"),
             ),
-            latency=metrics.Histogram(
+            latency=_histogram(
                 "regserve_request_latency_ms",
                 description="Time to answer a request, by route and version.",
                 boundaries=_LATENCY_BUCKETS_MS,
                 tag_keys=("route", "version"),
             ),
-            loads=metrics.Counter(
+            loads=_counter(
                 "regserve_version_loads",
                 description="Model version loads by outcome (loaded or an error code).",
                 tag_keys=("version", "outcome"),
             ),
-            load_latency=metrics.Histogram(
+            load_latency=_histogram(
                 "regserve_version_load_latency_ms",
                 description="Time to load a model version from the registry.",
                 boundaries=_LOAD_BUCKETS_MS,
                 tag_keys=("version",),
             ),
-            evictions=metrics.Counter(
+            evictions=_counter(
                 "regserve_version_evictions",
                 description="Versions dropped from a replica's LRU.",
                 tag_keys=("version",),
             ),
-            default_switches=metrics.Counter(
+            default_switches=_counter(
                 "regserve_default_switches",
                 description="Attempts to switch the default version, by outcome.",
                 tag_keys=("outcome",),
             ),
-            batch_size=metrics.Histogram(
+            batch_size=_histogram(
                 "regserve_batch_size",
                 description="Requests per model call.",
                 boundaries=_BATCH_BUCKETS,
@@ -84,9 +82,29 @@ class ServingMetrics:
         return cls(null, null, null, null, null, null, null)
 
 
+def _counter(name: str, *, description: str, tag_keys: tuple[str, ...]) -> Counter:
+    from ray.serve import metrics
+
+    # Ray's stub types tag_keys as a 1-tuple; any tuple of names works.
+    return metrics.Counter(name, description=description, tag_keys=tag_keys)  # type: ignore[arg-type]
+
+
+def _histogram(
+    name: str, *, description: str, boundaries: list[float], tag_keys: tuple[str, ...]
+) -> Histogram:
+    from ray.serve import metrics
+
+    return metrics.Histogram(
+        name,
+        description=description,
+        boundaries=boundaries,
+        tag_keys=tag_keys,  # type: ignore[arg-type]
+    )
+
+
 class _Null:
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
         pass
 
-    def observe(self, value: float, tags: dict[str, str] | None = None, **_: Any) -> None:
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         pass

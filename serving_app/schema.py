@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated, Any
-
-from typing_extensions import NotRequired, Required, TypedDict
+from typing import Annotated, Any, NotRequired, Required
 
 import numpy as np
 from annotated_types import Len
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import AnyType, Array, DataType, Map, Object, ParamSchema, Schema, TensorSpec
+from mlflow.types.schema import AnyType, Array, DataType, Map, Object, ParamSchema, Schema
 from pydantic import ConfigDict, TypeAdapter
+from typing_extensions import TypedDict
 
 _COLUMN_TYPES: dict[DataType, Any] = {
     DataType.boolean: bool,
@@ -101,10 +100,10 @@ def _record_type(schema: Schema | None, *, title: str) -> tuple[Any, InputShape]
         for spec in specs
     }
     record = _typed_dict(title, fields)
-    return record, InputShape(kind="columns", names=tuple(spec.name for spec in specs))
+    return record, InputShape(kind="columns", names=tuple(str(spec.name) for spec in specs))
 
 
-def _tensor_record_type(specs: list[TensorSpec], *, title: str) -> tuple[Any, InputShape]:
+def _tensor_record_type(specs: list[Any], *, title: str) -> tuple[Any, InputShape]:
     dtypes = tuple(spec.type.str for spec in specs)
     if len(specs) == 1 and not specs[0].name:
         item = _tensor_row_type(specs[0])
@@ -115,7 +114,7 @@ def _tensor_record_type(specs: list[TensorSpec], *, title: str) -> tuple[Any, In
     )
 
 
-def _tensor_row_type(spec: TensorSpec) -> Any:
+def _tensor_row_type(spec: Any) -> Any:
     """One row of a tensor whose first dimension is the batch: nested lists with fixed lengths checked."""
     leaf = _dtype_python_type(spec.type)
     row_shape = spec.shape[1:] if spec.shape and spec.shape[0] == -1 else spec.shape
@@ -162,10 +161,10 @@ def _field(python_type: Any, *, required: bool) -> Any:
     return Required[python_type] if required else NotRequired[python_type | None]
 
 
-def _typed_dict(title: str, fields: dict[str, Any]) -> Any:
+def _typed_dict(title: str, fields: dict[Any, Any]) -> Any:
     # Extra keys are ignored, as MLflow's own schema enforcement does.
-    record: Any = TypedDict(_identifier(title), fields)  # type: ignore[operator]
-    record.__pydantic_config__ = ConfigDict(extra="ignore", title=title)
+    record = TypedDict(_identifier(title), fields)  # type: ignore[misc]
+    setattr(record, "__pydantic_config__", ConfigDict(extra="ignore", title=title))  # noqa: B010
     return record
 
 
@@ -206,7 +205,7 @@ def _params_type(schema: ParamSchema | None, *, title: str) -> tuple[Any | None,
     fields: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
     for spec in schema.params:
-        python_type: Any = _COLUMN_TYPES[spec.dtype]
+        python_type: Any = _COLUMN_TYPES[spec.dtype] if isinstance(spec.dtype, DataType) else dict[str, Any]
         if spec.shape is not None:
             python_type = list[python_type]
         fields[spec.name] = NotRequired[python_type]

@@ -191,9 +191,6 @@ class ModelService:
 
     # --------------------------------------------------------------------------------- predicting
 
-    async def predict(self, job: PredictJob) -> list[Any]:
-        return (await self.predict_many([job]))[0]
-
     async def predict_many(self, jobs: Sequence[PredictJob]) -> list[list[Any] | ServingError]:
         """Predict several jobs, one model call per (version, params) group; errors stay per job."""
         results: list[list[Any] | ServingError] = [[] for _ in jobs]

@@ -9,6 +9,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 PHRASES = {
     "de": {"The weather is lovely today": "Das Wetter ist heute schön", "Hello": "Hallo"},
@@ -16,7 +17,7 @@ PHRASES = {
 }
 
 
-class PhrasebookTranslator(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class PhrasebookTranslator(PythonModel):
     def load_context(self, context: Any) -> None:
         config = context.model_config or {}
         if config.get("fail_on_load"):

@@ -41,10 +41,8 @@ def stop(process: subprocess.Popen[bytes], *, timeout: float = 15.0) -> None:
         _kill_group(process.pid, signal.SIGKILL)
         return
     _kill_group(process.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
     _kill_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)

@@ -169,10 +169,18 @@ def tick(
     handle(state, key, uid, generation, body, patch)
 
 
-def handle(state: State, key: Key, uid: str, generation: int | None, body: Any, patch: Any) -> None:
+def handle(
+    state: State,
+    key: Key,
+    uid: str,
+    generation: int | None,
+    body: Any,
+    patch: Any,
+    now: datetime | None = None,
+) -> None:
     namespace, name = key
     raw_status = state.scheduler.latest_status(key, copy.deepcopy(dict(body.get("status") or {})))
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     try:
         spec = s.parse_spec(copy.deepcopy(dict(body["spec"])))
     except ValidationError as exc:

@@ -1,0 +1,96 @@
+"""The kopf glue: status patches (merge semantics), events, scheduling. No cluster: kopf's Patch only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+import pytest
+from regserve_operator import main
+from regserve_operator.settings import Settings
+
+from .fakes import World, signature
+from .helpers import OWNER, make_spec
+
+
+@pytest.fixture
+def world_state(monkeypatch: pytest.MonkeyPatch) -> tuple[World, main.State, list[tuple[str, str]]]:
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.add("2", signature(text="string"))
+    world.server.aliases["champion"] = "1"
+    state = main.State(Settings(webhook_port=0, metrics_port=0), world.deps)
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(main.kopf, "event", lambda body, type, reason, message: events.append((type, reason)))
+    return world, state, events
+
+
+def _body(world: World, status: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {"name": OWNER.name, "namespace": OWNER.namespace, "uid": OWNER.uid, "generation": 1},
+        "spec": world.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "status": status,
+    }
+
+
+def _apply(status: dict[str, Any], patch: kopf.Patch) -> dict[str, Any]:
+    """JSON merge patch of the status, as the API server applies kopf's patch."""
+    merged = dict(status)
+    for key, value in (patch.get("status") or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_handle_writes_status_and_clears_fields(world_state: Any) -> None:
+    world, state, events = world_state
+    key = (OWNER.namespace, OWNER.name)
+    stored: dict[str, Any] = {"kopf": {"progress": {}}}  # kopf's own field stays untouched
+    patch = kopf.Patch()
+    main.handle(state, key, OWNER.uid, 1, _body(world, stored), patch, world.now)
+    stored = _apply(stored, patch)
+    assert stored["servingVersion"] == "1" and stored["rolloutVersion"] == "1" and "kopf" in stored
+    assert events == [("Normal", "RolloutStarted"), ("Normal", "Created")]
+
+    world.target.set_app_status("RUNNING")
+    world.advance(11)
+    patch = kopf.Patch()
+    main.handle(state, key, OWNER.uid, 1, _body(world, stored), patch, world.now)
+    assert patch["status"]["rolloutVersion"] is None  # cleared fields are sent as null
+    stored = _apply(stored, patch)
+    assert "rolloutVersion" not in stored and stored["lastGoodVersion"] == "1"
+
+
+def test_stale_body_does_not_repeat_events(world_state: Any) -> None:
+    world, state, events = world_state
+    key = (OWNER.namespace, OWNER.name)
+    patch = kopf.Patch()
+    main.handle(state, key, OWNER.uid, 1, _body(world, {}), patch, world.now)
+    world.server.aliases["champion"] = "2"  # incompatible
+    world.advance(31)
+    patch = kopf.Patch()
+    main.handle(
+        state, key, OWNER.uid, 1, _body(world, {}), patch, world.now
+    )  # body still shows no status at all
+    patch = kopf.Patch()
+    main.handle(state, key, OWNER.uid, 1, _body(world, {}), patch, world.now)
+    assert [r for _, r in events].count("SignatureIncompatible") == 1
+    assert [r for _, r in events].count("Created") == 1
+
+
+def test_invalid_spec_is_reported_once(world_state: Any) -> None:
+    world, state, events = world_state
+    key = (OWNER.namespace, OWNER.name)
+    body = _body(world, {})
+    body["spec"]["model"]["version"] = "3"  # two selectors (the API server's CEL would refuse this)
+    stored: dict[str, Any] = {}
+    for _ in range(2):
+        patch = kopf.Patch()
+        main.handle(state, key, OWNER.uid, 1, {**body, "status": stored}, patch, world.now)
+        stored = _apply(stored, patch)
+    ready = next(c for c in stored["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "exactly one" in ready["message"]
+    assert events == [("Warning", "InvalidSpec")]
+    assert world.target.objects == {}

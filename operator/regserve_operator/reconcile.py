@@ -156,18 +156,22 @@ class _Run:
         self.st = status.model_copy(deep=True)
         self.out = Outcome(status=self.st)
         self.creds = Credentials()
+        # Transitions are judged against the status this pass started from, so a condition set twice
+        # in one pass (e.g. resolved, then its version missing) is one transition, not two.
+        self.initial = {cond.type: cond.status for cond in status.conditions or []}
 
     # -- helpers
 
     def cond(self, type_: str, status: c.Status, reason: str, message: str = "") -> bool:
-        """Set a condition; True when its status changed (a transition worth an Event)."""
-        old = c.get_condition(self.st.conditions, type_)
+        """Set a condition; True when its status differs from the pass's start (worth an Event)."""
         self.st.conditions = c.set_condition(
             self.st.conditions, type_, status, reason, message, now=iso(self.now), generation=self.generation
         )
-        return old is None or old.status != status
+        return self.initial.get(type_) != status
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        if any(e.reason == reason for e in self.out.events):
+            return  # one Event per reason per pass
         self.out.events.append(Event(type_, reason, message))
         log.info("%s/%s %s: %s", self.owner.namespace, self.owner.name, reason, message)
 
@@ -231,9 +235,8 @@ def reconcile(
     except RegistryError as exc:
         run.registry_error(exc, f"resolving {spec.model.name} {st.selector}")
     else:
-        was = c.get_condition(st.conditions, c.REGISTRY_REACHABLE)
         run.cond(c.REGISTRY_REACHABLE, "True", "Reachable")
-        if was is not None and was.status == "False":
+        if run.initial.get(c.REGISTRY_REACHABLE) == "False":
             run.event("Normal", "RegistryReachable", "registry reachable again")
         run.cond(c.SELECTOR_RESOLVED, "True", "Resolved", f"{st.selector} → version {resolved}")
         st.resolved_version = resolved

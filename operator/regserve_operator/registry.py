@@ -294,7 +294,9 @@ class Registry:
         self, tracking_uri: str, credentials: Credentials, selector: ModelSelector, max_age: float
     ) -> str:
         if selector.version:
-            return selector.version  # nothing to poll; existence is checked when its facts are read
+            # Nothing to poll; reading its facts (cached once found) proves the version exists.
+            self.facts(tracking_uri, credentials, selector.name, selector.version)
+            return selector.version
         return resolve_in(self.poller(tracking_uri, credentials).snapshot(max_age), selector)
 
     def facts(self, tracking_uri: str, credentials: Credentials, name: str, version: str) -> ModelFacts:

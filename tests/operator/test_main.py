@@ -94,3 +94,23 @@ def test_invalid_spec_is_reported_once(world_state: Any) -> None:
     assert ready["reason"] == "InvalidSpec" and "exactly one" in ready["message"]
     assert events == [("Warning", "InvalidSpec")]
     assert world.target.objects == {}
+
+
+def test_metrics_count_reconciles_and_rollouts(world_state: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    world, state, _ = world_state
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (
+        sample("regserve_reconciles_total", result="ok"),
+        sample("regserve_rollouts_total", outcome="started"),
+    )
+    main.handle(state, (OWNER.namespace, OWNER.name), OWNER.uid, 1, _body(world, {}), kopf.Patch(), world.now)
+    after = (
+        sample("regserve_reconciles_total", result="ok"),
+        sample("regserve_rollouts_total", outcome="started"),
+    )
+    assert after == (before[0] + 1, before[1] + 1)

@@ -267,3 +267,24 @@ def test_selector_moving_during_a_rollout_supersedes_it() -> None:
     world.server.aliases["champion"] = "2"
     world.step()
     assert _serving(world) == "2" and world.status.rollout_version == "2"
+
+
+def test_missing_pinned_version_reports_once() -> None:
+    world = _world(model={"name": "translation_model", "version": "9"})
+    for _ in range(3):
+        out = world.step()
+        assert out.retry
+    assert world.events == [("Warning", "SelectorUnresolved")]
+    assert world.target.objects == {}
+
+
+def test_registry_down_during_facts_posts_one_event() -> None:
+    world = _world()
+    world.step()  # snapshot cached; facts of 1 cached
+    world.server.aliases["champion"] = "2"
+    world.server.facts.pop("2")
+    world.server.down = True
+    world.step(1)  # snapshot still fresh: resolves to 1, nothing to do
+    world.events.clear()
+    world.step(31)
+    assert world.events.count(("Warning", "RegistryUnreachable")) == 1

@@ -17,11 +17,16 @@ from serving_app.schema import InputShape
 def normalise_records(payload: Any, shape: InputShape) -> list[Any]:
     """A validated `/serve` body (one record or a list of them) as a list of records."""
     if shape.record_is_list:
-        # A record is itself a list, so one record is a list of scalars and many are a list of lists.
-        if isinstance(payload, list | tuple) and payload and isinstance(payload[0], list | tuple):
-            return list(payload)
-        return [payload]
+        # A record is itself a list: nesting one deeper than a record means a list of records.
+        return list(payload) if _depth(payload) > shape.record_depth else [payload]
     return list(payload) if isinstance(payload, list) else [payload]
+
+
+def _depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list | tuple) and value:
+        depth, value = depth + 1, value[0]
+    return depth
 
 
 def records_to_model_input(records: Sequence[Any], shape: InputShape) -> Any:

@@ -40,6 +40,7 @@ class InputShape:
     names: tuple[str, ...] = ()  # column or tensor names, in signature order
     dtypes: tuple[str, ...] = ()  # numpy dtype per tensor
     record_is_list: bool = False  # a single record is itself a JSON list (tensor rows, unnamed columns)
+    record_depth: int = 0  # list nesting of one record, to tell one record from a list of them
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _record_type(schema: Schema | None, *, title: str) -> tuple[Any, InputShape]
     specs = schema.inputs
     if not all(spec.name for spec in specs):
         item_types = tuple(_value_type(spec.type, title=f"{title}Item") for spec in specs)
-        return tuple[item_types], InputShape(kind="unnamed_columns", record_is_list=True)  # type: ignore[valid-type]
+        return tuple[item_types], InputShape(kind="unnamed_columns", record_is_list=True, record_depth=1)  # type: ignore[valid-type]
     fields = {
         spec.name: _field(_value_type(spec.type, title=f"{title}_{spec.name}"), required=spec.required)
         for spec in specs
@@ -107,7 +108,8 @@ def _tensor_record_type(specs: list[Any], *, title: str) -> tuple[Any, InputShap
     dtypes = tuple(spec.type.str for spec in specs)
     if len(specs) == 1 and not specs[0].name:
         item = _tensor_row_type(specs[0])
-        return item, InputShape(kind="tensor", dtypes=dtypes, record_is_list=len(specs[0].shape) > 1)
+        depth = len(specs[0].shape) - 1
+        return item, InputShape(kind="tensor", dtypes=dtypes, record_is_list=depth > 0, record_depth=depth)
     fields = {spec.name: _field(_tensor_row_type(spec), required=True) for spec in specs}
     return _typed_dict(title, fields), InputShape(
         kind="named_tensors", names=tuple(spec.name for spec in specs), dtypes=dtypes

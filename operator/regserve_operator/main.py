@@ -131,9 +131,10 @@ def _count_delivery(verdict: Verdict) -> None:
     metrics.WEBHOOK_DELIVERIES.labels("accepted" if verdict.ok else "refused").inc()
 
 
-@kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL)
-@kopf.on.create(s.GROUP, s.VERSION, s.PLURAL)
-@kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, field="spec")
+# Distinct ids: kopf keys handler progress by id.
+@kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-resume")
+@kopf.on.create(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-create")
+@kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, field="spec", id="wake-on-update")
 def wake(*, namespace: str | None, name: str, **_: Any) -> None:
     _get_state().scheduler.wake((namespace or "", name))
 

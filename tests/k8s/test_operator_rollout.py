@@ -362,3 +362,16 @@ def test_printer_columns(cluster: Cluster, kube_api: client.ApiClient) -> None:
     table = json.loads(response.data)
     names = [c["name"] for c in table["columnDefinitions"]]
     assert names == ["Name", "Model", "Selector", "Serving", "Ready", "Age"]
+
+
+def test_missing_alias_creates_nothing(
+    cluster: Cluster, operator: KopfRunner, mlflow_server: MlflowServer
+) -> None:
+    model = _model()
+    log_version(mlflow_server.url, model, {"prompt": "string"})  # no alias
+    cluster.secret("mlflow-auth", {})
+    cluster.create_rms("orphan", _spec(model, mlflow_server.url))
+    _until("unresolved", lambda: _cond(cluster.rms("orphan"), "SelectorResolved").get("status") == "False")
+    assert "no alias 'champion'" in _cond(cluster.rms("orphan"), "SelectorResolved")["message"]
+    _steady("RayService absence", lambda: cluster.rayservice("orphan"), 2 * POLL_S + 1)
+    assert len(cluster.events("orphan", "SelectorUnresolved")) == 1

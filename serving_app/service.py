@@ -95,6 +95,8 @@ class ModelService:
         self._verdicts: dict[tuple[str, str], list[SignatureDifference]] = {}
         self.last_switch_failure: SwitchFailure | None = None
         self.in_flight = 0
+        self.model_calls = 0
+        self.largest_batch = 0
 
     # ------------------------------------------------------------------------------------ default
 
@@ -201,6 +203,8 @@ class ModelService:
         for indexes in groups.values():
             group = [jobs[index] for index in indexes]
             self.metrics.batch_size.observe(len(group), tags={"version": group[0].loaded.version})
+            self.model_calls += 1
+            self.largest_batch = max(self.largest_batch, len(group))
             try:
                 parts = await self._predict_group(group)
             except ServingError as error:
@@ -233,6 +237,8 @@ class ModelService:
             "batching": {
                 "max_batch_size": self.args.max_batch_size,
                 "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+                "model_calls": self.model_calls,
+                "largest_batch": self.largest_batch,
             },
             "last_default_switch_failure": (
                 {"version": failure.version, "error": failure.error, "at": failure.at} if failure else None

@@ -233,19 +233,35 @@ def test_resolve_and_facts_against_mlflow(mlflow_server: MlflowServer, registere
 def test_poll_cost_does_not_grow_with_resources(
     mlflow_server: MlflowServer, registered: dict[str, str], resources: int, poll_counts: dict[int, int]
 ) -> None:
-    """MLflow requests counted at the HTTP layer over three poll intervals: equal for 1 and 50 resources."""
+    """Full reconciles of 1 or 50 resources on one server, ticking 5 times per poll interval for 3
+    intervals: the MLflow requests counted at the HTTP layer are the same."""
+    from datetime import UTC, datetime, timedelta
+
+    from regserve_operator.builders import Owner
+    from regserve_operator.reconcile import Deps, reconcile
+    from regserve_operator.spec import RegisteredModelServingStatus, parse_spec
+
+    from .fakes import FakeTarget
+    from .helpers import DEFAULTS
+
     clock = Clock()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     with CountingProxy(mlflow_server.url) as proxy:
-        registry = Registry(clock=clock)
-        creds = Credentials()
-        selectors = [ModelSelector(name="reg_model", alias="champion") for _ in range(resources)]
-        for _interval in range(3):
-            for _tick in range(5):  # resources reconcile several times per interval
-                for selector in selectors:
-                    registry.resolve(proxy.url, creds, selector, 30)
-                clock.now += 6.5
+        deps = Deps(registry=Registry(clock=clock), target=FakeTarget(), defaults=DEFAULTS)
+        spec = parse_spec(
+            {"model": {"name": "reg_model", "alias": "champion"}, "registry": {"trackingUri": proxy.url}}
+        )
+        owners = [Owner(f"r{i}", "ml", f"uid-{i}") for i in range(resources)]
+        statuses = {o.name: RegisteredModelServingStatus() for o in owners}
+        for _tick in range(15):
+            for owner in owners:
+                statuses[owner.name] = reconcile(owner, 1, spec, statuses[owner.name], deps, now).status
+            clock.now += 6.5
+            now += timedelta(seconds=6.5)
         poll_counts[resources] = proxy.total()
-    assert poll_counts[resources] == 3
+        searches = proxy.counts["/api/2.0/mlflow/registered-models/search"]
+    assert searches == 3
+    assert all(s.serving_version == registered["v1"] for s in statuses.values())
     if len(poll_counts) == 2:
         assert poll_counts[1] == poll_counts[50]
 

@@ -263,9 +263,11 @@ def _judge_rollout(run: _Run, svc: c.ServiceState, carried: str | None) -> None:
     elapsed = (run.now - started).total_seconds()
     deadline = run.spec.rollout.deadline_seconds
     failure = ""
-    if svc.failed:
+    # Right after the patch the status may still describe the previous config: judge after settling.
+    settled = elapsed >= run.deps.settle_seconds
+    if svc.failed and settled:
         failure = f"application {svc.app_status}: {svc.message}".strip()
-    elif svc.running and elapsed >= run.deps.settle_seconds:
+    elif svc.running and settled:
         previous = st.last_good_version
         st.last_good_version = version
         st.rollout_version = st.rollout_started_at = None

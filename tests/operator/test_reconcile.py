@@ -141,7 +141,7 @@ def test_failed_rollout_rolls_back_without_retry() -> None:
     world.server.aliases["champion"] = "2"
     world.step()
     world.target.set_app_status("DEPLOY_FAILED", "load error")
-    out = world.step(2)
+    out = world.step(6)
     assert out.results == ["rolled_back"]
     assert _serving(world) == "1"
     assert world.status.rejected is not None and world.status.rejected.reason == "RolledBack"
@@ -288,3 +288,15 @@ def test_registry_down_during_facts_posts_one_event() -> None:
     world.events.clear()
     world.step(31)
     assert world.events.count(("Warning", "RegistryUnreachable")) == 1
+
+
+def test_stale_failure_status_right_after_the_patch_is_not_judged() -> None:
+    world = _running(_world())
+    world.target.set_app_status("UNHEALTHY")  # the old config was unhealthy before the promotion
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.step(1)  # KubeRay has not reported on the new config yet
+    assert world.status.rollout_version == "2" and world.status.rejected is None
+    world.target.set_app_status("RUNNING")
+    world.step(6)
+    assert world.status.last_good_version == "2"

@@ -1,0 +1,96 @@
+"""Reconcile loop without Kubernetes: statuses in memory, the same scheduling as the operator.
+
+For local mode (`regserve dev`): give it a Target (e.g. the Ray dashboard one) and the resources read
+from files; it reconciles each when due (poll interval, backoff, rollout being judged, or a webhook
+for its model) and reports Events through a callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from regserve_operator.builders import Owner
+from regserve_operator.reconcile import Deps, Event, Outcome, next_delay, reconcile
+from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
+
+
+@dataclass
+class _Resource:
+    owner: Owner
+    spec: RegisteredModelServingSpec
+    status: RegisteredModelServingStatus
+    generation: int = 1
+
+
+class Driver:
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        on_event: Callable[[Owner, Event], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        tick_seconds: float = 1.0,
+    ) -> None:
+        self.deps = deps
+        self.scheduler = Scheduler(clock=clock)
+        self._resources: dict[Key, _Resource] = {}
+        self._on_event = on_event
+        self._now = now
+        self._tick = tick_seconds
+        self._lock = threading.Lock()
+
+    def apply(self, owner: Owner, spec: RegisteredModelServingSpec) -> None:
+        """Add a resource, or change its spec (like `kubectl apply`)."""
+        key = (owner.namespace, owner.name)
+        with self._lock:
+            existing = self._resources.get(key)
+            if existing is None:
+                self._resources[key] = _Resource(owner, spec, RegisteredModelServingStatus())
+            elif existing.spec != spec:
+                existing.spec, existing.generation = spec, existing.generation + 1
+        self.scheduler.wake(key)
+
+    def status(self, owner: Owner) -> RegisteredModelServingStatus:
+        with self._lock:
+            return self._resources[(owner.namespace, owner.name)].status
+
+    def model_changed(self, model_name: str) -> None:
+        """Hook for a webhook receiver."""
+        self.deps.registry.model_changed(model_name)
+        self.scheduler.wake_model(model_name)
+
+    def run_once(self) -> list[Outcome]:
+        with self._lock:
+            resources = list(self._resources.items())
+        outcomes = []
+        for key, res in resources:
+            if not self.scheduler.due(key, res.generation):
+                continue
+            outcome = reconcile(res.owner, res.generation, res.spec, res.status, self.deps, self._now())
+            with self._lock:
+                res.status = outcome.status
+            for event in outcome.events:
+                if self._on_event:
+                    self._on_event(res.owner, event)
+            failures = self.scheduler.failures(key) if outcome.retry else 0
+            self.scheduler.done(
+                key,
+                delay=next_delay(outcome, res.spec.registry.poll_interval_seconds, failures, self._tick),
+                model=res.spec.model.name,
+                failed=outcome.retry,
+                generation=res.generation,
+                status=status_to_wire(outcome.status),
+            )
+            outcomes.append(outcome)
+        return outcomes
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.run_once()
+            stop.wait(self._tick)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from regserve_operator.builders import serving_version_of
+from regserve_operator.driver import Driver
+from regserve_operator.reconcile import Event
+
+from .fakes import World, signature
+from .helpers import OWNER, make_spec
+
+
+def test_driver_reconciles_when_due_and_follows_the_alias() -> None:
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.add("2", signature(prompt="string"))
+    world.server.aliases["champion"] = "1"
+    events: list[str] = []
+
+    def on_event(owner: object, event: Event) -> None:
+        events.append(event.reason)
+
+    driver = Driver(world.deps, on_event=on_event, clock=lambda: world.clock, now=lambda: world.now)
+    driver.apply(OWNER, world.spec)
+    assert len(driver.run_once()) == 1
+    assert driver.run_once() == []  # not due yet
+    world.target.set_app_status("RUNNING")
+    world.advance(6)
+    driver.run_once()  # rollout being judged: looked at on the next tick
+    assert driver.status(OWNER).last_good_version == "1"
+    world.server.aliases["champion"] = "2"
+    driver.model_changed("translation_model")  # as a webhook would
+    driver.run_once()
+    assert serving_version_of(world.rayservice()) == "2"
+    assert events == ["RolloutStarted", "Created", "RolloutSucceeded", "RolloutStarted"]
+    driver.apply(OWNER, make_spec(paused=True))  # spec change: due at once
+    assert len(driver.run_once()) == 1

@@ -111,7 +111,10 @@ def build_app(args: dict[str, Any]) -> Application:
 
         @api.get("/metadata", summary="Model, default version, signature and loaded versions")
         async def metadata(self, request: Request) -> Response:
-            http.check_token(request, self.token)
+            try:
+                http.check_token(request, self.token)
+            except ServingError as error:
+                return http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
             return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
 
         @api.get("/openapi.json", include_in_schema=False)
@@ -150,7 +153,9 @@ def build_app(args: dict[str, Any]) -> Application:
                 payload, version = await handler(request)
                 response = http.json_response(payload, headers={"X-Model-Version": version})
             except ServingError as error:
-                response = http.error_response(http.with_error_id(error))
+                response = http.error_response(
+                    http.with_error_id(error), retry_after_s=app_args.registry_retry_after_s
+                )
             except Exception as error:  # never let one request take the replica down
                 response = http.internal_error(error)
             finally:

@@ -30,10 +30,10 @@ def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] 
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
 
 
-def error_response(error: ServingError, *, version: str | None = None) -> Response:
+def error_response(error: ServingError, *, retry_after_s: int) -> Response:
     headers = dict(error.headers)
-    if version:
-        headers["X-Model-Version"] = version
+    if error.status_code == 503:
+        headers.setdefault("Retry-After", str(retry_after_s))
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 

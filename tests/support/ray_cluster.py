@@ -28,6 +28,7 @@ def ray_auth_headers() -> dict[str, str]:
 class LocalRay:
     dashboard_url: str
     serve_url: str
+    metrics_url: str = ""
 
     def _client(self) -> httpx.Client:
         return httpx.Client(base_url=self.dashboard_url, headers=ray_auth_headers(), timeout=30)
@@ -79,7 +80,9 @@ def start_local_ray(*, num_cpus: int = 8) -> LocalRay:
     from ray import serve
 
     dashboard_port = free_port()
+    metrics_port = free_port()
     ray.init(
+        _metrics_export_port=metrics_port,
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -90,7 +93,9 @@ def start_local_ray(*, num_cpus: int = 8) -> LocalRay:
     serve_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     local = LocalRay(
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}", serve_url=f"http://127.0.0.1:{serve_port}"
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        serve_url=f"http://127.0.0.1:{serve_port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     wait_for(lambda: local.applications() is not None, timeout=120, interval=0.5, message="Ray dashboard")
     return local

@@ -34,3 +34,30 @@ def log_phrasebook(
             registered_model_name=model_name,
         )
     return str(info.registered_model_version)
+
+
+def log_sklearn_classifier(tracking_uri: str, model_name: str, *, seed: int = 0) -> tuple[str, Any, Any]:
+    """Register a scaler + logistic-regression pipeline on 4 float features (tensor in, tensor out).
+
+    Returns the version, sample inputs and the predictions the pipeline itself gives for them.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlflow.set_tracking_uri(tracking_uri)
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(200, 4))
+    labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(np.int64)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(features, labels)
+    samples = rng.normal(size=(32, 4))
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            pipeline,
+            name="model",
+            signature=infer_signature(features, pipeline.predict(features)),
+            pip_requirements=["mlflow", "scikit-learn"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version), samples, pipeline.predict(samples)

@@ -81,7 +81,10 @@ def test_tensor_rows_match_the_pipeline(classifier: Classifier) -> None:
 def test_concurrent_requests_are_batched_with_identical_answers(classifier: Classifier) -> None:
     def predict(index: int) -> int:
         response = httpx.post(
-            f"{classifier.url}/serve", json=classifier.samples[index].tolist(), headers=classifier.auth, timeout=60
+            f"{classifier.url}/serve",
+            json=classifier.samples[index].tolist(),
+            headers=classifier.auth,
+            timeout=60,
         )
         assert response.status_code == 200, response.text
         return int(response.json()[0])

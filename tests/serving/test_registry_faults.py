@@ -31,19 +31,25 @@ def private_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowS
 def test_registry_down_then_back(private_mlflow: MlflowServer, local_ray: LocalRay) -> None:
     v1 = log_phrasebook(private_mlflow.url, MODEL, lang_to="de")
     v2 = log_phrasebook(private_mlflow.url, MODEL, lang_to="fr")
-    local_ray.deploy(app_config("fragile", model_name=MODEL, tracking_uri=private_mlflow.url, default_version=v1))
+    local_ray.deploy(
+        app_config("fragile", model_name=MODEL, tracking_uri=private_mlflow.url, default_version=v1)
+    )
     local_ray.wait_running("fragile")
     url = f"{local_ray.serve_url}/fragile/serve"
     try:
         private_mlflow.stop()
         default = httpx.post(url, json={"prompt": "Hello"}, timeout=60)
         assert default.json() == [{"translation_text": "Hallo"}]
-        pinned = httpx.post(url, json={"prompt": "Hello"}, headers={"serve-multiplexed-model-id": v2}, timeout=60)
+        pinned = httpx.post(
+            url, json={"prompt": "Hello"}, headers={"serve-multiplexed-model-id": v2}, timeout=60
+        )
         assert pinned.status_code == 503, pinned.text
         assert pinned.json()["error"] == "registry_unavailable"
         assert int(pinned.headers["retry-after"]) > 0
         private_mlflow.start()
-        recovered = httpx.post(url, json={"prompt": "Hello"}, headers={"serve-multiplexed-model-id": v2}, timeout=60)
+        recovered = httpx.post(
+            url, json={"prompt": "Hello"}, headers={"serve-multiplexed-model-id": v2}, timeout=60
+        )
         assert recovered.json() == [{"translation_text": "Bonjour"}]
     finally:
         local_ray.delete("fragile")

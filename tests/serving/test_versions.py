@@ -35,7 +35,11 @@ def versions(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Versi
     fr = log_phrasebook(mlflow_server.url, MODEL, lang_to="fr")
     de_again = log_phrasebook(mlflow_server.url, MODEL, lang_to="de")
     config = app_config(
-        "versions", model_name=MODEL, tracking_uri=mlflow_server.url, default_version=de, max_models_per_replica=2
+        "versions",
+        model_name=MODEL,
+        tracking_uri=mlflow_server.url,
+        default_version=de,
+        max_models_per_replica=2,
     )
     local_ray.deploy(config)
     local_ray.wait_running("versions")
@@ -63,7 +67,9 @@ def test_lru_evicts_pinned_versions_but_never_the_default(versions: Versions) ->
     assert loaded(versions.url) == sorted([versions.de, versions.fr], key=int)
 
 
-def test_default_switch_under_concurrent_load(versions: Versions, local_ray: LocalRay, mlflow_server: MlflowServer) -> None:
+def test_default_switch_under_concurrent_load(
+    versions: Versions, local_ray: LocalRay, mlflow_server: MlflowServer
+) -> None:
     answers: Counter[str] = Counter()
     failures: list[str] = []
     stop = threading.Event()
@@ -106,7 +112,11 @@ def test_switch_to_a_broken_default_keeps_the_old_one_and_reports(
     broken = log_phrasebook(mlflow_server.url, MODEL, fail_on_load=True)
     before = httpx.get(f"{versions.url}/metadata").json()["default_version"]
     config = app_config(
-        "versions", model_name=MODEL, tracking_uri=mlflow_server.url, default_version=broken, max_models_per_replica=2
+        "versions",
+        model_name=MODEL,
+        tracking_uri=mlflow_server.url,
+        default_version=broken,
+        max_models_per_replica=2,
     )
     local_ray.deploy(config)
 

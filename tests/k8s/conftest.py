@@ -150,6 +150,7 @@ def mint_kubeconfig(
 # Hooks: auto-marking, logs on failure, startup timings in the summary
 
 
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin applies -m, so "not k8s" sees the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "kube_plane" in getattr(item, "fixturenames", ()) and item.get_closest_marker("k8s") is None:

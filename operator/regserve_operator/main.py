@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,7 +74,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
     if target is None:
         from regserve_operator.targets.kube import KubeTarget
 
-        target = KubeTarget()
+        target = KubeTarget(_api_client())
     deps = Deps(
         registry=Registry(on_poll=metrics.record_poll),
         target=target,
@@ -84,13 +85,23 @@ def build_state(settings: Settings, target: Any = None) -> State:
     return State(settings, deps)
 
 
-def _load_kube_config() -> None:
-    from kubernetes import config
+def _api_client() -> Any:
+    """An ApiClient of its own (no global config): in-cluster, else $KUBECONFIG read now.
+
+    The kubernetes package reads $KUBECONFIG once at import, so it is passed explicitly here."""
+    from kubernetes import client, config
 
     try:
         config.load_incluster_config()
+        return client.ApiClient()
     except config.ConfigException:
-        config.load_kube_config()
+        return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # Same order as our own client: in-cluster, else $KUBECONFIG (read at login, not at import).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
@@ -101,7 +112,6 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Handler progress in annotations only: status belongs to the resource's own fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
-    _load_kube_config()
     current = Settings()
     state = build_state(current)
     _state = state

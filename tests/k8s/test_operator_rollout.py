@@ -344,7 +344,7 @@ def test_invalid_resources_are_refused(
     with pytest.raises(ApiException) as caught:
         cluster.create_rms(f"bad-{uuid.uuid4().hex[:6]}", body)
     assert caught.value.status == 422
-    assert message in str(caught.value.body), caught.value.body
+    assert message in json.loads(caught.value.body)["message"], caught.value.body
 
 
 def test_printer_columns(cluster: Cluster, kube_api: client.ApiClient) -> None:

@@ -39,6 +39,7 @@ rule(
 rule(__name__, [s.GROUP], [f"{s.PLURAL}/status"], ["get", "patch"], "status written through kopf's patch")
 rule(__name__, ["ray.io"], ["rayservices"], ["list", "watch"], "wake owners when KubeRay reports status")
 rule(__name__, ["", "events.k8s.io"], ["events"], ["create", "patch"], "Events on transitions")
+rule(__name__, [""], ["namespaces"], ["list", "watch"], "kopf observes namespaces even for --namespace NAME")
 rule(
     __name__,
     ["apiextensions.k8s.io"],

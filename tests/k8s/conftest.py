@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from tests.k8s import plane
 
@@ -113,35 +112,18 @@ def kube_namespace(kube_api: client.ApiClient) -> Iterator[str]:
     core.delete_namespace(name, propagation_policy="Background")
 
 
-@pytest.fixture
-def mint_kubeconfig(
-    kube_plane: plane.ControlPlane, kube_api: client.ApiClient, tmp_path: Path
-) -> plane.MintKubeconfig:
+@pytest.fixture(scope="session")
+def mint_kubeconfig(kube_plane: plane.ControlPlane) -> plane.MintKubeconfig:
     """``mint_kubeconfig(namespace, service_account, *, expiration_seconds=3600) -> Path``.
 
     Creates the ServiceAccount if it does not exist, asks the TokenRequest API for a token and writes a
     kubeconfig authenticating as ``system:serviceaccount:<namespace>:<service_account>``. It carries no
     permissions beyond what RBAC grants that account (bind roles before or after minting: RBAC is
-    evaluated per request).
+    evaluated per request). Session-scoped, so session fixtures (a long-running operator) can use it too.
     """
-    core = client.CoreV1Api(kube_api)
 
     def mint(namespace: str, service_account: str, *, expiration_seconds: int = 3600) -> Path:
-        account = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=service_account))
-        try:
-            core.create_namespaced_service_account(namespace, account)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        # Empty audiences: the apiserver's own, so the token authenticates against it.
-        spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
-        issued = core.create_namespaced_service_account_token(
-            service_account, namespace, client.AuthenticationV1TokenRequest(spec=spec)
-        )
-        assert issued.status is not None and issued.status.token, "TokenRequest returned no token"
-        token = issued.status.token
-        path = tmp_path / f"{namespace}-{service_account}.kubeconfig"
-        return kube_plane.kubeconfig_for_token(path, f"{namespace}:{service_account}", token)
+        return kube_plane.mint_kubeconfig(namespace, service_account, expiration_seconds=expiration_seconds)
 
     return mint
 

@@ -462,6 +462,26 @@ class ControlPlane:
     def kubeconfig_for_token(self, path: Path, user: str, token: str) -> Path:
         return write_kubeconfig(path, self.server, self.ca_pem, user, token)
 
+    def mint_kubeconfig(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        path: Path | None = None,
+        expiration_seconds: int = 3600,
+    ) -> Path:
+        """Writes a kubeconfig that authenticates as ``system:serviceaccount:<namespace>:<service_account>``.
+
+        Creates the ServiceAccount if it does not exist and gets a token from the TokenRequest API (the
+        way kubelets get projected tokens). The kubeconfig carries no permission beyond what RBAC grants
+        the account; bind roles before or after minting, RBAC is evaluated per request.
+        """
+        path = path or self.workdir / "minted" / f"{namespace}.{service_account}.kubeconfig"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.api_client() as api:
+            token = request_token(client.CoreV1Api(api), namespace, service_account, expiration_seconds)
+        return self.kubeconfig_for_token(path, f"{namespace}:{service_account}", token)
+
     # ---- startup steps
 
     def _timed(self, name: str, step: Callable[[], None]) -> None:
@@ -673,6 +693,25 @@ def api_client_from_kubeconfig(path: Path) -> client.ApiClient:
     """A ``kubernetes.client.ApiClient`` for a kubeconfig file, without touching global config."""
     api: client.ApiClient = config.new_client_from_config(config_file=str(path))
     return api
+
+
+def request_token(
+    core: client.CoreV1Api, namespace: str, service_account: str, expiration_seconds: int
+) -> str:
+    account = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=service_account))
+    try:
+        core.create_namespaced_service_account(namespace, account)
+    except ApiException as exc:
+        if exc.status != 409:  # already exists: fine
+            raise
+    # Empty audiences: the apiserver's own, so the token authenticates against it.
+    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
+    issued = core.create_namespaced_service_account_token(
+        service_account, namespace, client.AuthenticationV1TokenRequest(spec=spec)
+    )
+    if issued.status is None or not issued.status.token:
+        raise PlaneError(f"TokenRequest for {namespace}/{service_account} returned no token")
+    return issued.status.token
 
 
 def cpu_node() -> client.V1Node:

@@ -139,6 +139,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.k8s)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A component that died mid-session fails the next test at once, with its log, instead of a timeout."""
+    started = item.config.stash.get(_PLANE_KEY, None)
+    if started is not None and "kube_plane" in getattr(item, "fixturenames", ()):
+        try:
+            started.check_alive()
+        except plane.PlaneError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

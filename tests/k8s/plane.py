@@ -512,8 +512,8 @@ class ControlPlane:
         return str(self.workdir / f"{user}.kubeconfig")
 
     def _start_etcd(self) -> None:
-        client, peer = free_port(), free_port()
-        url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        client_port, peer_port = free_port(), free_port()
+        url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
         self._spawn(
             "etcd",
             [

@@ -1,4 +1,4 @@
-"""Session fixtures shared by every test package: a real `mlflow server` and scratch space."""
+"""Session fixtures shared by every test package: a real `mlflow server` and a real local Ray."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mlflow_server import MlflowServer
+from tests.support.ray_cluster import LocalRay, start_local_ray, stop_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[LocalRay]:
+    """A real Ray cluster (this process is its driver) with Serve on a free port and the dashboard up."""
+    cluster = start_local_ray()
+    try:
+        yield cluster
+    finally:
+        stop_local_ray()

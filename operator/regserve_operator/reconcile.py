@@ -431,6 +431,11 @@ def _finish(run: _Run, svc: c.ServiceState | None) -> Outcome:
     st = run.st
     if svc is not None:
         _mirror(run, svc)
+        # Ready mirrors what was seen before this pass's write: after a write, or while the
+        # application is still deploying, look again soon instead of at the next poll.
+        wrote = run.out.plan is not None and run.out.plan.writes
+        if wrote or (svc.exists and not svc.running and not svc.failed):
+            run.out.in_flight = True
     run.cond(
         c.ROLLOUT_IN_PROGRESS,
         "True" if st.rollout_version else "False",

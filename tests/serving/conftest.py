@@ -1,22 +1,8 @@
-"""Fixtures for serving tests: a real local Ray (with Serve and its dashboard) and deployed models."""
+"""Helpers for serving tests (the `local_ray` fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
-
-from tests.support.ray_cluster import LocalRay, start_local_ray, stop_local_ray
-
-
-@pytest.fixture(scope="session")
-def local_ray() -> Iterator[LocalRay]:
-    cluster = start_local_ray()
-    try:
-        yield cluster
-    finally:
-        stop_local_ray()
 
 
 def app_config(

@@ -1,0 +1,317 @@
+"""`regserve dev -f rms.yaml`: the operator's reconcile against a Ray cluster on this machine.
+
+The same `reconcile()` the operator runs decides every rollout; the target is the local Ray
+dashboard instead of a RayService, statuses live in memory and Events are printed. A Ray cluster is
+started when none answers at the dashboard address (and stopped again on exit), Serve listens on
+http://127.0.0.1:8000 by default, and an MLflow webhook receiver makes promotions near-instant
+(polling stays as the fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from regserve_operator.builders import BuildDefaults, Owner
+from regserve_operator.driver import Driver
+from regserve_operator.reconcile import Deps, Event
+from regserve_operator.registry import Registry
+from regserve_operator.sandbox.processes import free_port, wait_for
+from regserve_operator.sandbox.processes import start as start_process
+from regserve_operator.sandbox.processes import stop as stop_process
+from regserve_operator.spec import (
+    GROUP,
+    KIND,
+    RegisteredModelServingSpec,
+    RegisteredModelServingStatus,
+    parse_spec,
+)
+from regserve_operator.targets.local import LocalRayTarget, ServeDashboard, ray_auth_token
+
+log = logging.getLogger("regserve.dev")
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+WEBHOOK_NAME = "regserve-local"
+
+
+@dataclass(frozen=True)
+class Resource:
+    owner: Owner
+    spec: RegisteredModelServingSpec
+
+
+def load_resources(path: Path) -> list[Resource]:
+    """Every RegisteredModelServing in a YAML file (one or several documents)."""
+    resources = []
+    for document in yaml.safe_load_all(path.read_text()):
+        if not document:
+            continue
+        api_version = str(document.get("apiVersion", ""))
+        if document.get("kind") != KIND or not api_version.startswith(f"{GROUP}/"):
+            raise SystemExit(
+                f"{path}: expected kind {KIND} ({GROUP}), got {document.get('kind')} {api_version}"
+            )
+        metadata = document.get("metadata") or {}
+        name = metadata.get("name")
+        if not name:
+            raise SystemExit(f"{path}: a {KIND} needs metadata.name")
+        try:
+            spec = parse_spec(document.get("spec") or {})
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            raise SystemExit(f"{path}: {name}: invalid spec:\n{error}") from None
+        namespace = metadata.get("namespace", "default")
+        resources.append(Resource(Owner(name, namespace, f"local-{uuid.uuid4()}"), spec))
+    if not resources:
+        raise SystemExit(f"{path}: no {KIND} found")
+    return resources
+
+
+# ------------------------------------------------------------------------------------- Ray cluster
+
+
+@dataclass
+class LocalCluster:
+    dashboard_url: str
+    process: subprocess.Popen[bytes] | None = None  # set when this session started the cluster
+
+    def stop(self) -> None:
+        # Only what we started, by process group: `ray stop` would kill every Ray cluster on the machine.
+        if self.process is not None:
+            stop_process(self.process, timeout=60)
+            self.process = None
+
+
+def _ray_cli(*args: str) -> list[str]:
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
+    return [ray, *args]
+
+
+def ensure_ray(dashboard_url: str, *, num_cpus: int, log_dir: Path) -> LocalCluster:
+    """Use the Ray cluster whose dashboard answers at `dashboard_url`, or start one."""
+    if _dashboard_up(dashboard_url):
+        return LocalCluster(dashboard_url)
+    port = httpx.URL(dashboard_url).port or 8265
+    print(f"regserve: starting a local Ray cluster (dashboard {dashboard_url}) ...", flush=True)
+    command = _ray_cli(
+        "start", "--head", "--block", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={port}", f"--port={free_port()}", "--disable-usage-stats",
+    )  # fmt: skip
+    # The serving code must be importable by Ray's workers: they inherit this environment.
+    roots = [*_source_roots(), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, roots))}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(dashboard_url, start_process(command, log=log_dir / "ray-start.log", env=env))
+    try:
+        wait_for(lambda: _dashboard_up(dashboard_url), timeout=180, interval=0.5, message="the Ray dashboard")
+    except TimeoutError:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _source_roots() -> list[str]:
+    here = Path(__file__).resolve().parent
+    return [str(here.parent), str(here.parent.parent.parent)]
+
+
+def _dashboard_up(url: str) -> bool:
+    token = ray_auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------- webhook
+
+
+@contextmanager
+def webhook_receiver(driver: Driver, port: int, secret: str) -> Iterator[str]:
+    """Run the operator's webhook receiver on a thread of its own; yields its URL."""
+    from regserve_operator.webhook import Receiver, start_receiver
+
+    loop = asyncio.new_event_loop()
+    receiver = Receiver(secret, driver.model_changed)
+    runner = loop.run_until_complete(start_receiver(receiver, "127.0.0.1", port))
+    thread = threading.Thread(target=loop.run_forever, name="regserve-webhook", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/webhook"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def register_local_webhook(tracking_uri: str, url: str, secret: str) -> bool:
+    from regserve_operator.webhook import register_webhook
+
+    os.environ["REGSERVE_WEBHOOK_SECRET"] = secret
+    try:
+        register_webhook(
+            tracking_uri=tracking_uri, url=url, name=WEBHOOK_NAME, secret_env="REGSERVE_WEBHOOK_SECRET"
+        )
+    except Exception as error:  # webhooks need a SQL-backed `mlflow server`; polling still works
+        print(f"regserve: no MLflow webhook ({error}); promotions are picked up by polling", flush=True)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Reporter:
+    """Prints Events and serving-version transitions, once each."""
+
+    out: Callable[[str], None] = print
+    serving: dict[str, str | None] = field(default_factory=dict)
+
+    def event(self, owner: Owner, event: Event) -> None:
+        marker = "!" if event.type == "Warning" else "*"
+        self.out(f"{time.strftime('%H:%M:%S')} {marker} {owner.name}: {event.reason}: {event.message}")
+
+    def statuses(self, driver: Driver, resources: Sequence[Resource]) -> None:
+        for resource in resources:
+            status = driver.status(resource.owner)
+            if status.serving_version != self.serving.get(resource.owner.name) and _ready(status):
+                self.serving[resource.owner.name] = status.serving_version
+                self.out(
+                    f"{time.strftime('%H:%M:%S')} > {resource.owner.name}: serving version "
+                    f"{status.serving_version} of {resource.spec.model.name} at {status.url}"
+                )
+
+
+def _ready(status: RegisteredModelServingStatus) -> bool:
+    """Serving and settled: servingVersion is written with the patch, so also nothing in flight."""
+    ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    return ready and status.rollout_version is None
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+@dataclass
+class DevSession:
+    """Everything `regserve dev` runs, usable from the demo and from tests."""
+
+    resources: list[Resource]
+    driver: Driver
+    target: LocalRayTarget
+    cluster: LocalCluster
+    reporter: Reporter
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def step(self) -> None:
+        self.driver.run_once()
+        self.reporter.statuses(self.driver, self.resources)
+
+    def run(self, *, until: Callable[[], bool] | None = None, tick_s: float = 0.5) -> None:
+        while not self.stop_event.is_set():
+            self.step()
+            if until is not None and until():
+                return
+            self.stop_event.wait(tick_s)
+
+    def status(self, name: str) -> RegisteredModelServingStatus:
+        resource = next(r for r in self.resources if r.owner.name == name)
+        return self.driver.status(resource.owner)
+
+
+def make_session(
+    resources: list[Resource],
+    *,
+    dashboard_url: str = DEFAULT_DASHBOARD,
+    serve_port: int = 8000,
+    num_cpus: int = 8,
+    settle_seconds: float = 2.0,
+    out: Callable[[str], None] = print,
+    log_dir: Path = Path(".regserve"),
+) -> DevSession:
+    cluster = ensure_ray(dashboard_url, num_cpus=num_cpus, log_dir=log_dir)
+    target = LocalRayTarget(ServeDashboard(dashboard_url, token=ray_auth_token()), serve_port=serve_port)
+    import ray
+
+    deps = Deps(
+        registry=Registry(),
+        target=target,
+        defaults=BuildDefaults(image=f"rayproject/ray:{ray.__version__}-py311", ray_version=ray.__version__),
+        settle_seconds=settle_seconds,
+    )
+    reporter = Reporter(out=out)
+    driver = Driver(deps, on_event=reporter.event, tick_seconds=0.5)
+    for resource in resources:
+        driver.apply(resource.owner, resource.spec)
+    return DevSession(resources, driver, target, cluster, reporter)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="regserve dev", description=__doc__.splitlines()[0] if __doc__ else ""
+    )
+    parser.add_argument(
+        "-f", "--file", type=Path, required=True, help="YAML with RegisteredModelServing resources"
+    )
+    parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help="Ray dashboard URL (started if down)")
+    parser.add_argument("--serve-port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for a Ray cluster started here")
+    parser.add_argument("--webhook-port", type=int, default=0, help="receiver port (0: a free one; -1: off)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    resources = load_resources(args.file)
+    session = make_session(
+        resources, dashboard_url=args.dashboard, serve_port=args.serve_port, num_cpus=args.num_cpus
+    )
+    signal.signal(signal.SIGTERM, lambda *_: session.stop_event.set())
+    try:
+        with _maybe_webhook(session, resources, args.webhook_port):
+            print("regserve: reconciling; Ctrl-C stops", flush=True)
+            session.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.cluster.stop()
+    return 0
+
+
+@contextmanager
+def _maybe_webhook(session: DevSession, resources: Sequence[Resource], port: int) -> Iterator[None]:
+    if port < 0:
+        yield
+        return
+    secret = secrets.token_urlsafe(32)
+    with webhook_receiver(session.driver, port or free_port(), secret) as url:
+        for tracking_uri in sorted({r.spec.registry.tracking_uri for r in resources}):
+            if register_local_webhook(tracking_uri, url, secret):
+                print(f"regserve: MLflow at {tracking_uri} posts registry events to {url}", flush=True)
+        yield
+
+
+def status_summary(status: RegisteredModelServingStatus) -> dict[str, Any]:
+    return {
+        "resolvedVersion": status.resolved_version,
+        "servingVersion": status.serving_version,
+        "conditions": {c.type: f"{c.status} {c.reason}: {c.message}" for c in status.conditions or []},
+        "rolloutVersion": status.rollout_version,
+        "rejected": status.rejected.model_dump() if status.rejected else None,
+    }

@@ -1,0 +1,82 @@
+"""Logging example models (from `serving_app.examples`) to a real MLflow server: demo and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import infer_signature
+
+from serving_app.examples import PHRASEBOOK_MODEL
+
+
+def log_phrasebook(
+    tracking_uri: str,
+    model_name: str,
+    *,
+    lang_to: str = "de",
+    input_label: str = "prompt",
+    fail_on_load: bool = False,
+    extra_inputs: dict[str, Any] | None = None,
+) -> str:
+    """Register a phrasebook translator version; returns its version number."""
+    mlflow.set_tracking_uri(tracking_uri)
+    example = pd.DataFrame({input_label: ["Hello"], **{k: [v] for k, v in (extra_inputs or {}).items()}})
+    signature = infer_signature(example, [{"translation_text": "Hallo"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PHRASEBOOK_MODEL),
+            model_config={"lang_to": lang_to, "input_label": input_label, "fail_on_load": fail_on_load},
+            signature=signature,
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)
+
+
+def log_sklearn_classifier(tracking_uri: str, model_name: str, *, seed: int = 0) -> tuple[str, Any, Any]:
+    """Register a scaler + logistic-regression pipeline on 4 float features (tensor in, tensor out).
+
+    Returns the version, sample inputs and the predictions the pipeline itself gives for them.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlflow.set_tracking_uri(tracking_uri)
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(200, 4))
+    labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(np.int64)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(features, labels)
+    samples = rng.normal(size=(32, 4))
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            pipeline,
+            name="model",
+            signature=infer_signature(features, pipeline.predict(features)),
+            pip_requirements=["mlflow", "scikit-learn"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version), samples, pipeline.predict(samples)
+
+
+def log_tiny_translator(tracking_uri: str, model_name: str, model_dir: Any, *, lang_to: str = "de") -> str:
+    """Register the seed's translation model around a tiny local T5 (logged as the `hf_model` artifact)."""
+    from serving_app.examples import TRANSLATION_MODEL
+
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), [{"translation_text": "Hallo"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(TRANSLATION_MODEL),
+            artifacts={"hf_model": str(model_dir)},
+            model_config={"lang_from": "en", "lang_to": lang_to, "max_new_tokens": 8},
+            signature=signature,
+            pip_requirements=["mlflow", "transformers", "torch", "sentencepiece"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)

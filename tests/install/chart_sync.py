@@ -5,11 +5,17 @@
   ``regserve_operator.rbac`` (the ``rule()`` declarations beside the code that needs them), split into
   cluster-scoped and namespaced rules so the chart can grant them cluster-wide or per namespace.
 
-``python -m tests.install.chart_sync`` rewrites them; ``tests/install/test_chart.py`` fails on drift.
+- ``deploy/operator/operator.yaml`` is the chart's Deployment and Service rendered for deploy/ (kustomize).
+- The values table in ``charts/regserve/README.md`` comes from the ``# --`` comments in values.yaml.
+
+``python -m tests.install.chart_sync`` rewrites them (it needs the pinned helm: ``make tools``);
+``tests/install/test_chart.py`` fails on drift.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,18 +57,56 @@ def rules_yaml() -> str:
     return HEADER + yaml.safe_dump(rules_document(), sort_keys=False)
 
 
-def expected_files() -> dict[Path, str]:
-    files = {RULES_FILE: rules_yaml()}
+DEPLOY_OPERATOR = ROOT / "deploy" / "operator" / "operator.yaml"
+# deploy/ matches deploy/rbac/ (`regserve rbac`): ServiceAccount regserve-operator, all namespaces.
+DEPLOY_VALUES = (
+    "watch.mode=cluster",
+    "fullnameOverride=regserve-operator",
+    "rbac.create=false",
+    "serviceAccount.create=false",
+    f"serviceAccount.name={rbac.SERVICE_ACCOUNT}",
+)
+_HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+
+
+def deploy_operator_yaml(helm: Path) -> str:
+    """The chart's Deployment and Service for deploy/ (kustomize), without Helm's own labels."""
+    args = [str(helm), "template", "regserve", str(CHART), "--namespace", "regserve-system"]
+    for value in DEPLOY_VALUES:
+        args += ["--set", value]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
+    documents = [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("Deployment", "Service")]
+    for doc in documents:
+        for labels in (
+            doc["metadata"]["labels"],
+            doc["spec"].get("template", {}).get("metadata", {}).get("labels"),
+        ):
+            for label in _HELM_ONLY_LABELS:
+                (labels or {}).pop(label, None)
+    header = "# Rendered from charts/regserve by `python -m tests.install.chart_sync`. Do not edit.\n"
+    return header + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+
+
+def _helm() -> Path:
+    from tests.k8s.plane import find_tools
+
+    return find_tools().helm
+
+
+def expected_files(helm: Path | None = None) -> dict[Path, str]:
+    files = {RULES_FILE: rules_yaml(), DEPLOY_OPERATOR: deploy_operator_yaml(helm or _helm())}
     for crd in sorted((ROOT / "crds").glob("*.yaml")):
         files[CHART / "crds" / crd.name] = crd.read_text()
     return files
 
 
-def stale_files() -> list[Path]:
+def stale_files(helm: Path | None = None) -> list[Path]:
     """Generated files whose content differs from their source, plus chart CRDs with no source."""
-    stale = [p for p, text in expected_files().items() if not p.exists() or p.read_text() != text]
+    stale = [p for p, text in expected_files(helm).items() if not p.exists() or p.read_text() != text]
     sources = {p.name for p in (ROOT / "crds").glob("*.yaml")}
     stale += [p for p in sorted((CHART / "crds").glob("*")) if p.name not in sources]
+    if README_FILE.exists() and README_FILE.read_text() != readme_with_table(README_FILE.read_text()):
+        stale.append(README_FILE)
     return stale
 
 
@@ -74,8 +118,80 @@ def main() -> int:
     for extra in (CHART / "crds").glob("*"):
         if extra.name not in sources:
             extra.unlink()
-    print(f"wrote {len(expected_files())} files under {CHART.relative_to(ROOT)}")
+    if README_FILE.exists():
+        README_FILE.write_text(readme_with_table(README_FILE.read_text()))
+    print("chart files, deploy/operator/operator.yaml and the README values table are up to date")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The values table in the chart's README, from the `# --` comments in values.yaml
+
+VALUES_FILE = CHART / "values.yaml"
+README_FILE = CHART / "README.md"
+TABLE_START, TABLE_END = "<!-- values-table:start -->", "<!-- values-table:end -->"
+
+
+def documented_values(text: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, description) for every documented key, and the paths of undocumented leaves.
+
+    A key is documented by the `# --` comment block right above it; a documented mapping covers its
+    children (e.g. `resources`).
+    """
+    documented: list[tuple[str, str]] = []
+    undocumented: list[str] = []
+    stack: list[tuple[int, str, bool]] = []  # (indent, key, documented)
+    comment: list[str] | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = [stripped[4:].strip()]
+            continue
+        if stripped.startswith("#") and comment is not None:
+            comment.append(stripped[1:].strip())
+            continue
+        if not stripped or stripped.startswith("#"):
+            comment = None
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, rest = stripped.partition(":")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k, _ in stack] + [key])
+        covered = any(d for _, _, d in stack)
+        if comment is not None:
+            documented.append((path, " ".join(comment)))
+        elif not covered and rest.strip():
+            undocumented.append(path)
+        stack.append((indent, key, comment is not None or covered))
+        comment = None
+    return documented, undocumented
+
+
+def _lookup(values: dict[str, Any], path: str) -> Any:
+    node: Any = values
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def values_table() -> str:
+    text = VALUES_FILE.read_text()
+    values = yaml.safe_load(text)
+    rows = ["| Key | Default | Description |", "|---|---|---|"]
+    for path, description in documented_values(text)[0]:
+        default = json.dumps(_lookup(values, path), separators=(",", ":"))
+        escaped = description.replace("|", "\\|")
+        rows.append(f"| `{path}` | `{default}` | {escaped} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_table(readme: str) -> str:
+    head, start, rest = readme.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"{README_FILE} lacks the {TABLE_START} ... {TABLE_END} markers")
+    return f"{head}{TABLE_START}\n{values_table()}{TABLE_END}{tail}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""The chart, Dockerfile and manifests, checked without a cluster (helm, hadolint, kubectl kustomize)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from regserve_operator import rbac
+
+from tests.install import chart_sync
+from tests.install.support import (
+    CHART,
+    KUBECTL,
+    ROOT,
+    VENV_BIN,
+    docs,
+    helm_template,
+    of_kind,
+    run,
+    run_status,
+)
+
+
+def test_generated_chart_files_match_their_sources(helm_binary: Path) -> None:
+    stale = chart_sync.stale_files(helm_binary)
+    assert not stale, f"out of date (run `python -m tests.install.chart_sync`): {stale}"
+    # Spelled out for the CRD, the contract the issue names: the chart's crds/ is byte-identical to crds/.
+    sources = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert sources and sorted(p.name for p in (CHART / "crds").iterdir()) == sources
+    for name in sources:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes()
+
+
+def test_chart_rules_are_exactly_the_operators_rules() -> None:
+    rules = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
+    both = rules["clusterScoped"] + rules["namespaced"]
+    assert rules["clusterScoped"] and rules["namespaced"]
+    assert sorted(map(json.dumps, both)) == sorted(map(json.dumps, rbac.cluster_role()["rules"]))
+
+
+def test_every_value_is_documented_and_in_the_readme_table() -> None:
+    documented, undocumented = chart_sync.documented_values((CHART / "values.yaml").read_text())
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+    assert len(documented) > 20
+    assert chart_sync.values_table() in (CHART / "README.md").read_text()
+
+
+def _schema() -> dict[str, Any]:
+    return dict(json.loads((CHART / "values.schema.json").read_text()))
+
+
+def test_values_schema_accepts_the_defaults() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator.check_schema(_schema())
+    jsonschema.validate(values, _schema(), cls=jsonschema.Draft7Validator)
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ({"watch": {"mode": "everywhere"}}, "watch.mode"),
+        ({"webhook": {"enabled": True, "existingSecret": ""}}, "webhook.existingSecret"),
+        ({"metrics": {"port": 0}}, "metrics.port"),
+        ({"unknownKey": 1}, "unknownKey"),
+        ({"watch": {"mode": "namespaces", "namespaces": ["Not_A_Name"]}}, "watch.namespaces"),
+    ],
+)
+def test_values_schema_rejects_bad_values(override: dict[str, Any], path: str, helm_binary: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key, value in override.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and key in values else value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(values, _schema(), cls=jsonschema.Draft7Validator)
+    # helm applies the same schema at template time.
+    flags: list[str | Path] = []
+    for key, value in override.items():
+        flags += ["--set-json", f"{key}={json.dumps(value)}"]
+    proc = run_status([helm_binary, "template", "rs", CHART, *flags])
+    assert proc.returncode != 0 and path.replace(".", "/") in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["watch.mode=cluster"],
+        ["webhook.enabled=true", "webhook.existingSecret=hook", "metrics.serviceMonitor.enabled=true"],
+    ],
+    ids=["defaults", "cluster", "webhook+monitor"],
+)
+def test_helm_lint_strict(helm_binary: Path, values: list[str]) -> None:
+    args: list[str | Path] = [helm_binary, "lint", "--strict", CHART]
+    for value in values:
+        args += ["--set", value]
+    out = run(args)
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+def _rules_of(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for d in of_kind(documents, kind) for r in d["rules"]]
+
+
+def test_namespaces_mode_grants_namespaced_rules_only_in_watched_namespaces(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary, "watch.namespaces={ml-a,ml-b}", namespace="ops"))
+    rules = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
+    (cluster_role,) = of_kind(rendered, "ClusterRole")
+    assert cluster_role["rules"] == rules["clusterScoped"]
+    roles = of_kind(rendered, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
+    assert all(r["rules"] == rules["namespaced"] for r in roles)
+    for binding in of_kind(rendered, "RoleBinding") + of_kind(rendered, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rs-regserve", "namespace": "ops"}]
+    (deployment,) = of_kind(rendered, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["run", "--standalone", "--namespace", "ml-a", "--namespace", "ml-b"]
+
+
+def test_namespaces_mode_defaults_to_the_release_namespace(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary, namespace="ops"))
+    assert [r["metadata"]["namespace"] for r in of_kind(rendered, "Role")] == ["ops"]
+
+
+def test_cluster_mode_grants_every_rule_cluster_wide(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary, "watch.mode=cluster"))
+    assert not of_kind(rendered, "Role") and not of_kind(rendered, "RoleBinding")
+    (cluster_role,) = of_kind(rendered, "ClusterRole")
+    assert sorted(map(json.dumps, cluster_role["rules"])) == sorted(
+        map(json.dumps, rbac.cluster_role()["rules"])
+    )
+    (deployment,) = of_kind(rendered, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "--all-namespaces"
+
+
+def test_no_rendering_lets_the_operator_list_or_watch_secrets(helm_binary: Path) -> None:
+    for values in ([], ["watch.mode=cluster"]):
+        rendered = docs(helm_template(helm_binary, *values))
+        for rule in _rules_of(rendered, "ClusterRole") + _rules_of(rendered, "Role"):
+            if "secrets" in rule["resources"] or "*" in rule["resources"]:
+                assert rule["verbs"] == ["get"], rule
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+
+
+def test_deployment_is_single_hardened_and_probed(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary))
+    (deployment,) = of_kind(rendered, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == "rs-regserve"
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "metrics"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["REGSERVE_WEBHOOK_PORT"] == "0" and env["REGSERVE_METRICS_PORT"] == "9090"
+    assert json.loads(env["REGSERVE_IMAGE_PINS"]) == {"mlflow": "3.17.2"}
+    standard = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version"}
+    for doc in rendered:
+        assert standard <= set(doc["metadata"]["labels"]), doc["kind"]
+
+
+def test_webhook_values_wire_the_secret_port_and_readiness(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary, "webhook.enabled=true", "webhook.existingSecret=hook"))
+    (deployment,) = of_kind(rendered, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REGSERVE_WEBHOOK_PORT"]["value"] == "8080"
+    assert env["REGSERVE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hook",
+        "key": "webhook-secret",
+    }
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "webhook"}
+    (service,) = of_kind(rendered, "Service")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        "metrics": "metrics",
+        "webhook": "webhook",
+    }
+
+
+def test_service_monitor_is_optional(helm_binary: Path) -> None:
+    assert not of_kind(docs(helm_template(helm_binary)), "ServiceMonitor")
+    rendered = docs(helm_template(helm_binary, "metrics.serviceMonitor.enabled=true"))
+    (monitor,) = of_kind(rendered, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    out = run([VENV_BIN / "hadolint", "--failure-threshold", "info", ROOT / "Dockerfile"])
+    assert out.strip() == ""
+    # The same invocation does fail on a violation (unpinned pip install), so a clean run means something.
+    bad = run_status(
+        [VENV_BIN / "hadolint", "--failure-threshold", "info", "-"],
+        stdin="FROM python:3.11-slim\nRUN pip install requests\n",
+        timeout=30,
+    )
+    assert bad.returncode != 0 and "DL3013" in bad.stdout, bad.stdout
+
+
+def test_dockerfile_has_both_targets_pinned_installs_and_non_root_users() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "AS operator\n" in text and "AS serving\n" in text
+    assert "FROM rayproject/ray:${RAY_IMAGE_TAG} AS serving" in text
+    assert "ARG RAY_IMAGE_TAG=2.60.0-py311" in text
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints.txt" in line or "--no-deps" in line for line in installs)
+    assert "USER 10001:10001" in text and "USER 1000\n" in text
+
+
+def test_kustomize_base_renders(tmp_path: Path) -> None:
+    rendered = docs(run([KUBECTL, "kustomize", ROOT / "deploy"]))
+    kinds = sorted({d["kind"] for d in rendered})
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+    } <= set(kinds)

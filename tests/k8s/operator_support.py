@@ -51,11 +51,12 @@ def operator_account(
 
 @contextlib.contextmanager
 def running_operator(
-    kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+    kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, *, webhook: bool = False
 ) -> Iterator[KopfRunner]:
     """`regserve_operator.main` under kopf's test runner, watching one namespace."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.setenv("REGSERVE_WEBHOOK_PORT", "0")
+    if not webhook:
+        monkeypatch.setenv("REGSERVE_WEBHOOK_PORT", "0")
     monkeypatch.setenv("REGSERVE_METRICS_PORT", "0")
     monkeypatch.setenv("REGSERVE_SETTLE_SECONDS", "1")
     monkeypatch.setenv("REGSERVE_IMAGE", "regserve/test:1")

@@ -256,3 +256,55 @@ def test_missing_alias_creates_nothing(
     assert "no alias 'champion'" in cond(cluster.rms("orphan"), "SelectorResolved")["message"]
     steady("RayService absence", lambda: cluster.rayservice("orphan"), 2 * POLL_S + 1)
     assert len(cluster.events("orphan", "SelectorUnresolved")) == 1
+
+
+def test_mlflow_webhook_triggers_the_rollout(
+    kube_api: client.ApiClient,
+    kube_namespace: str,
+    mint_kubeconfig: plane.MintKubeconfig,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_server: MlflowServer,
+) -> None:
+    """With an hour-long poll interval, only the webhook can make the operator see the alias move
+    within the deadline: `regserve webhook register` creates it, MLflow delivers, the operator verifies
+    the signature and rolls out."""
+    from regserve_operator import cli
+
+    from tests.operator.mlflow_fixture import free_port
+
+    port = free_port()
+    monkeypatch.setenv("REGSERVE_WEBHOOK_PORT", str(port))
+    monkeypatch.setenv("REGSERVE_WEBHOOK_HOST", "127.0.0.1")
+    monkeypatch.setenv("REGSERVE_WEBHOOK_SECRET", f"whsec-{uuid.uuid4().hex}")
+    view = Cluster(kube_api, kube_namespace)
+    model = new_model()
+    v1 = log_version(mlflow_server.url, model, {"prompt": "string"}, alias="champion")
+    v2 = log_version(mlflow_server.url, model, {"prompt": "string"})
+    view.secret("mlflow-auth", {})
+    spec = rms_spec(model, mlflow_server.url)
+    spec["registry"]["pollIntervalSeconds"] = 3600
+    with (
+        operator_account(kube_api, kube_namespace, mint_kubeconfig) as kubeconfig,
+        running_operator(kubeconfig, kube_namespace, monkeypatch, webhook=True),
+    ):
+        view.create_rms("hooked", spec)
+        until("RayService created", lambda: carried(view, "hooked") == v1)
+        view.set_app_status("hooked", "RUNNING")
+        until("v1 confirmed", lambda: (view.rms("hooked").get("status") or {}).get("lastGoodVersion") == v1)
+        url = f"http://127.0.0.1:{port}/webhook"
+        until("webhook receiver up", lambda: _answers(url.replace("/webhook", "/healthz")))
+        args = ["webhook", "register", "--tracking-uri", mlflow_server.url, "--url", url]
+        assert cli.main([*args, "--name", f"regserve-{kube_namespace}"]) == 0
+        import mlflow
+
+        mlflow.MlflowClient(mlflow_server.url).set_registered_model_alias(model, "champion", v2)
+        until("webhook-triggered rollout", lambda: carried(view, "hooked") == v2, timeout=30)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,260 @@
+"""Shared pieces of the benchmarks: a Ray cluster per ingress mode, `mlflow models serve`, the load
+generator process, medians over interleaved rounds, markdown tables and the machine's load."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from regserve_operator.sandbox.processes import free_port, start, stop, wait_for
+from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+PYTHON = sys.executable
+INGRESS_MODES = ("proxy", "haproxy")
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def source_path() -> str:
+    roots = [str(REPO / "operator"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(filter(None, roots))
+
+
+@dataclass
+class RayCluster:
+    """`ray start --head --block` in its own process group; HAProxy mode is an env var of Ray's processes."""
+
+    ingress: str
+    workdir: Path
+    num_cpus: int = 8
+    dashboard_port: int = field(default_factory=free_port)
+    serve_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    dashboard: ServeDashboard | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.serve_port}"
+
+    @property
+    def http_options(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.serve_port}
+
+    def start(self) -> RayCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PYTHONPATH": source_path(),
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
+        }
+        ray = str(Path(PYTHON).parent / "ray")
+        command = [
+            ray, "start", "--head", "--block", f"--num-cpus={self.num_cpus}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--port={free_port()}", "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+        ]  # fmt: skip
+        self.process = start(command, log=self.workdir / f"ray-{self.ingress}.log", env=env)
+        self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token(), timeout_s=60)
+        wait_for(self._up, timeout=180, interval=0.5, message=f"Ray dashboard ({self.ingress})")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"ray start exited; see {self.workdir}/ray-{self.ingress}.log")
+        assert self.dashboard is not None
+        self.dashboard.applications()
+        return True
+
+    def deploy(self, apps: list[dict[str, Any]], *, timeout: float = 300) -> None:
+        assert self.dashboard is not None
+        self.dashboard.deploy(apps, self.http_options)
+        names = {app["name"] for app in apps}
+
+        def running() -> bool:
+            assert self.dashboard is not None
+            states = self.dashboard.applications()
+            for name in names:
+                app = states.get(name) or {}
+                if app.get("status") == "DEPLOY_FAILED":
+                    raise AssertionError(f"{name} failed: {app.get('message')}")
+                if app.get("status") != "RUNNING":
+                    return False
+            return True
+
+        wait_for(running, timeout=timeout, interval=1.0, message=f"Serve applications {sorted(names)}")
+
+    def remove(self, names: set[str]) -> None:
+        assert self.dashboard is not None
+        self.dashboard.remove(names, self.http_options)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=60)
+            self.process = None
+
+
+def regserve_app(
+    name: str, model: str, version: str, tracking_uri: str, *, batch: int = 1, replicas: int = 1, **extra: Any
+) -> dict[str, Any]:
+    """A Serve config application as local mode writes it (version in user_config)."""
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "serving_app.app:build_app",
+        "args": {
+            "model_name": model,
+            "tracking_uri": tracking_uri,
+            "max_batch_size": batch,
+            "batch_wait_timeout_s": 0.005 if batch > 1 else 0.0,
+            **extra,
+        },
+        "deployments": [
+            {"name": "ModelServer", "num_replicas": replicas, "user_config": {"default_version": version}}
+        ],
+    }
+
+
+def bare_app(name: str, model_uri: str, *, batch: int = 1) -> dict[str, Any]:
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "bench.bare_app:build",
+        "args": {"model_uri": model_uri, "max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+    }
+
+
+@dataclass
+class MlflowModelsServe:
+    """`mlflow models serve --env-manager local` (uvicorn, one worker) on the same registered model."""
+
+    model_uri: str
+    tracking_uri: str
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MlflowModelsServe:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            PYTHON, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(self.port),
+        ]  # fmt: skip
+        self.process = start(
+            command,
+            log=self.workdir / f"mlflow-serve-{self.port}.log",
+            # It execs `uvicorn` by name: the virtualenv's bin must be on PATH.
+            env={
+                "MLFLOW_TRACKING_URI": self.tracking_uri,
+                "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
+            },
+        )
+        wait_for(self._up, timeout=180, interval=0.5, message=f"mlflow models serve {self.model_uri}")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited; see {self.workdir}")
+        return httpx.get(f"{self.url}/ping", timeout=2).status_code == 200
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
+def cell(
+    url: str,
+    body: Any,
+    *,
+    concurrency: int,
+    duration_s: float,
+    headers: dict[str, str] | None = None,
+    bodies: Sequence[tuple[Any, dict[str, str]]] | None = None,
+    warmup_s: float = 0.5,
+) -> dict[str, Any]:
+    """One measurement for `load_cells`."""
+    spec: dict[str, Any] = {
+        "url": url,
+        "body": json.dumps(body),
+        "headers": headers or {},
+        "concurrency": concurrency,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+    }
+    if bodies:
+        spec["bodies"] = [[json.dumps(b), h] for b, h in bodies]
+    return spec
+
+
+def load_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run cells one after the other in ONE load-generator process (its own, beside the servers)."""
+    budget = sum(float(c["duration_s"]) + float(c["warmup_s"]) + 5 for c in cells) + 60
+    result = subprocess.run(
+        [PYTHON, str(REPO / "bench" / "loadgen.py"), json.dumps({"cells": cells})],
+        capture_output=True,
+        text=True,
+        timeout=budget,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"load generator failed: {result.stderr[-2000:]}")
+    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+
+def load(url: str, body: Any, **options: Any) -> dict[str, Any]:
+    """One measurement in a load-generator process of its own."""
+    return load_cells([cell(url, body, **options)])[0]
+
+
+def check(url: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    response = httpx.post(url, json=body, headers=headers or {}, timeout=120)
+    if response.status_code != 200:
+        raise AssertionError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    return response
+
+
+def median(values: Sequence[float]) -> float:
+    clean = [v for v in values if v == v]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_json(name: str, data: Any) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -1,0 +1,238 @@
+"""Version switching and cold loads.
+
+    .venv/bin/python -m bench.versions [--modes proxy,haproxy] [--rounds 2] [--duration 3] [--cold 3]
+
+1. Switching: c=8 requests spread round-robin over 1, 2 and 3 versions (header
+   `serve-multiplexed-model-id`; the first version is the default) with `max_models_per_replica=2`
+   (the default version plus ONE multiplexed slot), on one and on two replicas, per ingress mode.
+   Baseline in the same run: the same app asked for its default version only.
+2. Cold load: the first request pinned to a version never loaded before (client-measured, includes
+   the signature compatibility check), against a bare `mlflow.pyfunc.load_model` + first predict of the
+   same version in a warm process (mlflow and sklearn imported, another version loaded), interleaved.
+Writes bench/results/versions.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_sklearn_classifier
+
+from bench.common import (
+    PYTHON,
+    RESULTS,
+    RayCluster,
+    cell,
+    check,
+    load_cells,
+    markdown_table,
+    median,
+    regserve_app,
+    save_json,
+    stamp,
+    uptime,
+)
+
+MODEL = "bench_versions"
+HEADER = "serve-multiplexed-model-id"
+
+BARE_LOAD = """
+import json, sys, time
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+row = np.asarray([json.loads(sys.argv[4])], dtype=np.float64)
+mlflow.pyfunc.load_model(f"models:/{sys.argv[2]}/1").predict(row)  # warm: imports and one load done
+started = time.perf_counter()
+mlflow.pyfunc.load_model(f"models:/{sys.argv[2]}/{sys.argv[3]}").predict(row)
+print((time.perf_counter() - started) * 1000)
+"""
+
+
+def bare_cold_ms(tracking_uri: str, version: str, row: list[float]) -> float:
+    out = subprocess.run(
+        [PYTHON, "-c", BARE_LOAD, tracking_uri, MODEL, version, json.dumps(row)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def served_cold_ms(url: str, version: str, row: list[float]) -> float:
+    started = time.perf_counter()
+    response = httpx.post(url, json=row, headers={HEADER: version}, timeout=300)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200 or response.headers.get("x-model-version") != version:
+        raise AssertionError(f"cold request for {version}: {response.status_code} {response.text[:300]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--modes", default="proxy,haproxy")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--cold", type=int, default=3, help="cold loads per ingress mode")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    print(f"# version switching benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-versions-"))
+    server = MlflowServer(root=workdir / "mlflow").start()
+    cluster: RayCluster | None = None
+    switching: list[dict[str, Any]] = []
+    cold: list[dict[str, Any]] = []
+    try:
+        versions = []
+        row: list[float] = []
+        for seed in range(3 + args.cold * len(modes)):
+            version, samples, _ = log_sklearn_classifier(server.url, MODEL, seed=seed)
+            versions.append(version)
+            row = [float(x) for x in samples[0]]
+        fresh = iter(versions[3:])
+        for mode in modes:
+            cluster = RayCluster(mode, workdir).start()
+            apps = {
+                replicas: regserve_app(
+                    f"ver{replicas}",
+                    MODEL,
+                    versions[0],
+                    server.url,
+                    replicas=replicas,
+                    max_models_per_replica=2,
+                )
+                for replicas in (1, 2)
+            }
+            cluster.deploy(list(apps.values()))
+            urls = {r: f"{cluster.serve_url}/ver{r}/serve" for r in apps}
+            for url in urls.values():
+                for v in versions[:3]:
+                    check(url, row, {HEADER: v})
+            plan = [(r, k) for r in urls for k in (1, 2, 3)]
+            for round_no in range(args.rounds):
+                print(f"[{mode}] switching round {round_no + 1}; load: {uptime()}", flush=True)
+                cells = [
+                    cell(
+                        urls[r],
+                        row,
+                        concurrency=8,
+                        duration_s=args.duration,
+                        bodies=[(row, {HEADER: v}) for v in versions[:k]],
+                    )
+                    for r, k in plan
+                ]
+                for (r, k), result in zip(plan, load_cells(cells), strict=True):
+                    switching.append(
+                        {"ingress": mode, "replicas": r, "versions": k, "round": round_no, **result}
+                    )
+                    print(
+                        f"  {mode:8} replicas={r} versions={k}: {result['rps']:6.0f} req/s "
+                        f"p50 {result['p50_ms']:6.1f} ms p99 {result['p99_ms']:7.1f} ms "
+                        f"err {result['errors']}",
+                        flush=True,
+                    )
+            for _ in range(args.cold):
+                version = next(fresh)
+                bare = bare_cold_ms(server.url, version, row)
+                served = served_cold_ms(urls[1], version, row)
+                cold.append({"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served})
+                print(f"  cold load v{version}: bare {bare:.0f} ms, served {served:.0f} ms", flush=True)
+            cluster.stop()
+            cluster = None
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        server.stop()
+    report(switching, cold, args)
+
+
+def report(switching: list[dict[str, Any]], cold: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for s in switching:
+        groups.setdefault((s["ingress"], s["replicas"], s["versions"]), []).append(s)
+    summary = {
+        key: {f: median([g[f] for g in group]) for f in ("rps", "p50_ms", "p99_ms")}
+        for key, group in groups.items()
+    }
+    rows = []
+    for (mode, r, k), values in sorted(summary.items()):
+        base = summary[(mode, r, 1)]
+        rows.append(
+            [mode, r, k, values["rps"], values["p50_ms"], values["p99_ms"], values["rps"] / base["rps"],
+             sum(g["errors"] for g in groups[(mode, r, k)])]
+        )  # fmt: skip
+    switch_text = markdown_table(
+        [
+            "ingress",
+            "replicas",
+            "versions in traffic",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "req/s ÷ 1 version",
+            "errors",
+        ],
+        rows,
+    )
+    cold_rows = [
+        [c["ingress"], c["version"], c["bare_ms"], c["served_ms"], c["served_ms"] / c["bare_ms"]]
+        for c in cold
+    ]
+    for mode in sorted({c["ingress"] for c in cold}):
+        mine = [c for c in cold if c["ingress"] == mode]
+        bare = median([c["bare_ms"] for c in mine])
+        served = median([c["served_ms"] for c in mine])
+        cold_rows.append([mode, "median", bare, served, served / bare])
+    cold_text = markdown_table(
+        ["ingress", "version", "bare load_model+predict ms", "regserve first pinned request ms", "ratio"],
+        cold_rows,
+    )
+    header = (
+        f"version switching {stamp()}: c=8, {args.duration} s per cell, medians of {args.rounds} rounds, "
+        f"max_models_per_replica=2; load after: {uptime()}\n"
+    )
+    print("\n" + header + "\n" + switch_text + "\n\ncold loads\n\n" + cold_text)
+    save_json("versions", {"switching": switching, "cold": cold})
+    (RESULTS / "versions.md").write_text(header + "\n" + switch_text + "\n\n" + cold_text + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in sorted({k[0] for k in summary}):
+        for r in (1, 2):
+            points = sorted((k[2], v["rps"]) for k, v in summary.items() if k[0] == mode and k[1] == r)
+            a.plot(
+                [p[0] for p in points], [p[1] for p in points], marker="o", label=f"{mode}, {r} replica(s)"
+            )
+    a.set_xlabel("versions in traffic (max_models_per_replica=2)")
+    a.set_ylabel("req/s at c=8")
+    a.legend()
+    labels = [f"{c['ingress']} v{c['version']}" for c in cold]
+    xs = range(len(cold))
+    b.bar([x - 0.2 for x in xs], [c["bare_ms"] for c in cold], width=0.4, label="bare load_model+predict")
+    b.bar(
+        [x + 0.2 for x in xs],
+        [c["served_ms"] for c in cold],
+        width=0.4,
+        label="regserve first pinned request",
+    )
+    b.set_xticks(list(xs), labels, rotation=45, fontsize=7)
+    b.set_ylabel("ms")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "versions.png", dpi=90)
+
+
+if __name__ == "__main__":
+    main()

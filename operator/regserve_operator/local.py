@@ -119,9 +119,17 @@ def ensure_ray(dashboard_url: str, *, num_cpus: int, log_dir: Path) -> LocalClus
     env = {"PYTHONPATH": os.pathsep.join(filter(None, roots))}
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(dashboard_url, start_process(command, log=log_dir / "ray-start.log", env=env))
+
+    def dashboard_up() -> bool:
+        process = cluster.process
+        if process is not None and process.poll() is not None:
+            tail = (log_dir / "ray-start.log").read_text()[-3000:]
+            raise AssertionError(f"`ray start` exited ({process.returncode}):\n{tail}")
+        return _dashboard_up(dashboard_url)
+
     try:
-        wait_for(lambda: _dashboard_up(dashboard_url), timeout=180, interval=0.5, message="the Ray dashboard")
-    except TimeoutError:
+        wait_for(dashboard_up, timeout=180, interval=0.5, message="the Ray dashboard")
+    except (TimeoutError, AssertionError):
         cluster.stop()
         raise
     return cluster

@@ -32,7 +32,7 @@ def build_tiny_t5(directory: Path, *, seed: int = 0) -> Path:
     vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.vocab_size())]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, unk_id=2)
     torch.manual_seed(seed)
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer), d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1,
         num_heads=2, d_kv=8,
         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,

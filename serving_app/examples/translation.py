@@ -1,7 +1,8 @@
 """The seed guide's translation model: a pyfunc around a transformers seq2seq model (T5 style).
 
 model_config: `lang_from`, `lang_to` (en, de, fr, ro), `input_label` (input column, default `prompt`),
-`hfhub_name` (a hub reference, used only when no `hf_model` artifact is logged with the model).
+`hfhub_name` (a hub reference, used only when no `hf_model` artifact is logged with the model),
+`max_new_tokens`, `min_new_tokens`.
 transformers 5 removed the `translation_xx_to_yy` pipelines, so this does what they did: prefix the
 T5 task, tokenize, `generate`, decode.
 """
@@ -26,6 +27,7 @@ class TranslationModel(PythonModel):
         self.lang_to = config.get("lang_to", "de")
         self.input_label = config.get("input_label", "prompt")
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
+        self.min_new_tokens = int(config.get("min_new_tokens", 0))
         reference = (context.artifacts or {}).get("hf_model") or config.get("hfhub_name", "google-t5/t5-base")
         self.tokenizer = AutoTokenizer.from_pretrained(reference)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(reference)
@@ -40,7 +42,9 @@ class TranslationModel(PythonModel):
         texts = [self.prefix + str(text) for text in model_input[self.input_label].tolist()]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
         with torch.inference_mode():
-            generated = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens)
+            generated = self.model.generate(
+                **encoded, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens
+            )
         decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [{"translation_text": text} for text in decoded]
 

@@ -63,18 +63,33 @@ def log_sklearn_classifier(tracking_uri: str, model_name: str, *, seed: int = 0)
     return str(info.registered_model_version), samples, pipeline.predict(samples)
 
 
-def log_tiny_translator(tracking_uri: str, model_name: str, model_dir: Any, *, lang_to: str = "de") -> str:
+def log_tiny_translator(
+    tracking_uri: str,
+    model_name: str,
+    model_dir: Any,
+    *,
+    lang_to: str = "de",
+    input_label: str = "prompt",
+    min_new_tokens: int = 0,
+) -> str:
     """Register the seed's translation model around a tiny local T5 (logged as the `hf_model` artifact)."""
     from serving_app.examples import TRANSLATION_MODEL
 
     mlflow.set_tracking_uri(tracking_uri)
-    signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), [{"translation_text": "Hallo"}])
+    signature = infer_signature(pd.DataFrame({input_label: ["Hello"]}), [{"translation_text": "Hallo"}])
+    config = {
+        "lang_from": "en",
+        "lang_to": lang_to,
+        "input_label": input_label,
+        "max_new_tokens": 8,
+        "min_new_tokens": min_new_tokens,
+    }
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(TRANSLATION_MODEL),
             artifacts={"hf_model": str(model_dir)},
-            model_config={"lang_from": "en", "lang_to": lang_to, "max_new_tokens": 8},
+            model_config=config,
             signature=signature,
             pip_requirements=["mlflow", "transformers", "torch", "sentencepiece"],
             registered_model_name=model_name,

@@ -436,12 +436,13 @@ def _finish(run: _Run, svc: c.ServiceState | None) -> Outcome:
         wrote = run.out.plan is not None and run.out.plan.writes
         if wrote or (svc.exists and not svc.running and not svc.failed):
             run.out.in_flight = True
-    run.cond(
-        c.ROLLOUT_IN_PROGRESS,
-        "True" if st.rollout_version else "False",
-        "RollingOut" if st.rollout_version else "Idle",
-        f"version {st.rollout_version}" if st.rollout_version else "",
-    )
+    if st.rollout_version:
+        run.cond(c.ROLLOUT_IN_PROGRESS, "True", "RollingOut", f"version {st.rollout_version}")
+    elif svc is not None and svc.upgrading:
+        # KubeRay is bringing up a new cluster (a shape change): mirrored from the RayService.
+        run.cond(c.ROLLOUT_IN_PROGRESS, "True", "NewCluster", "KubeRay is preparing a new RayCluster")
+    else:
+        run.cond(c.ROLLOUT_IN_PROGRESS, "False", "Idle", "")
     st.observed_generation = run.generation
     st.revision = (st.revision or 0) + 1
     return run.out

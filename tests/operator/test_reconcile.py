@@ -300,3 +300,13 @@ def test_stale_failure_status_right_after_the_patch_is_not_judged() -> None:
     world.target.set_app_status("RUNNING")
     world.step(6)
     assert world.status.last_good_version == "2"
+
+
+def test_kuberay_upgrade_is_mirrored_as_rollout_in_progress() -> None:
+    world = _running(_world())
+    obj = world.target.objects[("ml", "translator")]
+    obj["status"]["conditions"].append({"type": "UpgradeInProgress", "status": "True"})
+    world.step()
+    cond = _cond(world, c.ROLLOUT_IN_PROGRESS)
+    assert (cond.status, cond.reason) == ("True", "NewCluster")
+    assert world.target.applied == []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start, stop, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
@@ -22,6 +23,19 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 INGRESS_MODES = ("proxy", "haproxy")
+
+
+def start_mlflow(root: Path, attempts: int = 3) -> MlflowServer:
+    """A real `mlflow server`; on a loaded machine its start can exceed the helper's 90 s: retry, no leak."""
+    for attempt in range(attempts):
+        server = MlflowServer(root=root)
+        try:
+            return server.start()
+        except TimeoutError:
+            server.stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def uptime() -> str:
@@ -71,7 +85,11 @@ class RayCluster:
         ]  # fmt: skip
         self.process = start(command, log=self.workdir / f"ray-{self.ingress}.log", env=env)
         self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token(), timeout_s=60)
-        wait_for(self._up, timeout=180, interval=0.5, message=f"Ray dashboard ({self.ingress})")
+        try:
+            wait_for(self._up, timeout=240, interval=0.5, message=f"Ray dashboard ({self.ingress})")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _up(self) -> bool:
@@ -168,7 +186,11 @@ class MlflowModelsServe:
                 "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
             },
         )
-        wait_for(self._up, timeout=180, interval=0.5, message=f"mlflow models serve {self.model_uri}")
+        try:
+            wait_for(self._up, timeout=240, interval=0.5, message=f"mlflow models serve {self.model_uri}")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _up(self) -> bool:

@@ -18,7 +18,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier
 
 from bench.common import (
@@ -30,6 +29,7 @@ from bench.common import (
     load,
     markdown_table,
     regserve_app,
+    start_mlflow,
     uptime,
 )
 
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# replica profile; load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-profile-"))
-    server = MlflowServer(root=workdir / "mlflow").start()
+    server = start_mlflow(workdir / "mlflow")
     cluster: RayCluster | None = None
     summary: dict[str, dict[str, float]] = {}
     tops: dict[str, list[tuple[str, int]]] = {}

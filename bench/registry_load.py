@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, RESULTS, markdown_table, save_json, stamp, uptime
+from bench.common import PYTHON, RESULTS, markdown_table, save_json, stamp, start_mlflow, uptime
 
 POLL_S = 30
 
@@ -150,11 +150,9 @@ def main() -> None:
         print(json.dumps(child(spec["n"], spec["models"], spec["uri"], spec["cycles"])))
         return
 
-    from regserve_operator.sandbox.mlflow_server import MlflowServer
-
     print(f"# registry load benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-registry-"))
-    server = MlflowServer(root=workdir / "mlflow").start()
+    server = start_mlflow(workdir / "mlflow")
     results = []
     try:
         names = register_models(server.url, args.models)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier, log_tiny_translator
 
 from bench.common import (
@@ -37,6 +36,7 @@ from bench.common import (
     regserve_app,
     save_json,
     stamp,
+    start_mlflow,
     uptime,
 )
 
@@ -156,7 +156,7 @@ def main() -> None:
     print(f"# serving benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-serving-"))
-    server = MlflowServer(root=workdir / "mlflow").start()
+    server = start_mlflow(workdir / "mlflow")
     baselines: dict[str, MlflowModelsServe] = {}
     cluster: RayCluster | None = None
     samples: list[dict[str, Any]] = []

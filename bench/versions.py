@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier
 
 from bench.common import (
@@ -38,6 +37,7 @@ from bench.common import (
     regserve_app,
     save_json,
     stamp,
+    start_mlflow,
     uptime,
 )
 
@@ -86,7 +86,7 @@ def main() -> None:
     modes = args.modes.split(",")
     print(f"# version switching benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-versions-"))
-    server = MlflowServer(root=workdir / "mlflow").start()
+    server = start_mlflow(workdir / "mlflow")
     cluster: RayCluster | None = None
     switching: list[dict[str, Any]] = []
     cold: list[dict[str, Any]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 INGRESS_MODES = ("proxy", "haproxy")
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (and SIGINT, which background shells ignore) run the `finally` blocks that stop servers."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
 
 
 def start_mlflow(root: Path, attempts: int = 3) -> MlflowServer:
@@ -212,7 +223,7 @@ def cell(
     duration_s: float,
     headers: dict[str, str] | None = None,
     bodies: Sequence[tuple[Any, dict[str, str]]] | None = None,
-    warmup_s: float = 0.5,
+    warmup_s: float = 1.0,
 ) -> dict[str, Any]:
     """One measurement for `load_cells`."""
     spec: dict[str, Any] = {

@@ -23,7 +23,7 @@ async def _worker(
     offset: int,
     stop_at: float,
     measure_from: float,
-    latencies: list[float],
+    done: list[tuple[float, float]],
     errors: list[str],
 ) -> None:
     i = offset
@@ -45,8 +45,9 @@ async def _worker(
             if len(errors) < 5:
                 errors.append(repr(error))
         ended = time.perf_counter()
-        if started >= measure_from and ended <= stop_at:
-            latencies.append((ended - started) * 1000 if ok else -1.0)
+        # Closed loop: count completions inside the window (a request may have started before it).
+        if measure_from <= ended <= stop_at:
+            done.append((ended, (ended - started) * 1000 if ok else -1.0))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -63,7 +64,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     concurrency = int(spec["concurrency"])
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=60)
-    latencies: list[float] = []
+    done: list[tuple[float, float]] = []
     errors: list[str] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
@@ -71,10 +72,11 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         stop_at = measure_from + float(spec["duration_s"])
         await asyncio.gather(
             *(
-                _worker(session, spec["url"], requests, n, stop_at, measure_from, latencies, errors)
+                _worker(session, spec["url"], requests, n, stop_at, measure_from, done, errors)
                 for n in range(concurrency)
             )
         )
+    latencies = [latency for _, latency in done]
     good = [x for x in latencies if x >= 0]
     duration = float(spec["duration_s"])
     return {

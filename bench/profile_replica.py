@@ -26,6 +26,7 @@ from bench.common import (
     RayCluster,
     bare_app,
     check,
+    exit_cleanly_on_sigterm,
     load,
     markdown_table,
     regserve_app,
@@ -100,6 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# replica profile; load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-profile-"))
+    exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     cluster: RayCluster | None = None
     summary: dict[str, dict[str, float]] = {}

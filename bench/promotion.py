@@ -27,7 +27,17 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
 
-from bench.common import RESULTS, RayCluster, markdown_table, median, save_json, stamp, start_mlflow, uptime
+from bench.common import (
+    RESULTS,
+    RayCluster,
+    exit_cleanly_on_sigterm,
+    markdown_table,
+    median,
+    save_json,
+    stamp,
+    start_mlflow,
+    uptime,
+)
 
 RMS = """
 apiVersion: regserve.io/v1alpha1
@@ -133,6 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# promotion benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-promotion-"))
+    exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     cluster: RayCluster | None = None
     results: list[dict[str, Any]] = []

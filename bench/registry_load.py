@@ -24,7 +24,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, RESULTS, markdown_table, save_json, stamp, start_mlflow, uptime
+from bench.common import (
+    PYTHON,
+    RESULTS,
+    exit_cleanly_on_sigterm,
+    markdown_table,
+    save_json,
+    stamp,
+    start_mlflow,
+    uptime,
+)
 
 POLL_S = 30
 
@@ -152,6 +161,7 @@ def main() -> None:
 
     print(f"# registry load benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-registry-"))
+    exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     results = []
     try:

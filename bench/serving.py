@@ -30,6 +30,7 @@ from bench.common import (
     bare_app,
     cell,
     check,
+    exit_cleanly_on_sigterm,
     load_cells,
     markdown_table,
     median,
@@ -156,6 +157,7 @@ def main() -> None:
     print(f"# serving benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-serving-"))
+    exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     baselines: dict[str, MlflowModelsServe] = {}
     cluster: RayCluster | None = None

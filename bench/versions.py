@@ -31,6 +31,7 @@ from bench.common import (
     RayCluster,
     cell,
     check,
+    exit_cleanly_on_sigterm,
     load_cells,
     markdown_table,
     median,
@@ -86,6 +87,7 @@ def main() -> None:
     modes = args.modes.split(",")
     print(f"# version switching benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-versions-"))
+    exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     cluster: RayCluster | None = None
     switching: list[dict[str, Any]] = []

@@ -110,10 +110,10 @@ def json_values(dtype: Any) -> st.SearchStrategy[Any]:
 @st.composite
 def schema_and_record(draw: st.DrawFn) -> tuple[Schema, dict[str, Any]]:
     schema = draw(column_schemas())
-    record = {}
+    record: dict[str, Any] = {}
     for spec in schema.inputs:
         values = json_values(spec.type)
-        record[spec.name] = draw(values if spec.required else st.none() | values)
+        record[str(spec.name)] = draw(values if spec.required else st.none() | values)
     return schema, record
 
 
@@ -149,7 +149,8 @@ def test_removing_an_input_is_reported(inputs: Schema, data: st.DataObject) -> N
 def test_renaming_an_input_is_reported(inputs: Schema, data: st.DataObject) -> None:
     old = data.draw(st.sampled_from(inputs.input_names()))
     new = data.draw(NAMES.filter(lambda name: name not in inputs.input_names()))
-    renamed = Schema([ColSpec(s.type, new, s.required) if s.name == old else s for s in inputs.inputs])
+    specs: list[Any] = inputs.inputs
+    renamed = Schema([ColSpec(s.type, new, s.required) if s.name == old else s for s in specs])
     diffs = {
         (d.section, d.field, d.change)
         for d in compare_signatures(signature_of(inputs), signature_of(renamed))
@@ -217,12 +218,14 @@ def test_a_record_missing_a_required_column_names_it(
     case: tuple[Schema, dict[str, Any]], data: st.DataObject
 ) -> None:
     inputs, record = case
-    required = [spec.name for spec in inputs.inputs if spec.required]
+    specs: list[Any] = inputs.inputs
+    required = [str(spec.name) for spec in specs if spec.required]
     if not required:
-        required = [inputs.inputs[0].name]
-        inputs = Schema([ColSpec(inputs.inputs[0].type, required[0]), *inputs.inputs[1:]])
+        # Make the first column required (and give it a value) so there is one to drop.
+        required = [str(specs[0].name)]
+        inputs = Schema([ColSpec(specs[0].type, required[0]), *specs[1:]])
         if record[required[0]] is None:
-            record[required[0]] = data.draw(json_values(inputs.inputs[0].type))
+            record[required[0]] = data.draw(json_values(specs[0].type))
     dropped = data.draw(st.sampled_from(required))
     api = build_api_schema(signature_of(inputs))
     body = {key: value for key, value in record.items() if key != dropped}

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 VERSION_PATTERN = r"^[1-9][0-9]*$"
 
+# What a Serve config names: the operator writes these, the app defines them.
+IMPORT_PATH = "serving_app.app:build_app"
+DEPLOYMENT_NAME = "ModelServer"
+
 
 class AppArgs(BaseModel):
     """What `serving_app.app:build_app` accepts (the `args` of a Serve config application)."""

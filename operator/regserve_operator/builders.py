@@ -20,11 +20,9 @@ import yaml
 
 from regserve_operator import spec as s
 from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize
-from serving_app.config import AppArgs
+from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs
 
-IMPORT_PATH = "serving_app.app:build_app"
 # Name of the Serve deployment `build_app` creates; the version override targets it.
-DEPLOYMENT_NAME = "ModelServer"
 AUTH_TOKEN_ENV = "REGSERVE_AUTH_TOKEN"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 SERVE_PORT = 8000

@@ -431,10 +431,12 @@ def _finish(run: _Run, svc: c.ServiceState | None) -> Outcome:
     st = run.st
     if svc is not None:
         _mirror(run, svc)
-        # Ready mirrors what was seen before this pass's write: after a write, or while the
-        # application is still deploying, look again soon instead of at the next poll.
+        # Ready mirrors what was seen before this pass's write: after a write, and while the app is
+        # still deploying shortly after Ready changed, look again soon instead of at the next poll.
+        # Bounded by the rollout deadline, so an app stuck deploying does not keep us polling fast.
         wrote = run.out.plan is not None and run.out.plan.writes
-        if wrote or (svc.exists and not svc.running and not svc.failed):
+        deploying = svc.exists and not svc.running and not svc.failed
+        if wrote or (deploying and _recently_changed(run, c.READY)):
             run.out.in_flight = True
     if st.rollout_version:
         run.cond(c.ROLLOUT_IN_PROGRESS, "True", "RollingOut", f"version {st.rollout_version}")
@@ -446,6 +448,12 @@ def _finish(run: _Run, svc: c.ServiceState | None) -> Outcome:
     st.observed_generation = run.generation
     st.revision = (st.revision or 0) + 1
     return run.out
+
+
+def _recently_changed(run: _Run, condition_type: str) -> bool:
+    condition = c.get_condition(run.st.conditions, condition_type)
+    changed = _parse_iso(condition.last_transition_time) if condition else None
+    return changed is not None and (run.now - changed).total_seconds() < run.spec.rollout.deadline_seconds
 
 
 def _mirror(run: _Run, svc: c.ServiceState) -> None:

@@ -82,6 +82,8 @@ def start_local_ray(*, num_cpus: int = 8) -> LocalRay:
     dashboard_port = free_port()
     metrics_port = free_port()
     ray.init(
+        # "local": a new cluster even when `ray start` left one (and its address file) on this machine.
+        address="local",
         _metrics_export_port=metrics_port,
         num_cpus=num_cpus,
         include_dashboard=True,

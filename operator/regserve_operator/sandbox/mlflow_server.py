@@ -51,7 +51,7 @@ class MlflowServer:
         ]  # fmt: skip
         self.process = start(args, log=self.log, env=self.env, cwd=self.root)
         wait_for(
-            self._healthy, timeout=90, interval=0.25, message=f"mlflow server on {self.url} (log {self.log})"
+            self._healthy, timeout=240, interval=0.25, message=f"mlflow server on {self.url} (log {self.log})"
         )
         return self
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,23 +74,18 @@ def model_uri(model_name: str, version: str) -> str:
 
 def fetch_version_facts(model_name: str, version: str) -> VersionFacts:
     """Signature and flavors of one version; downloads only the MLmodel file."""
-    try:
+    with _registry_errors(model_name, version):
         info = mlflow.models.get_model_info(model_uri(model_name, version))
-    except MlflowException as error:
-        raise classify(error, model_name, version) from error
-    except OSError as error:
-        raise RegistryUnavailable(f"model registry unreachable: {error}") from error
     return VersionFacts(version=version, signature=info.signature, flavors=tuple(sorted(info.flavors)))
 
 
 def load_version(model_name: str, version: str) -> LoadedVersion:
     started = time.perf_counter()
     try:
-        model = mlflow.pyfunc.load_model(model_uri(model_name, version))
-    except MlflowException as error:
-        raise classify(error, model_name, version) from error
-    except OSError as error:
-        raise RegistryUnavailable(f"model registry unreachable: {error}") from error
+        with _registry_errors(model_name, version):
+            model = mlflow.pyfunc.load_model(model_uri(model_name, version))
+    except (UnknownVersion, RegistryUnavailable, VersionLoadFailed):
+        raise
     except Exception as error:
         # The model's own code failed (load_context, unpickling): the version is broken, not absent.
         raise VersionLoadFailed(f"version {version} of {model_name!r} failed to load: {error}") from error
@@ -99,6 +95,16 @@ def load_version(model_name: str, version: str) -> LoadedVersion:
         signature=model.metadata.signature,
         load_seconds=time.perf_counter() - started,
     )
+
+
+@contextmanager
+def _registry_errors(model_name: str, version: str) -> Iterator[None]:
+    try:
+        yield
+    except MlflowException as error:
+        raise classify(error, model_name, version) from error
+    except OSError as error:
+        raise RegistryUnavailable(f"model registry unreachable: {error}") from error
 
 
 def classify(error: MlflowException, model_name: str, version: str) -> Exception:

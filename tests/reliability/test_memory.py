@@ -3,8 +3,8 @@
 Four compatible phrasebook versions; `max_models_per_replica=2` leaves one pinned slot beside the
 default (which is never evicted). Pinned requests cycle over the three non-default versions, so every
 request loads a version from MLflow and evicts the previous one. After each switch the replica's RSS
-(`VmRSS` of its worker process, found through Ray's state API) is sampled; a least-squares slope over
-the last 20 samples (the first 10 warm up imports, MLflow's client caches and the allocator) must stay
+(`VmRSS` of its worker process, pid from Serve's instance details) is sampled; a least-squares slope
+over the last 20 samples (the first 10 warm up imports, MLflow's client caches and the allocator) must stay
 below 1 MiB per switch.
 
 Why 1 MiB: a phrasebook version's pyfunc (model object, its code module, MLmodel metadata) holds well
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ray.util.state import list_actors
 
 from tests.serving.conftest import app_config
 from tests.support.mlflow_server import MlflowServer
@@ -66,15 +65,20 @@ def memory_app(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Mem
         local_ray.delete(APP)
 
 
-def replica_pid() -> int:
-    def alive_replica() -> int | None:
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
-        pids = [actor.pid for actor in actors if actor.class_name == f"ServeReplica:{APP}:ModelServer"]
+def replica_pid(local_ray: LocalRay) -> int:
+    """The running replica's pid from Serve's details (the GET /api/serve/applications/ KubeRay polls).
+
+    Ray's state API (`ray.util.state.list_actors`) would do too, but on a machine where other sessions
+    run Ray clusters it refuses to guess which one to ask; the dashboard URL is unambiguous."""
+
+    def running_replica() -> int | None:
+        deployment = local_ray.applications()[APP]["deployments"]["ModelServer"]
+        pids = [replica["pid"] for replica in deployment["replicas"] if replica["state"] == "RUNNING"]
         assert len(pids) <= 1, f"expected one replica, found {pids}"
-        return pids[0] if pids else None
+        return pids[0] if pids and pids[0] else None
 
     return int(
-        wait_for(alive_replica, timeout=60, interval=0.5, message="the replica's actor in Ray's state API")
+        wait_for(running_replica, timeout=60, interval=0.5, message="the replica's pid in Serve details")
     )
 
 
@@ -94,8 +98,8 @@ def slope(samples: list[int]) -> float:
     return covariance / variance
 
 
-def test_rss_slope_over_thirty_switches_is_bounded(memory_app: MemoryApp) -> None:
-    pid = replica_pid()
+def test_rss_slope_over_thirty_switches_is_bounded(memory_app: MemoryApp, local_ray: LocalRay) -> None:
+    pid = replica_pid(local_ray)
     samples: list[int] = []
     with httpx.Client(timeout=120) as client:
         for switch in range(SWITCHES):
@@ -112,7 +116,7 @@ def test_rss_slope_over_thirty_switches_is_bounded(memory_app: MemoryApp) -> Non
             # One pinned slot: the version just used evicted the previous one; the default stays.
             assert loaded == sorted({memory_app.default, version}, key=int), (switch, loaded)
             samples.append(rss_bytes(pid))
-    assert replica_pid() == pid, "the replica restarted during the switches"
+    assert replica_pid(local_ray) == pid, "the replica restarted during the switches"
     measured = slope(samples[-WINDOW:])
     mib = [round(sample / 2**20, 1) for sample in samples]
     print(f"RSS MiB per switch: {mib}")

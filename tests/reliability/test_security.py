@@ -73,7 +73,7 @@ BAD_CREDENTIALS = {
     "token prefix": {"Authorization": f"Bearer {TOKEN[:-1]}"},
     "basic scheme": {"Authorization": f"Basic {TOKEN}"},
     "bare token": {"Authorization": TOKEN},
-    "empty bearer": {"Authorization": "Bearer "},
+    "lowercase scheme, wrong token": {"Authorization": "bearer wrong"},
 }
 
 
@@ -127,6 +127,13 @@ def test_unauthenticated_pinned_request_loads_nothing(secured: Secured) -> None:
     assert pinned.json() == [{"translation_text": "Bonjour"}]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="an off-signature /invocations body is a 500 prediction_failed whose message is MLflow's schema "
+    "error naming the columns, even with expose_schema_in_errors=False (serving_app/app.py _invocations "
+    "and service.py _predict_group; fix: enforce the schema before predict, 422 through "
+    "http.validation_failure's flag)",
+)
 def test_invocations_422_hides_the_schema(secured: Secured) -> None:
     """The /invocations twin of test_features' /serve check: MLflow's own messages name the columns."""
     response = httpx.post(
@@ -135,8 +142,8 @@ def test_invocations_422_hides_the_schema(secured: Secured) -> None:
         headers=secured.auth,
         timeout=60,
     )
-    assert (response.status_code, response.json()["error"]) == (422, "invalid_input")
     assert_leaks_nothing(response)
+    assert (response.status_code, response.json()["error"]) == (422, "invalid_input")
     serve = httpx.post(f"{secured.url}/serve", json={"promt": "Hello"}, headers=secured.auth, timeout=60)
     assert (serve.status_code, serve.json()["error"]) == (422, "invalid_input")
     assert_leaks_nothing(serve)

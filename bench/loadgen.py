@@ -40,7 +40,7 @@ async def _worker(
                 ok = response.status == 200
                 if not ok and len(errors) < 5:
                     errors.append(f"{response.status}: {(await response.text())[:200]}")
-        except aiohttp.ClientError as error:
+        except (aiohttp.ClientError, TimeoutError) as error:  # a timeout is an error, not a crash
             ok = False
             if len(errors) < 5:
                 errors.append(repr(error))
@@ -63,7 +63,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     requests = [(body.encode(), {**base_headers, **headers}) for body, headers in pairs]
     concurrency = int(spec["concurrency"])
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=30)
     done: list[tuple[float, float]] = []
     errors: list[str] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:

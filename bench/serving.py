@@ -216,6 +216,7 @@ def main() -> None:
                         f"p99 {result['p99_ms']:6.1f} ms err {result['errors']}",
                         flush=True,
                     )
+                save_json("serving-partial", {"samples": samples, "limits": limits})
             cluster.stop()
             cluster = None
     finally:

@@ -10,11 +10,21 @@ import pytest
 
 from tests.serving.conftest import app_config
 from tests.support.mlflow_server import MlflowServer
+from tests.support.processes import wait_for
 from tests.support.ray_cluster import LocalRay
 from tests.support.registering import log_phrasebook
 
 MODEL = "reliability_phrasebook"
 APP = "reliability"
+
+
+def wait_until_answering(url: str, *, timeout: float = 120) -> None:
+    """RUNNING in Serve's status does not mean the proxy already routes to the app (it may be restarting)."""
+
+    def answering() -> bool:
+        return httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+    wait_for(answering, timeout=timeout, interval=0.5, message=f"{url}/healthz answering")
 
 
 @dataclass
@@ -42,6 +52,7 @@ def phrasebook(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Phr
         app_config(APP, model_name=MODEL, tracking_uri=mlflow_server.url, default_version=default)
     )
     local_ray.wait_running(APP)
+    wait_until_answering(f"{local_ray.serve_url}/{APP}")
     try:
         yield Phrasebook(f"{local_ray.serve_url}/{APP}", default, broken)
     finally:

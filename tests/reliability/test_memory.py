@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.reliability.conftest import wait_until_answering
 from tests.serving.conftest import app_config
 from tests.support.mlflow_server import MlflowServer
 from tests.support.processes import wait_for
@@ -59,6 +60,7 @@ def memory_app(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Mem
         )
     )
     local_ray.wait_running(APP)
+    wait_until_answering(f"{local_ray.serve_url}/{APP}")
     try:
         yield MemoryApp(f"{local_ray.serve_url}/{APP}", default, pinned)
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from tests.reliability.conftest import wait_until_answering
 from tests.serving.conftest import app_config
 from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay
@@ -55,6 +56,7 @@ def secured(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Secure
     config["runtime_env"] = {"env_vars": {"REGSERVE_RELIABILITY_TOKEN": TOKEN}}
     local_ray.deploy(config)
     local_ray.wait_running(APP)
+    wait_until_answering(f"{local_ray.serve_url}/{APP}")
     try:
         yield Secured(f"{local_ray.serve_url}/{APP}", default, compatible, incompatible)
     finally:
@@ -127,15 +129,9 @@ def test_unauthenticated_pinned_request_loads_nothing(secured: Secured) -> None:
     assert pinned.json() == [{"translation_text": "Bonjour"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an off-signature /invocations body is a 500 prediction_failed whose message is MLflow's schema "
-    "error naming the columns, even with expose_schema_in_errors=False (serving_app/app.py _invocations "
-    "and service.py _predict_group; fix: enforce the schema before predict, 422 through "
-    "http.validation_failure's flag)",
-)
 def test_invocations_422_hides_the_schema(secured: Secured) -> None:
-    """The /invocations twin of test_features' /serve check: MLflow's own messages name the columns."""
+    """The /invocations twin of test_features' /serve check. Found here: this was a 500 whose message was
+    MLflow's schema error naming the columns, despite expose_schema_in_errors=False."""
     response = httpx.post(
         f"{secured.url}/invocations",
         json={"dataframe_records": [{"wrong": "Hello"}]},
@@ -161,12 +157,8 @@ def test_healthz_is_open_and_says_only_status_and_version(secured: Secured) -> N
     assert health.json() == {"status": "ok", "default_version": secured.default}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serving_app/app.py: /openapi.json and /docs skip http.check_token, so with auth on an "
-    "unauthenticated caller reads the full signature (fix: check the token in both routes)",
-)
 def test_openapi_and_docs_need_the_token_when_auth_is_on(secured: Secured) -> None:
+    """Found here: both routes skipped the token check, so the document leaked the whole signature."""
     document = httpx.get(f"{secured.url}/openapi.json", timeout=30)
     assert document.status_code == 401
     assert_leaks_nothing(document)
@@ -174,12 +166,8 @@ def test_openapi_and_docs_need_the_token_when_auth_is_on(secured: Secured) -> No
     assert docs.status_code == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serving_app/service.py ModelService.resolve: the 409 detail lists field names of both "
-    "signatures regardless of expose_schema_in_errors (fix: drop detail when the flag is off)",
-)
 def test_409_hides_the_fields_when_schema_is_hidden(secured: Secured) -> None:
+    """Found here: the 409 detail listed both signatures' differing fields whatever the flag said."""
     response = httpx.post(
         f"{secured.url}/serve",
         json={"prompt": "Hello"},

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import Response
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 from ray import serve
@@ -111,14 +111,15 @@ def build_app(args: dict[str, Any]) -> Application:
 
         @api.get("/metadata", summary="Model, default version, signature and loaded versions")
         async def metadata(self, request: Request) -> Response:
-            try:
-                http.check_token(request, self.token)
-            except ServingError as error:
-                return http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
+            if denied := self._denied(request):
+                return denied
             return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
 
         @api.get("/openapi.json", include_in_schema=False)
         async def openapi(self, request: Request) -> Response:
+            # The document is the signature: with auth on, only callers with the token read it.
+            if denied := self._denied(request):
+                return denied
             default = self.service.default
             document = http.build_openapi(
                 api,
@@ -130,11 +131,20 @@ def build_app(args: dict[str, Any]) -> Application:
             return http.json_response(document)
 
         @api.get("/docs", include_in_schema=False)
-        async def docs(self, request: Request) -> HTMLResponse:
+        async def docs(self, request: Request) -> Response:
+            if denied := self._denied(request):
+                return denied
             root = request.scope.get("root_path", "").rstrip("/")
             return get_swagger_ui_html(
                 openapi_url=f"{root}/openapi.json", title=f"{app_args.model_name} — docs"
             )
+
+        def _denied(self, request: Request) -> Response | None:
+            try:
+                http.check_token(request, self.token)
+            except ServingError as error:
+                return http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
+            return None
 
         async def check_health(self) -> None:
             if not self.service.ready:
@@ -153,6 +163,8 @@ def build_app(args: dict[str, Any]) -> Application:
                 payload, version = await handler(request)
                 response = http.json_response(payload, headers={"X-Model-Version": version})
             except ServingError as error:
+                if not app_args.expose_schema_in_errors:
+                    error.detail = None  # 409/422 details name the signature's fields
                 response = http.error_response(
                     http.with_error_id(error), retry_after_s=app_args.registry_retry_after_s
                 )

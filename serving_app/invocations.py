@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.pyfunc import scoring_server
@@ -40,8 +41,25 @@ def parse_invocation(body: bytes, content_type: str, default: LoadedVersion) -> 
         return ParsedInvocation(data, None, _rows(data))
     if mime != "application/json":
         raise UnsupportedMediaType(f"/invocations takes application/json or text/csv, got {content_type!r}")
-    parsed = scoring_server._parse_json_data(body, default.model.metadata, input_schema)
-    return ParsedInvocation(parsed.data, parsed.params, _rows(parsed.data))
+    try:
+        parsed = scoring_server._parse_json_data(body, default.model.metadata, input_schema)
+    except (RecursionError, ValueError) as error:  # nesting too deep for json, or not JSON at all
+        raise MlflowException(
+            f"the body is not valid JSON input: {type(error).__name__}", BAD_REQUEST
+        ) from None
+    data, params = _enforce_signature(parsed.data, parsed.params, default)
+    return ParsedInvocation(data, params, _rows(data))
+
+
+def _enforce_signature(data: Any, params: dict[str, Any] | None, default: LoadedVersion) -> tuple[Any, Any]:
+    """Check the input against the default version's signature before predicting, so a body off the
+    signature is the caller's error (422), not the model's (500). Pinned versions are compatible with
+    the default, so its schema holds for them too."""
+    signature = default.signature
+    if signature is None:
+        return data, params
+    # MLflow's own enforcement (the one predict() runs), so coercions match exactly.
+    return pyfunc._validate_prediction_input(data, params, signature.inputs, signature.params)
 
 
 def _rows(data: Any) -> int:

@@ -3,6 +3,7 @@ generator process, medians over interleaved rounds, markdown tables and the mach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,6 +137,29 @@ class RayCluster:
         if self.process is not None:
             stop(self.process, timeout=60)
             self.process = None
+        if self.ingress == "haproxy":
+            self._stop_orphaned_haproxy()
+
+    def _stop_orphaned_haproxy(self) -> None:
+        """Ray's HAProxy is in a process group of its own and outlives `ray start`: stop ours (the one
+        whose config binds our Serve port), or it keeps 8404/9101 and the next HAProxy-mode cluster fails."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not args or not args[0].endswith(b"/haproxy") or b"-f" not in args:
+                continue
+            config = Path(args[args.index(b"-f") + 1].decode())
+            try:
+                ours = f"127.0.0.1:{self.serve_port}\n" in config.read_text() + "\n"
+            except OSError:
+                continue
+            if ours:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGTERM)
 
 
 def regserve_app(

@@ -353,9 +353,17 @@ def fetch_facts_with_mlflow(
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     uri = f"models:/{name}/{version}"
-    with _env(credentials.env), tempfile.TemporaryDirectory(prefix="regserve-mlmodel-") as tmp:
+    # MLflow 3.17 resolves `models:/` URIs with a default client, ignoring download_artifacts'
+    # tracking_uri/registry_uri: point the process-wide defaults at this server for the call.
+    server = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    with (
+        _env({**credentials.env, **server}),
+        _use_tracking_uri(tracking_uri),
+        tempfile.TemporaryDirectory(prefix="regserve-mlmodel-") as tmp,
+    ):
         try:
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{uri}/MLmodel",

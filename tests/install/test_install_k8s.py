@@ -347,19 +347,6 @@ def test_probe_endpoints_answer_on_the_deployments_ports(chart_operator: Operato
     assert refused.status_code == 401
 
 
-# Known operator bug (regserve_operator/registry.py, fetch_facts_with_mlflow): mlflow resolves
-# `models:/name/version` with a default MlflowClient() (mlflow/store/artifact/models_artifact_repo.py,
-# _get_model_uri_infos), ignoring the tracking_uri/registry_uri passed to download_artifacts. In-process
-# tests hide it (log_phrasebook calls mlflow.set_tracking_uri globally); a real operator process has no
-# global URI and reports "SelectorUnresolved: ... Registered Model ... not found" from a local sqlite store.
-# Measured: with MLFLOW_TRACKING_URI set to the same server in the operator's env, this test passes
-# (and the upgrade test after it). Strict: once the operator is fixed this XPASSes and fails, so the
-# marker gets removed.
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="operator resolves models:/ URIs with mlflow's global URI, not spec.registry.trackingUri",
-)
 def test_operator_with_only_the_charts_rbac_reconciles_end_to_end(
     release: Release, chart_operator: OperatorProcess, kube_api: client.ApiClient, mlflow_server: MlflowServer
 ) -> None:

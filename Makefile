@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv tools lint typecheck unit plane lock clean
+.PHONY: demo test venv tools lint typecheck plane lock chart-sync clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: venv
 # Starts the test control plane for manual use; prints the kubeconfig path; Ctrl-C stops it.
 plane: venv tools
 	$(BIN)/python -m tests.k8s.plane
+
+# Regenerates the chart's and deploy/'s copies of crds/ and the RBAC rules (a test fails on drift).
+chart-sync: venv
+	$(BIN)/regserve crd > crds/regserve.io_registeredmodelservings.yaml
+	$(BIN)/python -m tests.install.chart_sync
 
 # Re-pins constraints.txt from the current virtualenv.
 lock:

@@ -50,9 +50,16 @@ class MlflowServer:
             "--workers", "1",
         ]  # fmt: skip
         self.process = start(args, log=self.log, env=self.env, cwd=self.root)
-        wait_for(
-            self._healthy, timeout=240, interval=0.25, message=f"mlflow server on {self.url} (log {self.log})"
-        )
+        try:
+            wait_for(
+                self._healthy,
+                timeout=240,
+                interval=0.25,
+                message=f"mlflow server on {self.url} (log {self.log})",
+            )
+        except BaseException:
+            self.stop()  # callers never reach their own stop() when start() fails
+            raise
         return self
 
     def _healthy(self) -> bool:

@@ -163,11 +163,10 @@ def build_app(args: dict[str, Any]) -> Application:
                 payload, version = await handler(request)
                 response = http.json_response(payload, headers={"X-Model-Version": version})
             except ServingError as error:
+                error = http.with_error_id(error)
                 if not app_args.expose_schema_in_errors:
-                    error.detail = None  # 409/422 details name the signature's fields
-                response = http.error_response(
-                    http.with_error_id(error), retry_after_s=app_args.registry_retry_after_s
-                )
+                    http.redact(error)
+                response = http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
             except Exception as error:  # never let one request take the replica down
                 response = http.internal_error(error)
             finally:

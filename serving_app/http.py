@@ -53,6 +53,15 @@ def with_error_id(error: ServingError) -> ServingError:
     return error
 
 
+def redact(error: ServingError) -> None:
+    """Strip what could reveal the model's schema: field lists, and the model's own exception text
+    (which may quote inputs or columns); the error id still ties the answer to the replica's log."""
+    if error.status_code in (409, 422):
+        error.detail = None
+    elif error.status_code >= 500 and error.code != "registry_unavailable":
+        error.message = "the model failed to answer; quote the error_id to the operator"
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

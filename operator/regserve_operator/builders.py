@@ -22,6 +22,10 @@ from regserve_operator import spec as s
 from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize
 from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs
 
+# libyaml when present: serveConfigV2 is parsed and dumped on every reconcile (10x faster than pure Python).
+FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+FAST_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 # Name of the Serve deployment `build_app` creates; the version override targets it.
 AUTH_TOKEN_ENV = "REGSERVE_AUTH_TOKEN"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -103,7 +107,7 @@ def build_serve_config(
 
 
 def serve_config_yaml(config: dict[str, Any]) -> str:
-    return yaml.safe_dump(config, sort_keys=True)
+    return yaml.dump(config, Dumper=FAST_DUMPER, sort_keys=True)
 
 
 def labels(owner: Owner, spec: s.RegisteredModelServingSpec) -> dict[str, str]:
@@ -265,7 +269,7 @@ def serving_version_of(rayservice: dict[str, Any]) -> str | None:
     if not text:
         return None
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=FAST_LOADER)
         for app in config.get("applications", []):
             for deployment in app.get("deployments", []):
                 if deployment.get("name") == DEPLOYMENT_NAME:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from regserve_operator.builders import ANNOTATION_CLUSTER_HASH
+from regserve_operator.builders import ANNOTATION_CLUSTER_HASH, FAST_LOADER
 
 Action = Literal["create", "patch_serve_config", "patch_cluster", "none", "conflict"]
 
@@ -125,6 +125,6 @@ def _parse_yaml(text: str | None) -> Any:
     if not text:
         return None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=FAST_LOADER)
     except yaml.YAMLError:
         return text

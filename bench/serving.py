@@ -1,6 +1,6 @@
 """Serving throughput and latency: regserve vs `mlflow models serve` vs a bare Ray Serve deployment.
 
-    .venv/bin/python -m bench.serving [--rounds 2] [--duration 2] [--modes proxy,haproxy]
+    .venv/bin/python -m bench.serving [--rounds 2] [--duration 1.5] [--modes proxy,haproxy] [--models sklearn]
 
 (run from the repository root).
 
@@ -149,9 +149,9 @@ def apps_for(case: ModelCase, tracking_uri: str) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell")
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds measured per cell")
     parser.add_argument("--modes", default="proxy,haproxy")
-    parser.add_argument("--models", default="sklearn,t5")
+    parser.add_argument("--models", default="sklearn", help="sklearn,t5 (t5 needs ~4 GB more RAM)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     print(f"# serving benchmark, {stamp()}\n# load before: {uptime()}", flush=True)

@@ -124,7 +124,7 @@ def main() -> None:
             check(url, body)
             result: dict[str, object] = {}
             driver = threading.Thread(
-                target=lambda u=url, b=body, r=result: r.update(  # type: ignore[misc]
+                target=lambda u=url, b=body, r=result: r.update(
                     load(u, b, concurrency=1, duration_s=args.seconds + 2, warmup_s=0.5)
                 )
             )

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -140,6 +139,7 @@ def register_models(tracking_uri: str, m: int) -> list[str]:
     # (two REST calls each instead of a run and an upload: on a loaded machine logging is slow).
     first = log_phrasebook(tracking_uri, "bench_registry_0")
     source = client.get_model_version("bench_registry_0", first)
+    assert source.source is not None
     client.set_registered_model_alias("bench_registry_0", "champion", first)
     names = ["bench_registry_0"]
     for i in range(1, m):
@@ -256,4 +256,4 @@ def report(results: list[dict[str, Any]], m: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -222,8 +222,8 @@ def main() -> None:
     finally:
         if cluster is not None:
             cluster.stop()
-        for baseline in baselines.values():
-            baseline.stop()
+        for serve_process in baselines.values():
+            serve_process.stop()
         server.stop()
     report(samples, limits, args)
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv tools lint typecheck plane lock chart-sync clean
+.PHONY: demo test venv tools lint typecheck plane lock chart-sync bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ plane: venv tools
 chart-sync: venv
 	$(BIN)/regserve crd > crds/regserve.io_registeredmodelservings.yaml
 	$(BIN)/python -m tests.install.chart_sync
+
+# Benchmarks (bench/README.md): about 25 minutes on 2 cores; prints tables, writes bench/results/.
+bench: venv
+	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.versions --rounds 2 --duration 2 --cold 2
+	$(BIN)/python -m bench.promotion
+	$(BIN)/python -m bench.registry_load
+	$(BIN)/python -m bench.profile_replica
 
 # Re-pins constraints.txt from the current virtualenv.
 lock:

@@ -127,10 +127,12 @@ class Serving(_Model):
     cpus_per_replica: float = Field(1.0, ge=0.05, le=256)
     batching: Batching = Field(default_factory=Batching, json_schema_extra=_DEFAULT_EMPTY)
     ingress_mode: Literal["proxy", "haproxy"] = Field(
-        "proxy",
+        "haproxy",
         description=(
-            "proxy: Ray Serve's Python proxy (keeps version affinity). haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 "
-            "(higher throughput on small nodes; loses version affinity with several replicas)."
+            "haproxy (default): RAY_SERVE_ENABLE_HA_PROXY=1 in the Ray pods, measured 4.4x faster than the "
+            "Python proxy at c=1 and stable at c=32 (bench/README.md); requests are not routed to the "
+            "replica holding their version. proxy: Ray Serve's Python proxy, which keeps that affinity: "
+            "prefer it with several replicas and several versions in traffic."
         ),
     )
     auth: Auth | None = None

@@ -98,7 +98,7 @@ def test_credentials_by_reference_only() -> None:
 
 @pytest.mark.parametrize(
     ("serving", "env_has_haproxy"),
-    [({}, False), ({"ingressMode": "proxy"}, False), ({"ingressMode": "haproxy"}, True)],
+    [({}, True), ({"ingressMode": "proxy"}, False), ({"ingressMode": "haproxy"}, True)],
 )
 def test_ingress_mode_env(serving: dict[str, Any], env_has_haproxy: bool) -> None:
     body = _build(make_spec(serving=serving))

@@ -123,7 +123,7 @@ def test_spec_validation(case: str, body: dict[str, Any], ok: bool) -> None:
 
 def test_defaults_fill_in() -> None:
     spec = parse_spec(BASE)
-    assert spec.serving.ingress_mode == "proxy"
+    assert spec.serving.ingress_mode == "haproxy"
     assert spec.serving.max_models_per_replica == 2
     assert spec.registry.poll_interval_seconds == 30
     assert spec.paused is False

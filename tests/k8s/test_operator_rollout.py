@@ -177,6 +177,8 @@ def test_failed_rollout_rolls_back(
     until("v2 rolled out", lambda: carried(cluster, "rollback") == v2)
     cluster.set_app_status("rollback", "DEPLOY_FAILED", "ModelServer: failed to load version")
     until("restored v1", lambda: carried(cluster, "rollback") == v1)
+    # The status write follows the RayService patch: wait for it rather than race it.
+    until("rollback recorded", lambda: bool((cluster.rms("rollback").get("status") or {}).get("rejected")))
     status = cluster.rms("rollback")["status"]
     assert (
         status["rejected"] == {**status["rejected"], "version": v2, "reason": "RolledBack"}

@@ -7,6 +7,7 @@ for its model) and reports Events through a callback.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from regserve_operator.builders import Owner
 from regserve_operator.reconcile import Deps, Event, Outcome, next_delay, reconcile
 from regserve_operator.schedule import Key, Scheduler
 from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,20 @@ class Driver:
         for key, res in resources:
             if not self.scheduler.due(key, res.generation):
                 continue
-            outcome = reconcile(res.owner, res.generation, res.spec, res.status, self.deps, self._now())
+            try:
+                outcome = reconcile(res.owner, res.generation, res.spec, res.status, self.deps, self._now())
+            except Exception:
+                # One resource's unexpected failure must not stop the others: it is retried with backoff.
+                log.exception("%s/%s: reconcile failed", res.owner.namespace, res.owner.name)
+                self.scheduler.done(
+                    key,
+                    delay=next_delay(Outcome(status=res.status, retry=True), 0, self.scheduler.failures(key)),
+                    model=res.spec.model.name,
+                    failed=True,
+                    generation=res.generation,
+                    status=status_to_wire(res.status),
+                )
+                continue
             with self._lock:
                 res.status = outcome.status
             for event in outcome.events:

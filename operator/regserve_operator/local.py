@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
@@ -45,6 +45,9 @@ from regserve_operator.spec import (
     parse_spec,
 )
 from regserve_operator.targets.local import LocalRayTarget, ServeDashboard, ray_auth_token
+
+if TYPE_CHECKING:
+    from regserve_operator.webhook import Receiver
 
 log = logging.getLogger("regserve.dev")
 
@@ -155,10 +158,18 @@ def _dashboard_up(url: str) -> bool:
 @contextmanager
 def webhook_receiver(driver: Driver, port: int, secret: str) -> Iterator[str]:
     """Run the operator's webhook receiver on a thread of its own; yields its URL."""
-    from regserve_operator.webhook import Receiver, start_receiver
+    from regserve_operator.webhook import Receiver
+
+    with serve_receiver(Receiver(secret, driver.model_changed), port) as url:
+        yield url
+
+
+@contextmanager
+def serve_receiver(receiver: Receiver, port: int) -> Iterator[str]:
+    """Serve a `webhook.Receiver` on 127.0.0.1:`port` from a thread with its own event loop."""
+    from regserve_operator.webhook import start_receiver
 
     loop = asyncio.new_event_loop()
-    receiver = Receiver(secret, driver.model_changed)
     runner = loop.run_until_complete(start_receiver(receiver, "127.0.0.1", port))
     thread = threading.Thread(target=loop.run_forever, name="regserve-webhook", daemon=True)
     thread.start()

@@ -125,6 +125,7 @@ class Outcome:
     plan: Plan | None = None
     results: list[RolloutResult] = field(default_factory=list)
     promotion_latency_s: float | None = None
+    requeue_after_s: float | None = None  # a retry is scheduled for then (e.g. after a registry outage)
 
 
 def iso(moment: datetime) -> str:
@@ -284,6 +285,12 @@ def _judge_rollout(run: _Run, svc: c.ServiceState, carried: str | None) -> None:
         run.out.in_flight = True
         return
     good = st.last_good_version
+    transient = c.REGISTRY_UNAVAILABLE in failure
+    if transient:
+        # The version is not at fault: the serving side could not reach the registry to load it.
+        # Roll back like any failure (the old default keeps serving), but try again after a backoff.
+        retry_s = _transient_backoff(st.history, version)
+        failure = f"{failure}; retried in {retry_s:.0f}s"
     st.rejected = VersionRecord(version=version, reason="RolledBack", message=failure[:1024], at=iso(run.now))
     st.rollout_version = st.rollout_started_at = None
     run.history(version, "RolledBack", failure)
@@ -324,12 +331,25 @@ def _choose_version(run: _Run, resolved: str | None, carried: str | None) -> str
         return current
     allowed = spec.rollout.allow_incompatible_version == resolved
     if st.rejected and st.rejected.version == resolved and not allowed:
-        return current  # held or rolled back: not retried until the selector moves
+        wait = _transient_wait(run, st.rejected)
+        if wait is None:
+            return current  # held or rolled back: not retried until the selector moves
+        if wait > 0:
+            run.out.requeue_after_s = wait
+            return current
+        st.rejected = None  # rolled back only because the registry was unreachable: try again
     try:
         candidate = run.facts(resolved)
-        baseline = run.facts(current) if current else None
     except RegistryError as exc:
         run.registry_error(exc, f"reading version {resolved}")
+        return current
+    except Exception as exc:  # the registry answered, but with something that is no MLmodel
+        _hold_unreadable(run, resolved, current, exc)
+        return current
+    try:
+        baseline = run.facts(current) if current else None
+    except RegistryError as exc:
+        run.registry_error(exc, f"reading version {current}")
         return current
     diffs = compare_signatures(baseline.signature if baseline else None, candidate.signature)
     if diffs and not allowed:
@@ -372,6 +392,48 @@ def _choose_version(run: _Run, resolved: str | None, carried: str | None) -> str
     run.out.results.append("started")
     run.out.in_flight = True
     return resolved
+
+
+def _hold_unreadable(run: _Run, version: str, current: str | None, exc: Exception) -> None:
+    """Hold a version whose MLmodel cannot be read: its signature cannot be gated, nor can it load."""
+    reason = f"version {version}: its MLmodel cannot be read ({type(exc).__name__}: {exc})"[:1024]
+    log.warning("%s/%s %s", run.owner.namespace, run.owner.name, reason)
+    run.st.rejected = VersionRecord(version=version, reason="Incompatible", message=reason, at=iso(run.now))
+    run.cond(c.SIGNATURE_COMPATIBLE, "False", "Unreadable", reason)
+    run.history(version, "Held", reason)
+    keeps = f", {current} keeps serving" if current else ""
+    run.event("Warning", "VersionUnreadable", f"version {version} held back{keeps}: {reason}")
+    run.out.results.append("held")
+
+
+TRANSIENT_BACKOFF_BASE_S = 5.0
+TRANSIENT_BACKOFF_MAX_S = 120.0
+
+
+def _transient_backoff(history: list[HistoryEntry] | None, version: str) -> float:
+    """Delay before retrying `version` after its n-th consecutive registry-outage rollback (n counts
+    this one): doubling from the base, capped, so a long outage costs a load attempt every 2 minutes."""
+    failures = 1
+    for entry in reversed(history or []):
+        if (
+            entry.version != version
+            or entry.outcome != "RolledBack"
+            or c.REGISTRY_UNAVAILABLE not in entry.message
+        ):
+            break
+        failures += 1
+    return min(TRANSIENT_BACKOFF_MAX_S, TRANSIENT_BACKOFF_BASE_S * 2 ** (failures - 1))
+
+
+def _transient_wait(run: _Run, rejected: VersionRecord) -> float | None:
+    """None: a verdict on the version (not retried). Else the seconds left before it is retried."""
+    if rejected.reason != "RolledBack" or c.REGISTRY_UNAVAILABLE not in rejected.message:
+        return None
+    history = list(run.st.history or [])
+    # The newest history entry is the rollback being waited out: the backoff is the one it announced.
+    delay = _transient_backoff(history[:-1], rejected.version)
+    at = _parse_iso(rejected.at) or run.now
+    return max(0.0, delay - (run.now - at).total_seconds())
 
 
 def _apply(run: _Run, version: str, existing: dict[str, Any] | None) -> None:
@@ -479,10 +541,14 @@ def _mirror(run: _Run, svc: c.ServiceState) -> None:
 def next_delay(outcome: Outcome, poll_interval_s: float, failures: int, tick_s: float = 2.0) -> float:
     """When to look again: soon while a rollout is judged, with backoff after errors, else at the poll."""
     if outcome.retry:
-        return float(min(300.0, max(tick_s, 2.0 * 2 ** max(0, failures - 1))))
-    if outcome.in_flight:
-        return tick_s
-    return float(poll_interval_s)
+        delay = float(min(300.0, max(tick_s, 2.0 * 2 ** max(0, failures - 1))))
+    elif outcome.in_flight:
+        delay = tick_s
+    else:
+        delay = float(poll_interval_s)
+    if outcome.requeue_after_s is not None:
+        delay = min(delay, max(tick_s, outcome.requeue_after_s))
+    return delay
 
 
 __all__ = [

@@ -310,3 +310,57 @@ def test_kuberay_upgrade_is_mirrored_as_rollout_in_progress() -> None:
     cond = _cond(world, c.ROLLOUT_IN_PROGRESS)
     assert (cond.status, cond.reason) == ("True", "NewCluster")
     assert world.target.applied == []
+
+
+def _transient_failure(world: World, version: str) -> Any:
+    world.target.set_app_status("DEPLOY_FAILED", f"version {version} not loaded, {c.REGISTRY_UNAVAILABLE}: x")
+    return world.step(6)
+
+
+def test_rollout_failed_by_registry_outage_is_retried_with_backoff() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "2"
+    world.step()
+    out = _transient_failure(world, "2")
+    assert out.results == ["rolled_back"] and _serving(world) == "1"
+    assert world.status.rejected is not None and "retried in 5s" in world.status.rejected.message
+    world.target.set_app_status("RUNNING")
+    world.target.applied.clear()
+    out = world.step(2)
+    assert world.target.applied == [] and _serving(world) == "1"  # backoff not over
+    assert out.requeue_after_s == 3.0 and next_delay(out, 300, 0, 1.0) == 3.0  # not at the next poll
+    world.step(4)
+    assert _serving(world) == "2" and world.status.rollout_version == "2" and world.status.rejected is None
+    out = _transient_failure(world, "2")  # still unreachable: the next wait doubles
+    assert "retried in 10s" in (world.status.rejected.message if world.status.rejected else "")
+    world.target.set_app_status("RUNNING")
+    world.step(6)
+    assert _serving(world) == "1"
+    world.step(5)
+    assert _serving(world) == "2"
+    world.step(6)  # the registry is back: the load succeeds
+    assert world.status.last_good_version == "2" and world.status.rejected is None
+
+
+def test_unreadable_mlmodel_is_held() -> None:
+    world = _running(_world())
+
+    def garbage(uri: str, creds: Any, name: str, version: str) -> Any:
+        if version == "2":
+            raise ValueError("while parsing a flow mapping")
+        return world.server.fetch_facts(uri, creds, name, version)
+
+    world.registry._fetch_facts = garbage
+    world.server.aliases["champion"] = "2"
+    out = world.step()
+    assert out.results == ["held"] and not out.retry and world.target.applied == []
+    assert world.status.rejected is not None and world.status.rejected.version == "2"
+    cond = _cond(world, c.SIGNATURE_COMPATIBLE)
+    assert cond.status == "False" and cond.reason == "Unreadable" and "MLmodel" in cond.message
+    assert world.events == [("Warning", "VersionUnreadable")]
+    for _ in range(3):
+        world.step()
+    assert world.target.applied == [] and world.events == [("Warning", "VersionUnreadable")]
+    world.server.aliases["champion"] = "4"
+    world.step()
+    assert _serving(world) == "4" and world.status.rejected is None

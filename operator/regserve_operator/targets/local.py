@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import yaml
 
+from regserve_operator import conditions as c
 from regserve_operator.plan import Plan
 from regserve_operator.reconcile import CredentialsUnavailable, TargetConflict
 
@@ -102,6 +104,9 @@ class LocalRayTarget:
         self._serve_host = serve_host
         self._serve_port = serve_port
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
+        # Wall-clock time each object was last applied: a switch failure the app reports from before
+        # then belongs to an earlier attempt, not to the config being judged.
+        self._applied_at: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._probe = httpx.Client(timeout=probe_timeout_s)
 
@@ -117,7 +122,8 @@ class LocalRayTarget:
             if stored is None:
                 return None
             rayservice = copy.deepcopy(stored)
-        rayservice["status"] = self._status(rayservice)
+            applied_at = self._applied_at.get((namespace, name), 0.0)
+        rayservice["status"] = self._status(rayservice, applied_at)
         return rayservice
 
     def apply(self, plan: Plan) -> None:
@@ -136,6 +142,7 @@ class LocalRayTarget:
             metadata["resourceVersion"] = str(int(_version_of(current) or "0") + 1)
             metadata.setdefault("uid", f"local-{plan.namespace}-{plan.name}")
             self._objects[key] = desired
+            self._applied_at[key] = time.time()
         log.info("applied %s to the local Ray cluster (%s)", plan.name, plan.action)
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
@@ -158,7 +165,7 @@ class LocalRayTarget:
 
     # ------------------------------------------------------------------------------------- status
 
-    def _status(self, rayservice: dict[str, Any]) -> dict[str, Any]:
+    def _status(self, rayservice: dict[str, Any], applied_at: float) -> dict[str, Any]:
         try:
             deployed = self._dashboard.applications()
         except httpx.HTTPError as error:
@@ -169,14 +176,14 @@ class LocalRayTarget:
             details = deployed.get(app["name"])
             if details is None:
                 continue
-            statuses[app["name"]] = self._app_status(app, details)
+            statuses[app["name"]] = self._app_status(app, details, applied_at)
         ready = bool(statuses) and all(s["status"] == "RUNNING" for s in statuses.values())
         return {
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             "activeServiceStatus": {"applicationStatuses": statuses},
         }
 
-    def _app_status(self, app: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    def _app_status(self, app: dict[str, Any], details: dict[str, Any], applied_at: float) -> dict[str, Any]:
         status = str(details.get("status") or "NOT_STARTED")
         message = str(details.get("message") or "")
         deployments = {
@@ -186,11 +193,11 @@ class LocalRayTarget:
         wanted = _wanted_default(app)
         deployed_config = details.get("deployed_app_config") or {}
         if status == "RUNNING" and wanted is not None and _wanted_default(deployed_config) == wanted:
-            status, message = self._confirm_default(app, wanted, status, message)
+            status, message = self._confirm_default(app, wanted, status, message, applied_at)
         return {"status": status, "message": message, "serveDeploymentStatuses": deployments}
 
     def _confirm_default(
-        self, app: dict[str, Any], wanted: str, status: str, message: str
+        self, app: dict[str, Any], wanted: str, status: str, message: str, applied_at: float
     ) -> tuple[str, str]:
         """RUNNING only once the app itself answers with the wanted default version.
 
@@ -214,9 +221,22 @@ class LocalRayTarget:
         if metadata.get("default_version") == wanted:
             return "RUNNING", message
         failure = metadata.get("last_default_switch_failure") or {}
-        if failure.get("version") == wanted:
-            return "DEPLOY_FAILED", f"version {wanted} failed to load: {failure.get('error')}"
+        if failure.get("version") == wanted and float(failure.get("at") or 0) >= applied_at - 1:
+            reported = str(failure.get("error") or "")
+            if _registry_unavailable(failure):
+                return "DEPLOY_FAILED", f"version {wanted} not loaded, {c.REGISTRY_UNAVAILABLE}: {reported}"
+            return "DEPLOY_FAILED", f"version {wanted} failed to load: {reported}"
         return "DEPLOYING", f"switching the default version to {wanted}"
+
+
+def _registry_unavailable(failure: dict[str, Any]) -> bool:
+    """The switch failed because the replica could not reach the registry (serving_app's
+    `registry_unavailable`), not because of the version: recognised by the code, or by the
+    messages serving_app.registry gives that error."""
+    if failure.get("code") is not None:
+        return failure.get("code") == "registry_unavailable"
+    error = str(failure.get("error") or "")
+    return error.startswith(("model registry unreachable", "model registry failed"))
 
 
 def _applications(rayservice: dict[str, Any]) -> list[dict[str, Any]]:

@@ -192,6 +192,24 @@ def bare_app(name: str, model_uri: str, *, batch: int = 1) -> dict[str, Any]:
     }
 
 
+def thin_app(
+    name: str, model: str, version: str, *, batch: int = 1, slots: int = 2, model_replicas: int = 1
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "bench.thin_app:build",
+        "args": {
+            "model_name": model,
+            "default_version": version,
+            "max_batch_size": batch,
+            "batch_wait_timeout_s": 0.005,
+            "max_models_per_replica": slots,
+            "model_replicas": model_replicas,
+        },
+    }
+
+
 @dataclass
 class MlflowModelsServe:
     """`mlflow models serve --env-manager local` (uvicorn, one worker) on the same registered model."""

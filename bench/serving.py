@@ -5,11 +5,13 @@
 (run from the repository root).
 
 For each ingress mode a fresh Ray cluster (`ray start`, HAProxy mode by env var) serves, per model:
-regserve without and with batching (`max_batch_size` 32, 5 ms), and a bare deployment without and with
-batching. `mlflow models serve` (uvicorn, one worker) runs beside it all the time; every round measures
-every target at c=1, 8, 32 in turn, so baseline and candidates see the same machine load. Load comes from
-`bench/loadgen.py` in its own process. Prints medians over rounds and ratios against the baseline;
-writes bench/results/serving.{json,md,png}.
+regserve without and with batching (`max_batch_size` 32, 5 ms), a bare deployment without and with
+batching, and the same bare model behind a thin ingress deployment that forwards through a handle to a
+multiplexed model deployment (`bench/thin_app.py`: the third ingress design, whose `÷ bare` is the
+extra hop's cost). `mlflow models serve` (uvicorn, one worker) runs beside it all the time; every
+round measures every target at c=1, 8, 32 in turn, so baseline and candidates see the same machine
+load. Load comes from `bench/loadgen.py` in its own process. Prints medians over rounds and ratios
+against the baseline; writes bench/results/serving.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bench.common import (
     save_json,
     stamp,
     start_mlflow,
+    thin_app,
     uptime,
 )
 
@@ -133,6 +136,8 @@ def targets_for(case: ModelCase, cluster: RayCluster) -> list[Target]:
         ),
         Target("bare Ray Serve", mode, f"{base}/bare-{case.key}", case.bare_body),
         Target("bare Ray Serve batch", mode, f"{base}/bareb-{case.key}", case.bare_body),
+        Target("bare thin ingress", f"{mode}+thin", f"{base}/thin-{case.key}", case.bare_body),
+        Target("bare thin ingress batch", f"{mode}+thin", f"{base}/thinb-{case.key}", case.bare_body),
     ]
 
 
@@ -143,6 +148,8 @@ def apps_for(case: ModelCase, tracking_uri: str) -> list[dict[str, Any]]:
         regserve_app(f"rsb-{case.key}", case.name, case.version, tracking_uri, batch=32),
         bare_app(f"bare-{case.key}", uri),
         bare_app(f"bareb-{case.key}", uri, batch=32),
+        thin_app(f"thin-{case.key}", case.name, case.version),
+        thin_app(f"thinb-{case.key}", case.name, case.version, batch=32),
     ]
 
 
@@ -272,7 +279,7 @@ def report(
                 r["p99_ms"],
                 r["rps"] / base["rps"] if base else float("nan"),
                 r["p50_ms"] / base["p50_ms"] if base else float("nan"),
-                r["rps"] / bare["rps"] if bare and r["target"].startswith("regserve") else float("nan"),
+                r["rps"] / bare["rps"] if bare and _against_bare(r["target"]) else float("nan"),
                 r["errors"],
             ]
         )
@@ -303,6 +310,10 @@ def report(
     save_json("serving", {"samples": samples, "rows": rows, "limits": limits})
     (RESULTS / "serving.md").write_text(header + "\n" + text + "\n\n" + limit_text + "\n")
     plot(rows)
+
+
+def _against_bare(target: str) -> bool:
+    return not target.startswith(("bare Ray", "mlflow"))
 
 
 def plot(rows: list[dict[str, Any]]) -> None:

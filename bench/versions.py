@@ -5,7 +5,9 @@
 1. Switching: c=8 requests spread round-robin over 1, 2 and 3 versions (header
    `serve-multiplexed-model-id`; the first version is the default) with `max_models_per_replica=2`
    (the default version plus ONE multiplexed slot), on one and on two replicas, per ingress mode.
-   Baseline in the same run: the same app asked for its default version only.
+   Baseline in the same run: the same app asked for its default version only. The same traffic also
+   goes to the thin-ingress design (`bench/thin_app.py`, ingress `<mode>+thin`: a multiplexed model
+   deployment with 2 slots per replica behind a handle, so Serve's router keeps version affinity).
 2. Cold load: the first request pinned to a version never loaded before (client-measured, includes
    the signature compatibility check), against a bare `mlflow.pyfunc.load_model` + first predict of the
    same version in a warm process (mlflow and sklearn imported, another version loaded), interleaved.
@@ -39,6 +41,7 @@ from bench.common import (
     save_json,
     stamp,
     start_mlflow,
+    thin_app,
     uptime,
 )
 
@@ -102,41 +105,42 @@ def main() -> None:
         fresh = iter(versions[3:])
         for mode in modes:
             cluster = RayCluster(mode, workdir).start()
-            apps = {
-                replicas: regserve_app(
-                    f"ver{replicas}",
-                    MODEL,
-                    versions[0],
-                    server.url,
-                    replicas=replicas,
-                    max_models_per_replica=2,
+            apps = []
+            for r in (1, 2):
+                apps.append(
+                    regserve_app(
+                        f"ver{r}", MODEL, versions[0], server.url, replicas=r, max_models_per_replica=2
+                    )
                 )
-                for replicas in (1, 2)
+                apps.append(thin_app(f"thin{r}", MODEL, versions[0], model_replicas=r))
+            cluster.deploy(apps)
+            # (ingress label, replicas) -> (url, body): regserve takes the record, the thin design `inputs`.
+            targets = {
+                **{(mode, r): (f"{cluster.serve_url}/ver{r}/serve", row) for r in (1, 2)},
+                **{(f"{mode}+thin", r): (f"{cluster.serve_url}/thin{r}", {"inputs": [row]}) for r in (1, 2)},
             }
-            cluster.deploy(list(apps.values()))
-            urls = {r: f"{cluster.serve_url}/ver{r}/serve" for r in apps}
-            for url in urls.values():
+            for url, body in targets.values():
                 for v in versions[:3]:
-                    check(url, row, {HEADER: v})
-            plan = [(r, k) for r in urls for k in (1, 2, 3)]
+                    check(url, body, {HEADER: v})
+            plan = [(target, k) for target in targets for k in (1, 2, 3)]
             for round_no in range(args.rounds):
                 print(f"[{mode}] switching round {round_no + 1}; load: {uptime()}", flush=True)
                 cells = [
                     cell(
-                        urls[r],
-                        row,
+                        targets[target][0],
+                        targets[target][1],
                         concurrency=8,
                         duration_s=args.duration,
-                        bodies=[(row, {HEADER: v}) for v in versions[:k]],
+                        bodies=[(targets[target][1], {HEADER: v}) for v in versions[:k]],
                     )
-                    for r, k in plan
+                    for target, k in plan
                 ]
-                for (r, k), result in zip(plan, load_cells(cells), strict=True):
+                for ((ingress, r), k), result in zip(plan, load_cells(cells), strict=True):
                     switching.append(
-                        {"ingress": mode, "replicas": r, "versions": k, "round": round_no, **result}
+                        {"ingress": ingress, "replicas": r, "versions": k, "round": round_no, **result}
                     )
                     print(
-                        f"  {mode:8} replicas={r} versions={k}: {result['rps']:6.0f} req/s "
+                        f"  {ingress:13} replicas={r} versions={k}: {result['rps']:6.0f} req/s "
                         f"p50 {result['p50_ms']:6.1f} ms p99 {result['p99_ms']:7.1f} ms "
                         f"err {result['errors']}",
                         flush=True,
@@ -144,7 +148,7 @@ def main() -> None:
             for _ in range(args.cold):
                 version = next(fresh)
                 bare = bare_cold_ms(server.url, version, row)
-                served = served_cold_ms(urls[1], version, row)
+                served = served_cold_ms(targets[(mode, 1)][0], version, row)
                 cold.append({"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served})
                 print(f"  cold load v{version}: bare {bare:.0f} ms, served {served:.0f} ms", flush=True)
             cluster.stop()
@@ -167,8 +171,10 @@ def report(switching: list[dict[str, Any]], cold: list[dict[str, Any]], args: ar
     rows = []
     for (mode, r, k), values in sorted(summary.items()):
         base = summary[(mode, r, 1)]
+        regserve = summary.get((mode.removesuffix("+thin"), r, k))
         rows.append(
             [mode, r, k, values["rps"], values["p50_ms"], values["p99_ms"], values["rps"] / base["rps"],
+             values["rps"] / regserve["rps"] if regserve else float("nan"),
              sum(g["errors"] for g in groups[(mode, r, k)])]
         )  # fmt: skip
     switch_text = markdown_table(
@@ -180,6 +186,7 @@ def report(switching: list[dict[str, Any]], cold: list[dict[str, Any]], args: ar
             "p50 ms",
             "p99 ms",
             "req/s ÷ 1 version",
+            "req/s ÷ regserve (same mode, replicas, versions)",
             "errors",
         ],
         rows,

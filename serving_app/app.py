@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving_app import http, registry
-from serving_app.config import DEPLOYMENT_NAME, AppArgs, UserConfig
+from serving_app.config import DEPLOYMENT_NAME, AppArgs, UserConfig, max_ongoing_requests
 from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import parse_invocation
@@ -40,7 +40,12 @@ def build_app(args: dict[str, Any]) -> Application:
         redoc_url=None,
     )
 
-    @serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 0.5})
+    # A Serve config's own `max_ongoing_requests` (the operator writes one) overrides this default.
+    @serve.deployment(
+        name=DEPLOYMENT_NAME,
+        ray_actor_options={"num_cpus": 0.5},
+        max_ongoing_requests=max_ongoing_requests(app_args.max_batch_size),
+    )
     @serve.ingress(api)
     class ModelServer:
         async def __init__(self) -> None:  # type: ignore[misc]

@@ -15,6 +15,12 @@ IMPORT_PATH = "serving_app.app:build_app"
 DEPLOYMENT_NAME = "ModelServer"
 
 
+def max_ongoing_requests(max_batch_size: int) -> int:
+    """Requests a replica takes at once: a batch can only fill up if that many are let in together
+    (Ray's default of 5 would cap every batch at 5)."""
+    return max(8, 2 * max_batch_size)
+
+
 class AppArgs(BaseModel):
     """What `serving_app.app:build_app` accepts (the `args` of a Serve config application)."""
 

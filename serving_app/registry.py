@@ -7,21 +7,33 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     RESOURCE_DOES_NOT_EXIST,
     ErrorCode,
 )
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# Where each (server, model, version) keeps its artifacts, as learnt by the facts fetch: registry
+# versions are immutable, and loading from this URI skips the `models:/` resolution round trips.
+_ARTIFACT_URIS: dict[tuple[str, str, str], str] = {}
+_ARTIFACT_URIS_MAX = 1024
 
 # A replica answers 503 fast when the registry is down instead of retrying for minutes (MLflow's
 # defaults are 7 retries with exponential backoff). Operators may still override both.
@@ -73,17 +85,59 @@ def model_uri(model_name: str, version: str) -> str:
 
 
 def fetch_version_facts(model_name: str, version: str) -> VersionFacts:
-    """Signature and flavors of one version; downloads only the MLmodel file."""
+    """Signature and flavors of one version; downloads only the MLmodel file.
+
+    This gates a version's first pinned request, before its load: against an MLflow server that
+    proxies artifacts it is two plain REST calls; `get_model_info` (any other store) costs a few
+    hundred milliseconds of client-side resolution, as much as the load itself."""
     with _registry_errors(model_name, version):
-        info = mlflow.models.get_model_info(model_uri(model_name, version))
-    return VersionFacts(version=version, signature=info.signature, flavors=tuple(sorted(info.flavors)))
+        mlmodel = _mlmodel_from_artifact_proxy(model_name, version)
+        if mlmodel is None:
+            info = mlflow.models.get_model_info(model_uri(model_name, version))
+            signature, flavors = info.signature, info.flavors
+        else:
+            model = Model.from_dict(mlmodel)
+            signature, flavors = model.signature, model.flavors
+    return VersionFacts(version=version, signature=signature, flavors=tuple(sorted(flavors)))
+
+
+def _mlmodel_from_artifact_proxy(model_name: str, version: str) -> dict[str, Any] | None:
+    """The version's MLmodel read through the tracking server's artifact proxy; None when the
+    tracking URI is not an HTTP server or the artifacts are not behind its proxy."""
+    tracking_uri = mlflow.get_tracking_uri()
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    # MLflow's own credential and TLS rules (token, basic auth, certificates) from the environment.
+    creds = get_default_host_creds(tracking_uri)
+    endpoint = "/api/2.0/mlflow/model-versions/get-download-uri"
+    response = http_request(creds, endpoint, "GET", params={"name": model_name, "version": version})
+    artifact_uri = str(verify_rest_response(response, endpoint).json().get("artifact_uri", ""))
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme != "mlflow-artifacts" or parsed.netloc:
+        return None
+    if len(_ARTIFACT_URIS) >= _ARTIFACT_URIS_MAX:
+        _ARTIFACT_URIS.clear()
+    _ARTIFACT_URIS[(tracking_uri, model_name, version)] = artifact_uri
+    artifacts = urllib.parse.quote(parsed.path.rstrip("/"))
+    endpoint = f"/api/2.0/mlflow-artifacts/artifacts{artifacts}/MLmodel"
+    response = http_request(creds, endpoint, "GET")
+    if response.status_code == 404:
+        # The version exists (its download URI resolved): its files are gone, it is not unknown.
+        raise VersionLoadFailed(f"version {version} of {model_name!r} has no MLmodel in its artifacts")
+    if response.status_code != 200:
+        verify_rest_response(response, endpoint)  # raises MLflow's exception for the error answer
+    mlmodel = yaml.load(response.text, Loader=_YAML_LOADER)
+    if not isinstance(mlmodel, dict):
+        raise VersionLoadFailed(f"version {version} of {model_name!r} has no readable MLmodel")
+    return mlmodel
 
 
 def load_version(model_name: str, version: str) -> LoadedVersion:
     started = time.perf_counter()
+    key = (mlflow.get_tracking_uri(), model_name, version)
     try:
         with _registry_errors(model_name, version):
-            model = mlflow.pyfunc.load_model(model_uri(model_name, version))
+            model = mlflow.pyfunc.load_model(_ARTIFACT_URIS.get(key) or model_uri(model_name, version))
     except (UnknownVersion, RegistryUnavailable, VersionLoadFailed):
         raise
     except Exception as error:

@@ -20,7 +20,7 @@ import yaml
 
 from regserve_operator import spec as s
 from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize
-from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs
+from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs, max_ongoing_requests
 
 # libyaml when present: serveConfigV2 is parsed and dumped on every reconcile (10x faster than pure Python).
 FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -96,7 +96,7 @@ def build_serve_config(
                     {
                         "name": DEPLOYMENT_NAME,
                         "num_replicas": spec.serving.replicas,
-                        "max_ongoing_requests": max(8, spec.serving.batching.max_batch_size * 2),
+                        "max_ongoing_requests": max_ongoing_requests(spec.serving.batching.max_batch_size),
                         "user_config": {"default_version": version},
                         "ray_actor_options": size.actor_options(),
                     }

@@ -1,0 +1,89 @@
+"""Version facts read over REST through a real `mlflow server`'s artifact proxy (the cold-load gate)."""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from serving_app import registry
+from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
+from tests.support.mlflow_server import MlflowServer
+from tests.support.processes import free_port
+from tests.support.registering import log_phrasebook
+
+MODEL = "facts_model"
+
+
+@pytest.fixture
+def tracking(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    registry.configure_client(mlflow_server.url)
+    try:
+        yield mlflow_server.url
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def artifact_dir(server: MlflowServer, version: str) -> Path:
+    answer = httpx.get(
+        f"{server.url}/api/2.0/mlflow/model-versions/get-download-uri",
+        params={"name": MODEL, "version": version},
+    )
+    answer.raise_for_status()
+    path = urllib.parse.urlparse(answer.json()["artifact_uri"]).path
+    return server.root / "artifacts" / path.lstrip("/")
+
+
+def test_rest_facts_match_mlflows_own_reading(tracking: str) -> None:
+    version = log_phrasebook(tracking, MODEL, lang_to="de")
+    facts = registry.fetch_version_facts(MODEL, version)
+    info = mlflow.models.get_model_info(f"models:/{MODEL}/{version}")
+    assert facts.version == version
+    assert facts.signature is not None and info.signature is not None
+    assert facts.signature.to_dict() == info.signature.to_dict()
+    assert facts.flavors == tuple(sorted(info.flavors))
+    # The load that follows the gate reads the same artifacts and answers.
+    loaded = registry.load_version(MODEL, version)
+    answer = loaded.model.predict([{"prompt": "Hello"}])
+    assert [row["translation_text"] for row in answer] == ["Hallo"]
+
+
+@pytest.mark.parametrize("model, version", [(MODEL, "999"), ("no_such_model", "1")])
+def test_unknown_versions_are_unknown(tracking: str, model: str, version: str) -> None:
+    log_phrasebook(tracking, MODEL, lang_to="de")
+    with pytest.raises(UnknownVersion):
+        registry.fetch_version_facts(model, version)
+
+
+def test_missing_mlmodel_is_a_broken_version_not_an_unknown_one(
+    tracking: str, mlflow_server: MlflowServer
+) -> None:
+    version = log_phrasebook(tracking, MODEL, lang_to="fr")
+    (artifact_dir(mlflow_server, version) / "MLmodel").unlink()
+    with pytest.raises(VersionLoadFailed, match="no MLmodel"):
+        registry.fetch_version_facts(MODEL, version)
+
+
+def test_garbage_mlmodel_is_a_broken_version(tracking: str, mlflow_server: MlflowServer) -> None:
+    version = log_phrasebook(tracking, MODEL, lang_to="fr")
+    (artifact_dir(mlflow_server, version) / "MLmodel").write_text("just text, no mapping\n")
+    with pytest.raises(VersionLoadFailed, match="no readable MLmodel"):
+        registry.fetch_version_facts(MODEL, version)
+
+
+def test_unreachable_registry_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    registry.configure_client(url)
+    try:
+        with pytest.raises(RegistryUnavailable):
+            registry.fetch_version_facts(MODEL, "1")
+    finally:
+        mlflow.set_tracking_uri(previous)

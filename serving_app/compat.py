@@ -1,7 +1,11 @@
 """Signature compatibility between a registered model's default version and another version.
 
-Pure and importable without Ray or FastAPI: the operator gates rollouts with the same function the
-serving app uses to answer 409.
+Pure and importable without Ray, FastAPI or mlflow: the operator gates rollouts with the same function
+the serving app uses to answer 409, and the operator must not pay for `import mlflow` (most of its
+memory) to do it. Signatures are therefore compared in their MLmodel form, the dict
+`ModelSignature.to_dict()` produces and an MLmodel file stores: `{"inputs": <JSON text>, "outputs":
+<JSON text>, "params": <JSON text>}`, any of them None. Callers holding mlflow objects pass
+`signature.to_dict()`.
 
 A candidate version is compatible with the default when every request the default's API accepts is
 accepted by the candidate with the same meaning:
@@ -13,30 +17,26 @@ accepted by the candidate with the same meaning:
 - tensors keep rank, each fixed dimension stays or becomes variable (-1), dtypes widen safely;
 - outputs keep their names and types (new outputs are allowed: JSON consumers ignore extra keys);
 - params of the default stay with the same type and shape (new params carry defaults, so they are fine).
+
+Difference texts are worded exactly as when this module compared mlflow's own objects (type names as
+mlflow prints them), so verdicts already stored in resource status keep reading the same.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import (
-    AnyType,
-    Array,
-    DataType,
-    Map,
-    Object,
-    ParamSchema,
-    Schema,
-)
+Signature = Mapping[str, Any]
+"""A signature in MLmodel form: `{"inputs": str | None, "outputs": str | None, "params": str | None}`."""
 
 # Column types a value of the key type may safely be read as, besides itself.
-_WIDENINGS: dict[DataType, frozenset[DataType]] = {
-    DataType.integer: frozenset({DataType.long, DataType.float, DataType.double}),
-    DataType.long: frozenset({DataType.double}),
-    DataType.float: frozenset({DataType.double}),
+_WIDENINGS: dict[str, frozenset[str]] = {
+    "integer": frozenset({"long", "float", "double"}),
+    "long": frozenset({"double"}),
+    "float": frozenset({"double"}),
 }
 
 
@@ -54,50 +54,185 @@ class SignatureDifference:
         return f"{where}: {self.detail}"
 
 
-def compare_signatures(
-    default: ModelSignature | None, candidate: ModelSignature | None
-) -> list[SignatureDifference]:
+def compare_signatures(default: Signature | None, candidate: Signature | None) -> list[SignatureDifference]:
     """Differences that make `candidate` incompatible with `default`; empty means compatible."""
     if default is None:
         return []  # the default's API is free-form: nothing a candidate could break
     if candidate is None:
         return [SignatureDifference("inputs", "", "no_signature", "candidate version has no signature")]
-    diffs = _compare_inputs(default.inputs, candidate.inputs)
-    diffs += _compare_outputs(default.outputs, candidate.outputs)
-    diffs += _compare_params(default.params, candidate.params)
+    diffs = _compare_inputs(_schema(default.get("inputs")), _schema(candidate.get("inputs")))
+    diffs += _compare_outputs(_schema(default.get("outputs")), _schema(candidate.get("outputs")))
+    diffs += _compare_params(_params(default.get("params")), _params(candidate.get("params")))
     return diffs
 
 
-def is_compatible(default: ModelSignature | None, candidate: ModelSignature | None) -> bool:
+def check_signature(signature: Signature | None) -> None:
+    """Raise ValueError when `signature` is not a readable signature in MLmodel form."""
+    if signature is None:
+        return
+    try:
+        _schema(signature.get("inputs"))
+        _schema(signature.get("outputs"))
+        _params(signature.get("params"))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"unreadable signature: {type(error).__name__}: {error}") from error
+
+
+def is_compatible(default: Signature | None, candidate: Signature | None) -> bool:
     return not compare_signatures(default, candidate)
 
 
-def signature_fingerprint(signature: ModelSignature | None) -> str:
+def signature_fingerprint(signature: Signature | None) -> str:
     """Stable text of a signature, to key caches of compatibility verdicts and schemas."""
     if signature is None:
         return "none"
-    import json
+    return json.dumps(dict(signature), sort_keys=True)
 
-    return json.dumps(signature.to_dict(), sort_keys=True)
+
+# ------------------------------------------------------------------------- the MLmodel form, parsed
+# Small mirrors of mlflow's DataType/Array/Map/Object/AnyType/ColSpec/TensorSpec/ParamSpec, read the
+# way mlflow's `from_json_dict` reads them.
+
+
+@dataclass(frozen=True)
+class Scalar:
+    name: str  # an mlflow DataType name: string, integer, long, float, double, boolean, binary, datetime
+
+
+@dataclass(frozen=True)
+class ArrayOf:
+    items: ValueType
+
+
+@dataclass(frozen=True)
+class MapOf:
+    values: ValueType
+
+
+@dataclass(frozen=True)
+class Prop:
+    name: str
+    dtype: ValueType
+    required: bool
+
+
+@dataclass(frozen=True)
+class ObjectOf:
+    properties: tuple[Prop, ...]  # sorted by name, as mlflow keeps them
+
+
+@dataclass(frozen=True)
+class AnyValue:
+    pass
+
+
+@dataclass(frozen=True)
+class SparkVector:
+    pass
+
+
+ValueType = Scalar | ArrayOf | MapOf | ObjectOf | AnyValue | SparkVector
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str | None
+    type: ValueType
+    required: bool | None
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str | None
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    dtype: Scalar | ObjectOf
+    shape: tuple[int, ...] | None
+
+
+def _json_list(value: Any) -> list[Any]:
+    if not value:
+        return []
+    return list(json.loads(value) if isinstance(value, str) else value)
+
+
+def _schema(value: Any) -> list[Column | Tensor] | None:
+    specs = [_tensor(spec) if spec["type"] == "tensor" else _column(spec) for spec in _json_list(value)]
+    return specs or None
+
+
+def _params(value: Any) -> list[Param] | None:
+    params = []
+    for spec in _json_list(value):
+        kind = spec.get("type") or spec.get("dtype")  # older MLmodels say `dtype`
+        dtype: Scalar | ObjectOf = _object(spec) if kind == "object" else Scalar(kind)
+        shape = spec.get("shape")
+        params.append(Param(str(spec["name"]), dtype, tuple(shape) if shape is not None else None))
+    return params or None
+
+
+def _column(spec: Mapping[str, Any]) -> Column:
+    value_type = _value_type(spec)
+    # mlflow defaults a missing `required` to True for plain types but to None (falsy) for the others.
+    required = spec.get("required", True if isinstance(value_type, Scalar) else None)
+    return Column(spec.get("name"), value_type, required)
+
+
+def _tensor(spec: Mapping[str, Any]) -> Tensor:
+    info = spec["tensor-spec"]
+    return Tensor(spec.get("name"), str(info["dtype"]), tuple(info["shape"]))
+
+
+def _value_type(spec: Mapping[str, Any]) -> ValueType:
+    kind = spec["type"]
+    if kind == "array":
+        return ArrayOf(_value_type(spec["items"]))
+    if kind == "map":
+        return MapOf(_value_type(spec["values"]))
+    if kind == "object":
+        return _object(spec)
+    if kind == "any":
+        return AnyValue()
+    if kind == "sparkml_vector":
+        return SparkVector()
+    return Scalar(str(kind))
+
+
+def _object(spec: Mapping[str, Any]) -> ObjectOf:
+    props = (
+        Prop(name, _value_type(prop), prop.get("required", True)) for name, prop in spec["properties"].items()
+    )
+    return ObjectOf(tuple(sorted(props, key=lambda prop: prop.name)))
 
 
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _compare_inputs(default: Schema | None, candidate: Schema | None) -> list[SignatureDifference]:
+def _is_tensor(schema: Sequence[Column | Tensor]) -> bool:
+    return isinstance(schema[0], Tensor)
+
+
+def _compare_inputs(
+    default: list[Column | Tensor] | None, candidate: list[Column | Tensor] | None
+) -> list[SignatureDifference]:
     if default is None:
         return []
     if candidate is None:
         return [SignatureDifference("inputs", "", "no_schema", "candidate declares no input schema")]
-    if default.is_tensor_spec() != candidate.is_tensor_spec():
+    if _is_tensor(default) != _is_tensor(candidate):
         kinds = (
-            "tensor" if default.is_tensor_spec() else "column",
-            "tensor" if candidate.is_tensor_spec() else "column",
+            "tensor" if _is_tensor(default) else "column",
+            "tensor" if _is_tensor(candidate) else "column",
         )
         return [SignatureDifference("inputs", "", "kind", f"{kinds[0]}-based input became {kinds[1]}-based")]
-    if default.is_tensor_spec():
-        return _compare_tensor_lists("inputs", default.inputs, candidate.inputs)
-    return _compare_columns(default.inputs, candidate.inputs)
+    if _is_tensor(default):
+        return _compare_tensor_lists("inputs", default, candidate)
+    return _compare_columns(default, candidate)
 
 
 def _compare_columns(default: list[Any], candidate: list[Any]) -> list[SignatureDifference]:
@@ -140,32 +275,36 @@ def _compare_unnamed_columns(default: list[Any], candidate: list[Any]) -> list[S
 
 
 def _all_named(specs: list[Any]) -> bool:
-    return all(getattr(spec, "name", None) for spec in specs)
+    return all(spec.name for spec in specs)
 
 
 # -------------------------------------------------------------------------------------------- outputs
 
 
-def _compare_outputs(default: Schema | None, candidate: Schema | None) -> list[SignatureDifference]:
+def _compare_outputs(
+    default: list[Column | Tensor] | None, candidate: list[Column | Tensor] | None
+) -> list[SignatureDifference]:
     if default is None:
         return []
     if candidate is None:
         return [SignatureDifference("outputs", "", "no_schema", "candidate declares no output schema")]
-    if default.is_tensor_spec() != candidate.is_tensor_spec():
+    if _is_tensor(default) != _is_tensor(candidate):
         return [SignatureDifference("outputs", "", "kind", "output changed between tensor and columns")]
-    if default.is_tensor_spec():
-        return _compare_tensor_lists("outputs", default.inputs, candidate.inputs)
-    if not _all_named(default.inputs) or not _all_named(candidate.inputs):
-        old_types = [spec.type for spec in default.inputs]
-        new_types = [spec.type for spec in candidate.inputs]
+    if _is_tensor(default):
+        return _compare_tensor_lists("outputs", default, candidate)
+    old_columns: list[Any] = default
+    new_columns: list[Any] = candidate
+    if not _all_named(old_columns) or not _all_named(new_columns):
+        old_types = [spec.type for spec in old_columns]
+        new_types = [spec.type for spec in new_columns]
         if len(old_types) != len(new_types) or any(
             _type_change(o, n, widen=False) for o, n in zip(old_types, new_types, strict=False)
         ):
             return [SignatureDifference("outputs", "", "type", "unnamed output columns changed")]
         return []
-    new_by_name = {spec.name: spec for spec in candidate.inputs}
+    new_by_name = {spec.name: spec for spec in new_columns}
     diffs = []
-    for old in default.inputs:
+    for old in old_columns:
         new = new_by_name.get(old.name)
         if new is None:
             diffs.append(
@@ -181,18 +320,23 @@ def _compare_outputs(default: Schema | None, candidate: Schema | None) -> list[S
 # --------------------------------------------------------------------------------------------- params
 
 
-def _compare_params(default: ParamSchema | None, candidate: ParamSchema | None) -> list[SignatureDifference]:
+def _compare_params(default: list[Param] | None, candidate: list[Param] | None) -> list[SignatureDifference]:
     if default is None:
         return []
-    new_by_name = {spec.name: spec for spec in (candidate.params if candidate else [])}
+    new_by_name = {spec.name: spec for spec in (candidate or [])}
     diffs = []
-    for old in default.params:
+    for old in default:
         new = new_by_name.get(old.name)
         if new is None:
             diffs.append(SignatureDifference("params", old.name, "missing", "param removed in candidate"))
         elif old.dtype != new.dtype:
             diffs.append(
-                SignatureDifference("params", old.name, "type", f"type {old.dtype} became {new.dtype}")
+                SignatureDifference(
+                    "params",
+                    old.name,
+                    "type",
+                    f"type {_mlflow_str(old.dtype)} became {_mlflow_str(new.dtype)}",
+                )
             )
         elif old.shape != new.shape:
             diffs.append(
@@ -221,11 +365,17 @@ def _compare_tensor_lists(
     return diffs
 
 
-def _compare_tensors(section: str, name: str, old: Any, new: Any) -> list[SignatureDifference]:
+def _compare_tensors(section: str, name: str, old: Tensor, new: Tensor) -> list[SignatureDifference]:
     diffs = []
     widen = section == "inputs"
-    if old.type != new.type and not (widen and np.can_cast(old.type, new.type, casting="safe")):
-        diffs.append(SignatureDifference(section, name, "type", f"dtype {old.type} became {new.type}"))
+    if old.dtype != new.dtype:
+        # numpy only when dtypes differ: its casting table is the rule, and the operator then pays for
+        # it only when a tensor model's dtype actually changes (MLmodel dtype names are canonical).
+        import numpy as np
+
+        old_dtype, new_dtype = np.dtype(old.dtype), np.dtype(new.dtype)
+        if old_dtype != new_dtype and not (widen and np.can_cast(old_dtype, new_dtype, casting="safe")):
+            diffs.append(SignatureDifference(section, name, "type", f"dtype {old_dtype} became {new_dtype}"))
     if len(old.shape) != len(new.shape):
         diffs.append(SignatureDifference(section, name, "shape", f"shape {old.shape} became {new.shape}"))
     else:
@@ -242,28 +392,28 @@ def _compare_tensors(section: str, name: str, old: Any, new: Any) -> list[Signat
 # ---------------------------------------------------------------------------------------- value types
 
 
-def _type_change(old: Any, new: Any, *, widen: bool) -> str:
+def _type_change(old: ValueType, new: ValueType, *, widen: bool) -> str:
     """Empty when a value of type `old` is accepted as `new`; otherwise why not."""
-    if isinstance(new, AnyType) and widen:
+    if isinstance(new, AnyValue) and widen:
         return ""
-    if isinstance(old, DataType) and isinstance(new, DataType):
-        if old == new or (widen and new in _WIDENINGS.get(old, frozenset())):
+    if isinstance(old, Scalar) and isinstance(new, Scalar):
+        if old == new or (widen and new.name in _WIDENINGS.get(old.name, frozenset())):
             return ""
         return f"type {old.name} became {new.name}"
     if type(old) is not type(new):
         return f"type {_type_name(old)} became {_type_name(new)}"
-    if isinstance(old, Array):
-        inner = _type_change(old.dtype, new.dtype, widen=widen)
+    if isinstance(old, ArrayOf) and isinstance(new, ArrayOf):
+        inner = _type_change(old.items, new.items, widen=widen)
         return f"array item: {inner}" if inner else ""
-    if isinstance(old, Map):
-        inner = _type_change(old.value_type, new.value_type, widen=widen)
+    if isinstance(old, MapOf) and isinstance(new, MapOf):
+        inner = _type_change(old.values, new.values, widen=widen)
         return f"map value: {inner}" if inner else ""
-    if isinstance(old, Object):
+    if isinstance(old, ObjectOf) and isinstance(new, ObjectOf):
         return _object_change(old, new, widen=widen)
     return ""
 
 
-def _object_change(old: Object, new: Object, *, widen: bool) -> str:
+def _object_change(old: ObjectOf, new: ObjectOf, *, widen: bool) -> str:
     new_props = {prop.name: prop for prop in new.properties}
     old_names = {prop.name for prop in old.properties}
     for prop in old.properties:
@@ -281,14 +431,50 @@ def _object_change(old: Object, new: Object, *, widen: bool) -> str:
     return ""
 
 
-def _type_name(value: Any) -> str:
-    if isinstance(value, DataType):
+# mlflow's class names, as the texts used them.
+_TYPE_NAMES = {
+    ArrayOf: "Array",
+    MapOf: "Map",
+    ObjectOf: "Object",
+    AnyValue: "AnyType",
+    SparkVector: "SparkMLVector",
+}
+
+
+def _type_name(value: ValueType) -> str:
+    if isinstance(value, Scalar):
         return value.name
-    return type(value).__name__
+    return _TYPE_NAMES[type(value)]
+
+
+def _mlflow_repr(value: ValueType) -> str:
+    """`repr()` of the mlflow type object `value` stands for."""
+    if isinstance(value, Scalar):
+        return value.name
+    if isinstance(value, ArrayOf):
+        return f"Array({_mlflow_repr(value.items)})"
+    if isinstance(value, MapOf):
+        return f"Map(str -> {_mlflow_str(value.values)})"
+    if isinstance(value, ObjectOf):
+        props = (
+            f"{p.name}: {_mlflow_repr(p.dtype)} ({'required' if p.required else 'optional'})"
+            for p in value.properties
+        )
+        return "{" + ", ".join(props) + "}"
+    if isinstance(value, AnyValue):
+        return "Any"
+    return "SparkML vector"
+
+
+def _mlflow_str(value: ValueType) -> str:
+    """`str()` of the mlflow type object: DataType is an Enum (`DataType.long`), others print their repr."""
+    return f"DataType.{value.name}" if isinstance(value, Scalar) else _mlflow_repr(value)
 
 
 __all__ = [
+    "Signature",
     "SignatureDifference",
+    "check_signature",
     "compare_signatures",
     "is_compatible",
     "signature_fingerprint",

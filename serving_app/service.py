@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow.models.signature import ModelSignature
+
 from serving_app import registry
-from serving_app.compat import SignatureDifference, compare_signatures, signature_fingerprint
+from serving_app.compat import Signature, SignatureDifference, compare_signatures, signature_fingerprint
 from serving_app.config import AppArgs
 from serving_app.convert import concat_model_inputs, prediction_items, split_items
 from serving_app.errors import (
@@ -126,7 +128,9 @@ class ModelService:
                 logger.error("default stays %s: version %s failed: %s", self._default.version, version, error)
                 return
             previous = self._default
-            self._default = DefaultVersion(loaded, api, signature_fingerprint(loaded.signature))
+            self._default = DefaultVersion(
+                loaded, api, signature_fingerprint(_mlmodel_form(loaded.signature))
+            )
             self._facts[version] = VersionFacts(version, loaded.signature, ())
             self.last_switch_failure = None
             self.metrics.default_switches.inc(tags={"outcome": "switched"})
@@ -175,7 +179,9 @@ class ModelService:
         key = (version, default.fingerprint)
         if key not in self._verdicts:
             facts = await self._version_facts(version)
-            self._verdicts[key] = compare_signatures(default.loaded.signature, facts.signature)
+            self._verdicts[key] = compare_signatures(
+                _mlmodel_form(default.loaded.signature), _mlmodel_form(facts.signature)
+            )
         return self._verdicts[key]
 
     async def _version_facts(self, version: str) -> VersionFacts:
@@ -244,6 +250,11 @@ class ModelService:
                 {"version": failure.version, "error": failure.error, "at": failure.at} if failure else None
             ),
         }
+
+
+def _mlmodel_form(signature: ModelSignature | None) -> Signature | None:
+    """What `compat` compares: the signature as MLmodel stores it (compat stays free of mlflow)."""
+    return signature.to_dict() if signature is not None else None
 
 
 def _api_schema_for(loaded: LoadedVersion) -> ApiSchema:

@@ -7,7 +7,10 @@ Two kinds of questions, answered differently:
   `registered-models/search` pass whose results carry each model's aliases and latest version per
   stage. However many resources watch a server, it costs the same requests per interval.
 - "What is version N?" (signature, flavors, size, requirements) is asked once per version: registry
-  versions are immutable, so the answer is cached.
+  versions are immutable, so the answer is cached. It is answered over MLflow's REST API too (the
+  version's artifact location, then `MLmodel` and `requirements.txt` through the server's artifact
+  proxy), so the operator never imports mlflow when artifacts are behind that proxy; other stores
+  take the mlflow client, imported only then (see `fetch_facts_over_rest`).
 
 Credentials come from the Secret a resource names, as environment-variable-style keys
 (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*...). They are never logged: the
@@ -16,25 +19,32 @@ Credentials come from the Secret a resource names, as environment-variable-style
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import yaml
 
 from regserve_operator.spec import ModelSelector
+from serving_app.compat import Signature, check_signature
 
 log = logging.getLogger(__name__)
 
 SEARCH_PATH = "/api/2.0/mlflow/registered-models/search"
+DOWNLOAD_URI_PATH = "/api/2.0/mlflow/model-versions/get-download-uri"
+ARTIFACTS_PATH = "/api/2.0/mlflow-artifacts/artifacts"
 PAGE_SIZE = 1000
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -76,6 +86,17 @@ class Credentials:
         digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
         return digest[:16]
 
+    def scrub(self, text: str) -> str:
+        """`text` without any credential value (or its Basic-auth encoding) in it."""
+        env = self.env
+        secrets = [v for v in env.values() if len(v) >= 4]
+        if env.get("MLFLOW_TRACKING_USERNAME"):
+            pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            secrets.append(base64.b64encode(pair.encode()).decode())
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
     def headers(self) -> dict[str, str]:
         env = self.env
         if env.get("MLFLOW_TRACKING_TOKEN"):
@@ -114,7 +135,7 @@ class ModelFacts:
 
     name: str
     version: str
-    signature: Any  # mlflow.models.ModelSignature | None
+    signature: Signature | None  # as MLmodel stores it (`ModelSignature.to_dict()`), for serving_app.compat
     flavors: tuple[str, ...]
     model_size_bytes: int | None
     requirements: tuple[str, ...] = ()
@@ -264,7 +285,7 @@ class Registry:
     ) -> None:
         self._transport = transport
         self._clock = clock
-        self._fetch_facts = fetch_facts or fetch_facts_with_mlflow
+        self._fetch_facts = fetch_facts or functools.partial(fetch_facts_over_rest, transport=transport)
         self._pollers: dict[tuple[str, str], Poller] = {}
         self._facts: OrderedDict[tuple[str, str, str], ModelFacts] = OrderedDict()
         self._facts_cache_size = facts_cache_size
@@ -326,6 +347,132 @@ class Registry:
 
 # ------------------------------------------------------------------------------------ MLmodel facts
 
+# Error codes with which MLflow says "no such thing" (INVALID_PARAMETER_VALUE: e.g. a version that is
+# not a number); anything else it answers is a failure to answer.
+_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"})
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def fetch_facts_over_rest(
+    tracking_uri: str,
+    credentials: Credentials,
+    name: str,
+    version: str,
+    *,
+    transport: httpx.BaseTransport | None = None,
+) -> ModelFacts:
+    """A version's facts from its MLmodel and requirements.txt, read over MLflow's REST API.
+
+    The server says where the version's artifacts are (`get-download-uri`, which resolves MLflow 3's
+    `models:/m-<id>` logged-model sources). When that is `mlflow-artifacts:` on this server (the
+    default for `mlflow server`, which proxies its artifact store), both files come through the
+    proxy: four requests, no mlflow import. Any other location (s3://, gs://, wasbs://, runs:/, http
+    artifact servers, file paths, a proxy on another host) is read by the mlflow client with the
+    store's own client libraries and credentials, imported only for it: users of those stores keep
+    working, and pay for mlflow in the operator's memory.
+    """
+    base = tracking_uri.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
+    uri = f"models:/{name}/{version}"
+    with _client(base, credentials, transport) as client:
+        response = _get(client, credentials, uri, DOWNLOAD_URI_PATH, {"name": name, "version": version})
+        location = str(response.json().get("artifact_uri") or "")
+        path = _proxied_path(location, base)
+        if path is None:
+            scheme = urllib.parse.urlparse(location).scheme or "file"
+            log.debug("%s: artifacts in a %r store: reading them with the mlflow client", uri, scheme)
+            return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
+        mlmodel = _get(client, credentials, uri, f"{ARTIFACTS_PATH}{path}/MLmodel").text
+        requirements: tuple[str, ...] = ()
+        # As before: requirements are advisory (an image-pin check); a version without them is fine.
+        with contextlib.suppress(httpx.HTTPError):
+            answer = client.get(f"{ARTIFACTS_PATH}{path}/requirements.txt")
+            if answer.status_code == 200:
+                requirements = _requirements(answer.text.splitlines())
+    return facts_from_mlmodel(name, version, mlmodel, requirements)
+
+
+def facts_from_mlmodel(name: str, version: str, text: str, requirements: tuple[str, ...] = ()) -> ModelFacts:
+    """Facts from an MLmodel file's text. Raises ValueError or yaml.YAMLError for a file that is not
+    a readable MLmodel (not a RegistryError: the registry answered, and reconcile holds the version)."""
+    mlmodel = yaml.load(text, Loader=_YAML_LOADER)
+    if not isinstance(mlmodel, dict):
+        raise ValueError("MLmodel is not a YAML mapping")
+    signature = mlmodel.get("signature")
+    if signature is not None and not isinstance(signature, dict):
+        raise ValueError("MLmodel signature is not a mapping")
+    check_signature(signature)
+    size = mlmodel.get("model_size_bytes")
+    return ModelFacts(
+        name=name,
+        version=version,
+        signature=signature,
+        flavors=tuple(sorted(mlmodel.get("flavors") or {})),
+        model_size_bytes=int(size) if size is not None else None,
+        requirements=requirements,
+    )
+
+
+def _client(base: str, credentials: Credentials, transport: httpx.BaseTransport | None) -> httpx.Client:
+    return httpx.Client(
+        base_url=base,
+        headers=credentials.headers(),
+        auth=credentials.auth(),
+        verify=credentials.verify(),
+        transport=transport,
+        timeout=httpx.Timeout(10.0),
+    )
+
+
+def _get(
+    client: httpx.Client,
+    credentials: Credentials,
+    uri: str,
+    path: str,
+    params: Mapping[str, str] | None = None,
+) -> httpx.Response:
+    try:
+        response = client.get(path, params=params)
+    except httpx.HTTPError as exc:
+        raise RegistryUnreachable(f"{uri}: {type(exc).__name__}") from exc
+    if response.status_code == 200:
+        return response
+    code, message = _mlflow_error(response)
+    if code in _NOT_FOUND_CODES:
+        # MLflow's own sentence ("Model Version (name=m, version=9) not found"), scrubbed all the same.
+        raise NotFound(credentials.scrub(f"{uri}: {message or code}")[:300])
+    # Never echo other bodies: an auth proxy may reflect headers.
+    raise RegistryUnreachable(f"{uri}: {path.rsplit('/', 1)[-1]} answered HTTP {response.status_code}")
+
+
+def _mlflow_error(response: httpx.Response) -> tuple[str, str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return "", ""
+    if not isinstance(body, dict):
+        return "", ""
+    return str(body.get("error_code") or ""), str(body.get("message") or "")
+
+
+def _proxied_path(location: str, base: str) -> str | None:
+    """The URL-quoted artifact path under ARTIFACTS_PATH when `location` is behind this server's
+    artifact proxy; None otherwise. A proxy on another host (`mlflow-artifacts://host/...`) is left to
+    the mlflow client: this server's credentials do not go to other hosts from here."""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme != "mlflow-artifacts":
+        return None
+    if parsed.netloc and parsed.netloc.lower() != urllib.parse.urlparse(base).netloc.lower():
+        return None
+    path = parsed.path.strip("/")
+    return "/" + urllib.parse.quote(path) if path else ""
+
+
+def _requirements(lines: list[str]) -> tuple[str, ...]:
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith(("#", "-")))
+
+
 # mlflow reads credentials from the process environment only; requests that need different ones
 # take turns. Facts are fetched once per version, so the lock is rarely contended.
 _ENV_LOCK = threading.Lock()
@@ -349,13 +496,22 @@ def _env(values: Mapping[str, str]) -> Iterator[None]:
 def fetch_facts_with_mlflow(
     tracking_uri: str, credentials: Credentials, name: str, version: str
 ) -> ModelFacts:
-    """Downloads only the version's MLmodel (and requirements.txt) to a temp dir."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    """Downloads only the version's MLmodel (and requirements.txt) to a temp dir with the mlflow client.
 
+    For artifact stores the REST path cannot read. mlflow (and the store's client library, e.g. boto3)
+    is imported here and nowhere else in the operator."""
     uri = f"models:/{name}/{version}"
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError as exc:
+        raise RegistryUnreachable(
+            f"{uri}: its artifacts are outside the tracking server's artifact proxy, and reading them "
+            "needs the mlflow package (plus the store's client library), which is not installed here"
+        ) from exc
+
     # MLflow 3.17 resolves `models:/` URIs with a default client, ignoring download_artifacts'
     # tracking_uri/registry_uri: point the process-wide defaults at this server for the call.
     server = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
@@ -373,8 +529,8 @@ def fetch_facts_with_mlflow(
             )
         except MlflowException as exc:
             code = getattr(exc, "error_code", "")
-            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-                raise NotFound(f"{uri}: {exc.message}") from exc
+            if code in _NOT_FOUND_CODES:
+                raise NotFound(credentials.scrub(f"{uri}: {exc.message}")) from exc
             raise RegistryUnreachable(f"{uri}: {code or type(exc).__name__}") from exc
         except OSError as exc:
             raise RegistryUnreachable(f"{uri}: {type(exc).__name__}") from exc
@@ -388,13 +544,11 @@ def fetch_facts_with_mlflow(
                 registry_uri=tracking_uri,
             )
             with open(req_path) as handle:
-                requirements = tuple(
-                    line.strip() for line in handle if line.strip() and not line.startswith(("#", "-"))
-                )
+                requirements = _requirements(handle.readlines())
     return ModelFacts(
         name=name,
         version=version,
-        signature=model.signature,
+        signature=model.signature.to_dict() if model.signature is not None else None,
         flavors=tuple(sorted(model.flavors)),
         model_size_bytes=model.model_size_bytes,
         requirements=requirements,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -10,8 +11,6 @@ from typing import Any
 
 import httpx
 import jsonpatch
-from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema
 from regserve_operator.plan import Plan
 from regserve_operator.reconcile import CredentialsUnavailable, Deps, Outcome, TargetConflict, reconcile
 from regserve_operator.registry import Credentials, ModelFacts, NotFound, Registry
@@ -20,8 +19,11 @@ from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelSe
 from .helpers import DEFAULTS, OWNER
 
 
-def signature(**columns: str) -> ModelSignature:
-    return ModelSignature(inputs=Schema([ColSpec(t, n) for n, t in columns.items()]))
+def signature(**columns: str) -> dict[str, Any]:
+    """Required input columns `name=mlflow type`, in the form MLmodel stores a signature (no mlflow
+    import: the registry benchmark measures the operator's memory with these fakes loaded)."""
+    inputs = [{"type": t, "name": n, "required": True} for n, t in columns.items()]
+    return {"inputs": json.dumps(inputs), "outputs": None, "params": None}
 
 
 class FakeTarget:
@@ -79,7 +81,7 @@ class FakeRegistryServer:
     down: bool = False
     model: str = "translation_model"
 
-    def add(self, version: str, sig: ModelSignature | None, size: int = 10 * 1024**2) -> None:
+    def add(self, version: str, sig: Mapping[str, Any] | None, size: int = 10 * 1024**2) -> None:
         self.facts[version] = ModelFacts(
             self.model, version, sig, ("python_function",), size, ("mlflow==3.17.2",)
         )

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import httpx
 import pytest
+import yaml
+from regserve_operator import registry as registry_module
 from regserve_operator.registry import (
+    ARTIFACTS_PATH,
+    DOWNLOAD_URI_PATH,
     Credentials,
     ModelFacts,
     NotFound,
     Poller,
     Registry,
+    RegistryError,
     RegistryUnreachable,
     Snapshot,
     check_requirements,
+    fetch_facts_over_rest,
+    fetch_facts_with_mlflow,
     parse_search_page,
     resolve_in,
 )
@@ -194,6 +204,159 @@ def test_check_requirements(
     assert check_requirements(requirements, pins).mismatches == mismatches
 
 
+# ------------------------------------------------------------------------------- facts over REST (mock)
+
+MLMODEL = {
+    "flavors": {"python_function": {"loader_module": "mlflow.pyfunc.model"}, "sklearn": {}},
+    "model_size_bytes": 1234,
+    "signature": {
+        "inputs": '[{"type": "string", "name": "prompt", "required": true}]',
+        "outputs": '[{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]',
+        "params": None,
+    },
+}
+LOCATION = "mlflow-artifacts:/0/models/m-abc/artifacts"
+SECRET = "s3cr3t-token"
+
+
+class FakeMlflow:
+    """The REST surface the facts fetch uses; records every request."""
+
+    def __init__(self, location: str = LOCATION, mlmodel: str | None = None) -> None:
+        self.location = location
+        self.mlmodel = yaml.safe_dump(MLMODEL) if mlmodel is None else mlmodel
+        self.requests: list[httpx.Request] = []
+        self.answers: dict[str, httpx.Response] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path.removeprefix("/prefix")
+        if path in self.answers:
+            return self.answers[path]
+        if path == DOWNLOAD_URI_PATH:
+            if request.url.params["version"] == "9":
+                return httpx.Response(
+                    404,
+                    json={
+                        "error_code": "RESOURCE_DOES_NOT_EXIST",
+                        "message": f"Model Version (name=m, version=9) not found {SECRET}",
+                    },
+                )
+            return httpx.Response(200, json={"artifact_uri": self.location})
+        if path == f"{ARTIFACTS_PATH}/0/models/m-abc/artifacts/MLmodel":
+            return httpx.Response(200, text=self.mlmodel)
+        if path == f"{ARTIFACTS_PATH}/0/models/m-abc/artifacts/requirements.txt":
+            return httpx.Response(200, text="# pinned\nmlflow==3.17.2\n\n-r extra.txt\nscikit-learn==1.9.1\n")
+        return httpx.Response(
+            404, json={"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "No such artifact"}
+        )
+
+
+def _rest(
+    server: FakeMlflow, creds: Credentials = Credentials(), version: str = "1", uri: str = "http://mlflow"
+) -> ModelFacts:
+    return fetch_facts_over_rest(uri, creds, "m", version, transport=httpx.MockTransport(server))
+
+
+@pytest.mark.parametrize(
+    ("env", "header"),
+    [
+        ({"MLFLOW_TRACKING_TOKEN": SECRET}, f"Bearer {SECRET}"),
+        (
+            {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": SECRET},
+            httpx.BasicAuth("u", SECRET)._auth_header,
+        ),
+    ],
+)
+def test_rest_facts_with_credentials_on_every_request(env: dict[str, str], header: str) -> None:
+    server = FakeMlflow()
+    facts = _rest(server, Credentials.from_mapping(env), uri="http://mlflow/prefix/")
+    assert facts == ModelFacts(
+        "m",
+        "1",
+        MLMODEL["signature"],
+        ("python_function", "sklearn"),
+        1234,
+        ("mlflow==3.17.2", "scikit-learn==1.9.1"),
+    )
+    assert [r.url.path for r in server.requests] == [
+        f"/prefix{DOWNLOAD_URI_PATH}",
+        f"/prefix{ARTIFACTS_PATH}/0/models/m-abc/artifacts/MLmodel",
+        f"/prefix{ARTIFACTS_PATH}/0/models/m-abc/artifacts/requirements.txt",
+    ]
+    assert all(r.headers["Authorization"] == header for r in server.requests)
+
+
+def test_rest_facts_error_mapping_never_shows_credentials() -> None:
+    creds = Credentials.from_mapping({"MLFLOW_TRACKING_TOKEN": SECRET})
+    with pytest.raises(NotFound, match=r"models:/m/9: Model Version .* not found") as raised:
+        _rest(FakeMlflow(), creds, version="9")
+    assert SECRET not in str(raised.value)
+    missing = FakeMlflow()
+    missing.answers[f"{ARTIFACTS_PATH}/0/models/m-abc/artifacts/MLmodel"] = httpx.Response(
+        404, json={"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "No such artifact"}
+    )
+    with pytest.raises(NotFound):
+        _rest(missing, creds)
+    for status, body in [(503, {}), (401, {"echo": f"Bearer {SECRET}"}), (404, {"html": SECRET})]:
+        server = FakeMlflow()
+        server.answers[DOWNLOAD_URI_PATH] = httpx.Response(status, json=body)
+        with pytest.raises(RegistryUnreachable, match=f"HTTP {status}") as unreachable:
+            _rest(server, creds)
+        assert SECRET not in str(unreachable.value)
+    with pytest.raises(RegistryUnreachable):
+        fetch_facts_over_rest("http://127.0.0.1:9", creds, "m", "1")
+
+
+def test_rest_facts_without_requirements() -> None:
+    server = FakeMlflow()
+    server.answers[f"{ARTIFACTS_PATH}/0/models/m-abc/artifacts/requirements.txt"] = httpx.Response(500)
+    assert _rest(server).requirements == ()
+
+
+@pytest.mark.parametrize("text", ["flavors: {", "just a string", "signature: {inputs: '[{\"name\": 1}]'}"])
+def test_unreadable_mlmodel_is_not_a_registry_error(text: str) -> None:
+    # Reconcile holds such a version; a RegistryError would mark the registry unreachable instead.
+    with pytest.raises((ValueError, yaml.YAMLError)) as raised:
+        _rest(FakeMlflow(mlmodel=text))
+    assert not isinstance(raised.value, RegistryError)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "s3://bucket/0/models/m-abc/artifacts",
+        "gs://bucket/models/m-abc",
+        "runs:/0123/model",
+        "/mnt/mlruns/0/models/m-abc/artifacts",
+        "mlflow-artifacts://other-host:5000/0/models/m-abc/artifacts",
+    ],
+)
+def test_other_artifact_stores_use_the_mlflow_client(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    def with_mlflow(uri: str, creds: Credentials, name: str, version: str) -> ModelFacts:
+        calls.append((uri, name, version))
+        return ModelFacts(name, version, None, (), None)
+
+    monkeypatch.setattr(registry_module, "fetch_facts_with_mlflow", with_mlflow)
+    server = FakeMlflow(location=location)
+    _rest(server)
+    assert calls == [("http://mlflow", "m", "1")]
+    assert [r.url.path for r in server.requests] == [DOWNLOAD_URI_PATH]
+
+
+def test_same_host_proxy_uri_is_read_over_rest() -> None:
+    server = FakeMlflow(location="mlflow-artifacts://MLFLOW/0/models/m-abc/artifacts")
+    assert _rest(server).model_size_bytes == 1234
+
+
+def test_mlflow_client_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as in an installation without mlflow
+    with pytest.raises(RegistryUnreachable, match="needs the mlflow package"):
+        _rest(FakeMlflow(location="s3://bucket/m"))
+
+
 # ----------------------------------------------------------------------------------- real mlflow server
 
 
@@ -219,7 +382,8 @@ def test_resolve_and_facts_against_mlflow(mlflow_server: MlflowServer, registere
         == registered["v2"]
     )
     facts = registry.facts(mlflow_server.url, creds, "reg_model", registered["v2"])
-    assert [c.name for c in facts.signature.inputs.inputs] == ["x", "y"]
+    assert facts.signature is not None
+    assert [c["name"] for c in json.loads(facts.signature["inputs"])] == ["x", "y"]
     assert "python_function" in facts.flavors
     assert facts.model_size_bytes and facts.model_size_bytes > 0
     assert "mlflow==3.17.2" in facts.requirements
@@ -227,6 +391,26 @@ def test_resolve_and_facts_against_mlflow(mlflow_server: MlflowServer, registere
         registry.facts(mlflow_server.url, creds, "reg_model", "99")
     with pytest.raises(NotFound):
         registry.resolve(mlflow_server.url, creds, ModelSelector(name="no_such_model", alias="a"), 0)
+
+
+def test_rest_facts_match_the_mlflow_client(mlflow_server: MlflowServer, registered: dict[str, str]) -> None:
+    creds = Credentials()
+    for version in registered.values():
+        over_rest = fetch_facts_over_rest(mlflow_server.url, creds, "reg_model", version)
+        with_mlflow = fetch_facts_with_mlflow(mlflow_server.url, creds, "reg_model", version)
+        assert over_rest == with_mlflow
+
+
+def test_rest_facts_do_not_import_mlflow(mlflow_server: MlflowServer, registered: dict[str, str]) -> None:
+    code = (
+        "import sys; from regserve_operator.registry import Credentials, fetch_facts_over_rest as fetch; "
+        f"f = fetch({mlflow_server.url!r}, Credentials(), 'reg_model', {registered['v1']!r}); "
+        "print(f.flavors, f.model_size_bytes > 0, 'mlflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().endswith("True False"), out.stdout + out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("resources", [1, 50])

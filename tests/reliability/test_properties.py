@@ -19,7 +19,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, Object, Property, Schema
 from pydantic import ValidationError
 
-from serving_app.compat import compare_signatures
+from serving_app.compat import SignatureDifference
+from serving_app.compat import compare_signatures as compare_mlmodel_forms
 from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.schema import build_api_schema
 
@@ -69,6 +70,11 @@ def column_schemas(draw: st.DrawFn, min_size: int = 1) -> Schema:
 
 def signature_of(inputs: Schema) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.string, "answer")]))
+
+
+def compare_signatures(default: ModelSignature, candidate: ModelSignature) -> list[SignatureDifference]:
+    """compat compares signatures in the form MLmodel stores them."""
+    return compare_mlmodel_forms(default.to_dict(), candidate.to_dict())
 
 
 # ------------------------------------------------------------------------------------------ values

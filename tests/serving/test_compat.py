@@ -1,4 +1,7 @@
-"""The compatibility rules, table-driven; the function must import without Ray or FastAPI."""
+"""The compatibility rules, table-driven; the function must import without Ray, FastAPI or mlflow.
+
+Cases are written with mlflow's own signature objects and compared in the form MLmodel stores them
+(`ModelSignature.to_dict()`), which is what `compare_signatures` takes."""
 
 from __future__ import annotations
 
@@ -22,7 +25,16 @@ from mlflow.types.schema import (
     TensorSpec,
 )
 
-from serving_app.compat import compare_signatures
+from serving_app.compat import SignatureDifference, check_signature
+from serving_app.compat import compare_signatures as compare_mlmodel_forms
+
+
+def compare_signatures(
+    default: ModelSignature | None, candidate: ModelSignature | None
+) -> list[SignatureDifference]:
+    return compare_mlmodel_forms(
+        default.to_dict() if default else None, candidate.to_dict() if candidate else None
+    )
 
 
 def cols(*specs: ColSpec) -> Schema:
@@ -181,13 +193,84 @@ def test_missing_signatures() -> None:
     assert "no signature" in str(difference)
 
 
-def test_compat_imports_nothing_beyond_mlflow_and_numpy() -> None:
-    # `import mlflow` itself loads FastAPI in 3.17, so the honest check is that compat adds nothing
-    # of its own: no Ray, no serving machinery, only serving_app modules on top of mlflow + numpy.
+MESSAGES = [
+    # Texts as they read when compat compared mlflow objects (they are stored in resource status).
+    (
+        sig(cols(ColSpec(DataType.double, "a"))),
+        sig(cols(ColSpec(DataType.float, "a"))),
+        ["inputs.a: type double became float"],
+    ),
+    (
+        sig(cols(ColSpec(Array(DataType.long), "xs"))),
+        sig(cols(ColSpec(Map(DataType.long), "xs"))),
+        ["inputs.xs: type Array became Map"],
+    ),
+    (
+        sig(cols(ColSpec(Object([Property("a", DataType.string)]), "o"))),
+        sig(cols(ColSpec(Object([Property("a", DataType.long)]), "o"))),
+        ["inputs.o: property 'a': type string became long"],
+    ),
+    (
+        sig(Schema([TensorSpec(np.dtype("float64"), (-1, 4))])),
+        sig(Schema([TensorSpec(np.dtype("float32"), (-1, 3))])),
+        ["inputs: dtype float64 became float32", "inputs: shape (-1, 4) became (-1, 3)"],
+    ),
+    (
+        sig(cols(PROMPT), params=ParamSchema([ParamSpec("k", DataType.long, 1)])),
+        sig(cols(PROMPT), params=ParamSchema([ParamSpec("k", DataType.string, "1")])),
+        ["params.k: type DataType.long became DataType.string"],
+    ),
+    (
+        sig(cols(PROMPT), params=ParamSchema([ParamSpec("k", DataType.long, [1], (-1,))])),
+        sig(cols(PROMPT), params=ParamSchema([ParamSpec("k", DataType.long, 1)])),
+        ["params.k: shape (-1,) became None"],
+    ),
+    (
+        sig(
+            cols(PROMPT),
+            params=ParamSchema([ParamSpec("o", Object([Property("a", DataType.string)]), {"a": "x"})]),
+        ),
+        sig(
+            cols(PROMPT),
+            params=ParamSchema([ParamSpec("o", Object([Property("a", Map(DataType.long), False)]), {})]),
+        ),
+        ["params.o: type {a: string (required)} became {a: Map(str -> DataType.long) (optional)}"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("default", "candidate", "expected"), MESSAGES)
+def test_difference_texts(default: ModelSignature, candidate: ModelSignature, expected: list[str]) -> None:
+    assert [str(d) for d in compare_signatures(default, candidate)] == expected
+
+
+def test_mlmodel_file_form() -> None:
+    # As an MLmodel file holds it: JSON texts, `params` possibly absent.
+    default = {"inputs": '[{"type": "string", "name": "prompt", "required": true}]', "outputs": None}
+    candidate = {
+        "inputs": '[{"type": "string", "name": "prompt", "required": true}, '
+        '{"type": "long", "name": "n", "required": true}]',
+        "outputs": None,
+        "params": None,
+    }
+    assert compare_mlmodel_forms(default, default) == []
+    assert [d.change for d in compare_mlmodel_forms(default, candidate)] == ["added_required"]
+
+
+def test_check_signature() -> None:
+    check_signature(None)
+    check_signature(sig(cols(PROMPT), OUT).to_dict())
+    for bad in ({"inputs": "{not json"}, {"inputs": '[{"name": "x"}]'}, {"params": '[{"type": "long"}]'}):
+        with pytest.raises(ValueError, match="unreadable signature"):
+            check_signature(bad)
+
+
+def test_compat_imports_only_the_standard_library() -> None:
+    # The operator gates rollouts with compat and must not pay for importing mlflow (or numpy,
+    # which compat needs only when two tensor dtypes differ).
     code = (
-        "import sys, mlflow, mlflow.models.signature, numpy; before = set(sys.modules); "
-        "import serving_app.compat; added = sorted(set(sys.modules) - before); "
-        "print('ray' in sys.modules, [m for m in added if not m.startswith('serving_app')])"
+        "import sys; before = set(sys.modules); import serving_app.compat; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert output.strip() == "False []"
+    assert output.strip() == "['serving_app']"

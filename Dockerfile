@@ -11,7 +11,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG RAY_IMAGE_TAG=2.60.0-py311
 
 # ---------------------------------------------------------------------------------------------------
-# operator: slim Python, mlflow-skinny (no mlflow server, no Ray), non-root
+# operator: slim Python, no Ray, non-root. `regserve run` reads the registry over REST and never imports
+# mlflow; mlflow-skinny stays for what imports it on demand: facts of versions whose artifacts are not
+# behind the tracking server's artifact proxy (runs:/ sources, http artifact servers; S3/GCS/Azure also
+# need their client libraries, which this image does not have) and `regserve webhook register`.
 FROM ${PYTHON_IMAGE} AS operator-build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src

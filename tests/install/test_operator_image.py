@@ -32,9 +32,10 @@ OPERATOR_MODULES = (
     "regserve_operator.webhook",
     "regserve_operator.metrics",
     "aiohttp.web",
-    "mlflow.models",
-    "mlflow.tracking",
 )
+# Imported only on demand: the facts fetch for artifacts outside the tracking server's proxy
+# (registry.fetch_facts_with_mlflow) and `regserve webhook register`. These keep mlflow-skinny in the image.
+ON_DEMAND_MODULES = ("mlflow.artifacts", "mlflow.models", "mlflow.tracking", "mlflow")
 
 
 def _canonical(name: str) -> str:
@@ -104,20 +105,37 @@ print(json.dumps(sorted(files)))
 """
 
 
+def _import_with_only(site: Path, modules: tuple[str, ...], tmp_path: Path) -> list[str]:
+    """Files from `site` that importing `modules` loads, in an interpreter that sees only `site`."""
+    path = f"{site}:{ROOT / 'operator'}:{ROOT}"
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", SCRIPT, json.dumps(modules)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
+        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [f for f in json.loads(proc.stdout.splitlines()[-1]) if f.startswith(str(site))]
+
+
+def test_operator_runs_without_mlflow(tmp_path: Path) -> None:
+    # The operator's own path reads the registry over REST: even without mlflow-skinny (and pandas,
+    # which only mlflow needs) in the image, `regserve run` imports, and never touches mlflow.
+    allowed = image_distributions() - {"mlflow-skinny", "pandas"} | BASE
+    site = tmp_path / "site-packages"
+    _image_site_packages(allowed, site)
+    assert not (site / "mlflow").exists() and (site / "kopf").exists()
+    files = _import_with_only(site, OPERATOR_MODULES, tmp_path)
+    assert len(files) > 100
+    assert not [f for f in files if "/mlflow/" in f or "/pandas/" in f or "/numpy/" in f]
+
+
 def test_operator_imports_come_only_from_the_images_distributions(tmp_path: Path) -> None:
     allowed = image_distributions() | BASE
     assert "mlflow-skinny" in allowed and "mlflow" not in allowed and "ray" not in allowed
     site = tmp_path / "site-packages"
     _image_site_packages(allowed, site)
     assert not (site / "sklearn").exists() and not (site / "ray").exists() and (site / "kopf").exists()
-    path = f"{site}:{ROOT / 'operator'}:{ROOT}"
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", SCRIPT, json.dumps(OPERATOR_MODULES)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
-        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    files = [f for f in json.loads(proc.stdout.splitlines()[-1]) if f.startswith(str(site))]
+    files = _import_with_only(site, OPERATOR_MODULES + ON_DEMAND_MODULES, tmp_path)
     assert len(files) > 100
     owners = _owners()
     outside: dict[str, set[str]] = {}

@@ -51,6 +51,16 @@ rule(
 # Read at import for the timer's interval (fixed when the decorator runs); re-read at startup for the rest.
 SETTINGS = Settings()
 
+# The mlflow client (where the operator uses it to read a version) retries for minutes by default
+# (7 retries, backoff up to 120 s, 120 s timeouts), inside the handler: an unreachable registry would
+# hold the resource's status, Events and next ticks for that long. The operator backs off on its own,
+# so one quick retry is enough. Defaults only: the deployment's env still decides.
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
 
 class State:
     """What the handlers share; built at startup."""
@@ -113,6 +123,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Handler progress in annotations only: status belongs to the resource's own fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
+    for key, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
     current = Settings()
     state = build_state(current)
     _state = state

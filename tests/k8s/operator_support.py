@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +28,16 @@ GROUP, VERSION, PLURAL = "regserve.io", "v1alpha1", "registeredmodelservings"
 POLL_S = 2
 DEADLINE = 60.0
 SA = "regserve-operator"
+# What every test operator runs with: no webhook receiver or metrics port to collide on, a short settle
+# time so rollouts are judged within a test's deadline, a recognisable image.
+OPERATOR_ENV = {
+    "REGSERVE_WEBHOOK_PORT": "0",
+    "REGSERVE_METRICS_PORT": "0",
+    "REGSERVE_SETTLE_SECONDS": "1",
+    "REGSERVE_IMAGE": "regserve/test:1",
+}
+# An HTTP 403 shows as "(403)" and "Forbidden"; a bare "403" also matches timestamps and ids.
+FORBIDDEN = re.compile(r"Forbidden|\(403\)")
 
 
 @contextlib.contextmanager
@@ -56,17 +70,88 @@ def running_operator(
 ) -> Iterator[KopfRunner]:
     """`regserve_operator.main` under kopf's test runner, watching one namespace."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    if not webhook:
-        monkeypatch.setenv("REGSERVE_WEBHOOK_PORT", "0")
-    monkeypatch.setenv("REGSERVE_METRICS_PORT", "0")
-    monkeypatch.setenv("REGSERVE_SETTLE_SECONDS", "1")
-    monkeypatch.setenv("REGSERVE_IMAGE", "regserve/test:1")
+    for key, value in OPERATOR_ENV.items():
+        if webhook and key == "REGSERVE_WEBHOOK_PORT":
+            continue
+        monkeypatch.setenv(key, value)
     args = ["run", "--standalone", "--namespace", namespace, "-m", "regserve_operator.main"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
     assert runner.exception is None, runner.output[-3000:]
-    # An HTTP 403 shows as "(403)" and "Forbidden"; a bare "403" also matches timestamps and ids.
-    assert not re.search(r"Forbidden|\(403\)", runner.output), runner.output[-3000:]
+    assert not FORBIDDEN.search(runner.output), runner.output[-3000:]
+
+
+class OperatorProcess:
+    """The operator as its image runs it (`regserve run --standalone --namespace NS`), as a real process.
+
+    Unlike kopf's in-process runner it can be killed without warning: it runs in its own process group
+    (SIGKILL reaches everything it started) and dies with the test process (parent-death signal). Every
+    start appends to the same log file, so `output()` is the complete log of all its lives.
+    """
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.namespace = namespace
+        self.log = log
+        self.env = {**OPERATOR_ENV, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        # Log spans (character offsets) where RBAC refusals are expected, e.g. while an apiserver
+        # restarts and its authorizer has not loaded the roles yet.
+        self.excused: list[tuple[int, int]] = []
+
+    def start(self) -> OperatorProcess:
+        assert not self.alive(), "already running"
+        regserve = Path(sys.executable).with_name("regserve")
+        argv = [str(regserve), "run", "--standalone", "--namespace", self.namespace]
+        component = plane.Component(name="regserve-operator", argv=argv, log=self.log, env=self.env)
+        component.start()
+        self.proc = component.proc
+        self.starts += 1
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: no cleanup handler, no last status write."""
+        assert self.proc is not None and self.alive(), "not running"
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def audited_output(self) -> str:
+        """The log without its excused spans."""
+        text, kept, at = self.output(), [], 0
+        for start, end in sorted(self.excused):
+            kept.append(text[at:start])
+            at = max(at, end)
+        return "".join([*kept, text[at:]])
+
+
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, namespace: str, log: Path) -> Iterator[OperatorProcess]:
+    """A running `OperatorProcess`; stopped afterwards, and its log checked for RBAC refusals."""
+    process = OperatorProcess(kubeconfig, namespace, log).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+    refused = FORBIDDEN.search(process.audited_output())
+    assert refused is None, process.audited_output()[max(0, refused.start() - 1500) : refused.end() + 1500]
 
 
 class Cluster:

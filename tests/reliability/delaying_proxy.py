@@ -1,0 +1,99 @@
+"""A TCP proxy in front of a real server that can slow down or stall every connection.
+
+It works below HTTP: every chunk a client sends (a request, for the small requests MLflow's clients
+make) waits `delay_s` before it goes upstream, and waits for as long as `stall` is set: the client's
+connect succeeds and then nothing comes back, which is what a hung server looks like.
+Runs its own asyncio loop on a thread so synchronous tests can drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from types import TracebackType
+
+from regserve_operator.sandbox.processes import free_port
+
+
+class DelayingProxy:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self.delay_s = 0.0
+        self.stall = False
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._release = asyncio.Event()
+        self._release.set()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="delaying-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> DelayingProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", self.port), self._loop
+        ).result(10)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def set(self, *, delay_s: float = 0.0, stall: bool = False) -> None:
+        """Change the behaviour for new connections (stalled ones are released when stall is cleared)."""
+
+        def change() -> None:
+            self.delay_s, self.stall = delay_s, stall
+            if stall:
+                self._release.clear()
+            else:
+                self._release.set()
+
+        self._loop.call_soon_threadsafe(change)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            await asyncio.gather(self._pipe(reader, up_writer, hold=True), self._pipe(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool = False
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if hold:
+                    if self.stall:
+                        await self._release.wait()
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()

@@ -366,7 +366,7 @@ def fetch_facts_over_rest(
     The server says where the version's artifacts are (`get-download-uri`, which resolves MLflow 3's
     `models:/m-<id>` logged-model sources). When that is `mlflow-artifacts:` on this server (the
     default for `mlflow server`, which proxies its artifact store), both files come through the
-    proxy: four requests, no mlflow import. Any other location (s3://, gs://, wasbs://, runs:/, http
+    proxy: three requests, no mlflow import. Any other location (s3://, gs://, wasbs://, runs:/, http
     artifact servers, file paths, a proxy on another host) is read by the mlflow client with the
     store's own client libraries and credentials, imported only for it: users of those stores keep
     working, and pay for mlflow in the operator's memory.
@@ -377,20 +377,24 @@ def fetch_facts_over_rest(
     uri = f"models:/{name}/{version}"
     with _client(base, credentials, transport) as client:
         response = _get(client, credentials, uri, DOWNLOAD_URI_PATH, {"name": name, "version": version})
-        location = str(response.json().get("artifact_uri") or "")
+        try:
+            location = str(response.json().get("artifact_uri") or "")
+        except (ValueError, AttributeError) as exc:
+            # Something between us and MLflow (a login page?) answered 200: not the registry's answer.
+            raise RegistryUnreachable(f"{uri}: get-download-uri answered no MLflow JSON") from exc
         path = _proxied_path(location, base)
-        if path is None:
-            scheme = urllib.parse.urlparse(location).scheme or "file"
-            log.debug("%s: artifacts in a %r store: reading them with the mlflow client", uri, scheme)
-            return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
-        mlmodel = _get(client, credentials, uri, f"{ARTIFACTS_PATH}{path}/MLmodel").text
-        requirements: tuple[str, ...] = ()
-        # As before: requirements are advisory (an image-pin check); a version without them is fine.
-        with contextlib.suppress(httpx.HTTPError):
-            answer = client.get(f"{ARTIFACTS_PATH}{path}/requirements.txt")
-            if answer.status_code == 200:
-                requirements = _requirements(answer.text.splitlines())
-    return facts_from_mlmodel(name, version, mlmodel, requirements)
+        if path is not None:
+            mlmodel = _get(client, credentials, uri, f"{ARTIFACTS_PATH}{path}/MLmodel").text
+            requirements: tuple[str, ...] = ()
+            # As before: requirements are advisory (an image-pin check); a version without them is fine.
+            with contextlib.suppress(httpx.HTTPError):
+                answer = client.get(f"{ARTIFACTS_PATH}{path}/requirements.txt")
+                if answer.status_code == 200:
+                    requirements = _requirements(answer.text.splitlines())
+            return facts_from_mlmodel(name, version, mlmodel, requirements)
+    scheme = urllib.parse.urlparse(location).scheme or "file"
+    log.debug("%s: artifacts in a %r store: reading them with the mlflow client", uri, scheme)
+    return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
 
 
 def facts_from_mlmodel(name: str, version: str, text: str, requirements: tuple[str, ...] = ()) -> ModelFacts:

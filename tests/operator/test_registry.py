@@ -304,6 +304,10 @@ def test_rest_facts_error_mapping_never_shows_credentials() -> None:
         with pytest.raises(RegistryUnreachable, match=f"HTTP {status}") as unreachable:
             _rest(server, creds)
         assert SECRET not in str(unreachable.value)
+    login_page = FakeMlflow()
+    login_page.answers[DOWNLOAD_URI_PATH] = httpx.Response(200, text="<html>sign in</html>")
+    with pytest.raises(RegistryUnreachable, match="no MLflow JSON"):
+        _rest(login_page, creds)
     with pytest.raises(RegistryUnreachable):
         fetch_facts_over_rest("http://127.0.0.1:9", creds, "m", "1")
 

@@ -8,6 +8,7 @@ one Secret a resource names, in its namespace.
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -15,13 +16,18 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from regserve_operator.builders import SERVE_PORT
-from regserve_operator.plan import Plan
+from regserve_operator.plan import Plan, make_plan
 from regserve_operator.rbac import rule
 from regserve_operator.reconcile import CredentialsUnavailable, TargetConflict
+
+log = logging.getLogger(__name__)
 
 RAY_GROUP = "ray.io"
 RAY_VERSION = "v1"
 RAY_PLURAL = "rayservices"
+# Writes per apply: the first, then re-planned ones after conflicts; a writer that wins this often is
+# left to the reconcile's backoff.
+CONFLICT_ATTEMPTS = 4
 
 rule(
     __name__,
@@ -50,6 +56,31 @@ class KubeTarget:
         return cast(dict[str, Any], obj)
 
     def apply(self, plan: Plan) -> None:
+        """Carry out `plan`; when the object changed since it was read, plan again against what is there.
+
+        Patches are guarded by a resourceVersion test, so any write in between fails them: a human's
+        `kubectl annotate`, another controller's label, and above all KubeRay's own status updates, which
+        it writes to the same object all along a rollout. Handing each of those back to the reconcile
+        as a conflict would cost a backoff per write; planning the same desired object against the
+        fresh one keeps every field the other writer set (the patch replaces only ours) and lands now.
+        """
+        for _attempt in range(CONFLICT_ATTEMPTS - 1):
+            try:
+                self._write(plan)
+                return
+            except TargetConflict:
+                log.info(
+                    "RayService %s/%s changed since it was read; planning again", plan.namespace, plan.name
+                )
+                fresh = make_plan(plan.desired, self.get(plan.namespace, plan.name))
+                if fresh.action == "conflict":
+                    raise TargetConflict(fresh.message) from None
+                if not fresh.writes:
+                    return  # someone else already made it so
+                plan = fresh
+        self._write(plan)
+
+    def _write(self, plan: Plan) -> None:
         try:
             if plan.action == "create":
                 self._custom.create_namespaced_custom_object(
@@ -66,10 +97,29 @@ class KubeTarget:
                     _content_type="application/json-patch+json",  # the client defaults to merge-patch
                 )
         except ApiException as exc:
-            # 409: created meanwhile; 422 from a failed JSON Patch `test`: changed meanwhile.
-            if exc.status in (409, 422) and (exc.status == 409 or "test" in str(exc.body or "")):
+            # 409: created meanwhile; 422 from a failed resourceVersion `test`: changed meanwhile.
+            if exc.status == 409 or (exc.status == 422 and self._moved_past(plan)):
                 raise TargetConflict(f"RayService {plan.namespace}/{plan.name} changed meanwhile") from exc
             raise
+
+    def _moved_past(self, plan: Plan) -> bool:
+        """Whether the object is no longer at the resourceVersion the plan's patch tests for.
+
+        The apiserver answers a failed JSON Patch `test` with a bare 422 Invalid that names no
+        operation, the same answer as for a patch the schema refuses: only the object tells them apart.
+        """
+        guard = next(
+            (
+                op["value"]
+                for op in plan.patch
+                if op["op"] == "test" and op["path"] == "/metadata/resourceVersion"
+            ),
+            None,
+        )
+        if guard is None:
+            return False
+        current = self.get(plan.namespace, plan.name)
+        return current is None or (current.get("metadata") or {}).get("resourceVersion") != guard
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
         try:

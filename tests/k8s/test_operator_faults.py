@@ -10,6 +10,7 @@ status, which holds a rollout in flight for as long as a test needs.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import mlflow
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -203,24 +205,21 @@ def test_apiserver_restart_under_watches(
 def test_spec_edits_racing_status_writes_end_on_the_latest_spec(
     cluster: Cluster, operator: OperatorProcess, mlflow_server: MlflowServer
 ) -> None:
-    """A user re-pointing the selector again and again, each edit landing right after an operator status
-    write: the user's `kubectl edit` (GET, change, PUT with the resourceVersion) may get 409 and retry;
-    the operator never overwrites the spec, and it ends on the last one."""
+    """A user re-points the selector again and again with `kubectl edit` (GET, change, PUT with the
+    resourceVersion read) while the operator keeps writing status. Each edit is read before, and
+    written after, an operator status write: the stale PUT must be refused (409) rather than merged
+    silently, the user's retry lands, the operator never touches the spec, and it ends on the last one."""
     model, v1 = serve_first_version(cluster, mlflow_server.url, "racing")
     v2 = log_version(mlflow_server.url, model, SIGNATURE)
     v3 = log_version(mlflow_server.url, model, SIGNATURE)
-    selectors: list[dict[str, str]] = [
-        {"version": v2},
-        {"version": v3},
-        {"alias": "champion"},
-        {"version": v3},
-    ]
-    selectors += [{"version": v2}, {"alias": "champion"}, {"version": v2}]
-    conflicts = 0
+    selectors: list[dict[str, str]] = [{"version": v2}, {"version": v3}, {"alias": "champion"}]
+    selectors += [{"version": v3}, {"version": v2}, {"alias": "champion"}, {"version": v2}]
+    refused = 0
     for selector in selectors:
-        revision = status(cluster, "racing").get("revision")
+        body = cluster.rms("racing")
+        revision = (body.get("status") or {}).get("revision")
+        until("operator wrote status", lambda r=revision: status(cluster, "racing").get("revision") != r)
         while True:
-            body = cluster.rms("racing")
             body["spec"]["model"] = {"name": model, **selector}
             try:
                 cluster.custom.replace_namespaced_custom_object(
@@ -230,18 +229,53 @@ def test_spec_edits_racing_status_writes_end_on_the_latest_spec(
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-                conflicts += 1
-        # The next edit lands right after the operator's next status write: the two keep interleaving.
-        until("operator wrote status", lambda r=revision: status(cluster, "racing").get("revision") != r)
+                refused += 1
+                body = cluster.rms("racing")
+    assert refused >= len(selectors), "every stale edit is refused"
     final = selectors[-1]["version"]
     assert cluster.rms("racing")["spec"]["model"] == {"name": model, "version": final}
     until("RayService on the last spec's version", lambda: carried(cluster, "racing") == final)
     cluster.set_app_status("racing", "RUNNING")
-    until("settled on the last spec", lambda: settled_on(cluster, "racing", final))
-    print(f"{len(selectors)} edits, {conflicts} user-side 409s")
+    waited = plane.wait_for(
+        "settled on the last spec", lambda: settled_on(cluster, "racing", final), 60, 0.25
+    )
+    print(f"{len(selectors)} edits, {refused} stale ones refused; settled {waited:.1f} s after RUNNING")
     st = status(cluster, "racing")
     assert st["resolvedVersion"] == final and st["lastGoodVersion"] == final and v1 != final
+    assert st["selector"] == f"v{final}"
     assert len(rayservices(cluster)) == 1
+
+
+def test_write_between_read_and_patch_is_kept(
+    cluster: Cluster, operator: OperatorProcess, mlflow_server: MlflowServer, kube_api: client.ApiClient
+) -> None:
+    """The operator's patch is planned from the RayService it read; someone writes in between. The
+    patch must neither clobber that write nor be dropped: it is planned again and lands."""
+    from regserve_operator.plan import make_plan
+    from regserve_operator.targets.kube import KubeTarget
+
+    serve_first_version(cluster, mlflow_server.url, "between")
+    operator.stop()  # this test plays the operator's part, one step at a time
+    target = KubeTarget(kube_api)
+    read = target.get(cluster.namespace, "between")
+    assert read is not None
+    desired = copy.deepcopy(read)
+    config = yaml.safe_load(read["spec"]["serveConfigV2"])
+    config["applications"][0]["deployments"][0]["user_config"] = {"default_version": "2"}
+    desired["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    plan = make_plan(desired, read)
+    assert plan.action == "patch_serve_config" and plan.patch[0]["op"] == "test"
+    human = {"metadata": {"annotations": {"ops.example.com/note": "hands off"}, "labels": {"team": "ml"}}}
+    cluster.custom.patch_namespaced_custom_object(
+        "ray.io", "v1", cluster.namespace, "rayservices", "between", human
+    )
+    target.apply(plan)
+    rs = cluster.rayservice("between")
+    assert rs is not None
+    assert carried(cluster, "between") == "2"
+    assert rs["metadata"]["annotations"]["ops.example.com/note"] == "hands off"
+    assert rs["metadata"]["labels"]["team"] == "ml"
+    assert rs["metadata"]["labels"].items() >= read["metadata"]["labels"].items()
 
 
 def test_human_edits_rayservice_while_operator_patches(
@@ -285,7 +319,9 @@ def test_human_edits_rayservice_while_operator_patches(
     finally:
         stop.set()
         writer.join(timeout=10)
-    conflicts = operator.output()[seen:].count("changed meanwhile")
+    during = operator.output()[seen:]
+    conflicts = during.count("changed since it was read")
+    assert f"reconcile of {cluster.namespace}/shared failed" not in during, during[-3000:]
     print(f"v2 landed {landed:.1f} s after the alias move; {writes} human writes, {conflicts} conflicts")
     rs = cluster.rayservice("shared")
     assert rs is not None

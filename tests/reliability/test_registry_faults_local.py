@@ -293,6 +293,8 @@ def test_slow_registry_does_not_hang_the_loop(up: MlflowServer, local_ray: Local
             port.model_changed(slow)
             assert port.resolve(proxy.url, Credentials(), h.session.resources[0].spec.model, 300) == "2"
             proxy.set(stall=True)
+            slow_owner = h.session.resources[0].owner
+            h.session.driver.scheduler.wake((slow_owner.namespace, slow_owner.name))
             finished = threading.Event()
             worker = threading.Thread(target=lambda: (h.step(), finished.set()), daemon=True)
             started = time.monotonic()
@@ -305,6 +307,9 @@ def test_slow_registry_does_not_hang_the_loop(up: MlflowServer, local_ray: Local
                 f"MLmodel read through the stall ended after {time.monotonic() - started:.1f} s"
             )
             assert bounded, "reading a version's MLmodel through a stalled registry hung the loop > 45 s"
+            reachable = condition(h.status("faults-slow"), "RegistryReachable")
+            assert reachable[0] == "False", reachable  # the pass did try, and said why it stopped
+            assert h.status("faults-slow").serving_version == "1"
             assert h.answer("faults-slow") == HALLO
         finally:
             proxy.set()

@@ -7,8 +7,9 @@ fresh child process runs the operator's Driver (the reconcile loop `regserve dev
 share) with N resources spread over the M models, the real `Registry` poller, and an in-memory target
 that reports every RayService Ready. MLflow is reached through a counting reverse proxy (HTTP-layer
 count). A fake clock moves one poll interval per cycle, so every resource is due every cycle; the
-driver thread's CPU time and the process RSS are measured. Baseline in the same run: N=0 (an operator
-process with nothing to do). Writes bench/results/registry_load.{json,md,png}.
+driver thread's CPU time and the process RSS are measured. The child first imports what `regserve run`
+loads (kopf, the Kubernetes target, the webhook receiver), so its RSS is an operator's. Baseline in
+the same run: N=0 (an operator process with nothing to do). Writes bench/results/registry_load.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def rss_mb() -> float:
 
 
 def child(n: int, models: list[str], tracking_uri: str, cycles: int) -> dict[str, Any]:
+    # What a running operator has loaded besides the Driver: without these N=0 would understate it.
+    import aiohttp.web  # noqa: F401
+    import regserve_operator.main
+    import regserve_operator.targets.kube  # noqa: F401
     from regserve_operator.builders import BuildDefaults, Owner
     from regserve_operator.driver import Driver
     from regserve_operator.plan import Plan

@@ -398,7 +398,7 @@ def _hold_unreadable(run: _Run, version: str, current: str | None, exc: Exceptio
     """Hold a version whose MLmodel cannot be read: its signature cannot be gated, nor can it load."""
     reason = f"version {version}: its MLmodel cannot be read ({type(exc).__name__}: {exc})"[:1024]
     log.warning("%s/%s %s", run.owner.namespace, run.owner.name, reason)
-    run.st.rejected = VersionRecord(version=version, reason="Incompatible", message=reason, at=iso(run.now))
+    run.st.rejected = VersionRecord(version=version, reason="Unreadable", message=reason, at=iso(run.now))
     run.cond(c.SIGNATURE_COMPATIBLE, "False", "Unreadable", reason)
     run.history(version, "Held", reason)
     keeps = f", {current} keeps serving" if current else ""

@@ -216,7 +216,7 @@ class VersionRecord(_Model):
     """A version that was held back or rolled back; not retried until the selector moves."""
 
     version: str
-    reason: Literal["Incompatible", "RolledBack"]
+    reason: Literal["Incompatible", "Unreadable", "RolledBack"]
     message: str = ""
     differences: list[str] | None = None
     at: str | None = None

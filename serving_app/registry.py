@@ -6,9 +6,13 @@ Every call here is blocking I/O; callers run them off the event loop.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +69,7 @@ class LoadedVersion:
     signature: ModelSignature | None
     load_seconds: float
     on_release: Callable[[], None] | None = field(default=None, repr=False)
+    local_dir: str | None = field(default=None, repr=False)  # ours to delete with the model
     _released: bool = field(default=False, repr=False)
 
     def release(self) -> None:
@@ -73,6 +78,8 @@ class LoadedVersion:
             return
         self._released = True
         self.model = None
+        if self.local_dir is not None:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
         if self.on_release is not None:
             self.on_release()
 
@@ -134,13 +141,17 @@ def _mlmodel_from_artifact_proxy(model_name: str, version: str) -> dict[str, Any
 
 def load_version(model_name: str, version: str) -> LoadedVersion:
     started = time.perf_counter()
-    key = (mlflow.get_tracking_uri(), model_name, version)
+    prefetched = PREFETCHES.take(model_name, version)
+    known_uri = _ARTIFACT_URIS.get((mlflow.get_tracking_uri(), model_name, version))
+    source = prefetched.path if prefetched is not None else known_uri or model_uri(model_name, version)
     try:
         with _registry_errors(model_name, version):
-            model = mlflow.pyfunc.load_model(_ARTIFACT_URIS.get(key) or model_uri(model_name, version))
-    except (UnknownVersion, RegistryUnavailable, VersionLoadFailed):
-        raise
+            model = mlflow.pyfunc.load_model(source)
     except Exception as error:
+        if prefetched is not None:
+            shutil.rmtree(prefetched.root, ignore_errors=True)
+        if isinstance(error, UnknownVersion | RegistryUnavailable | VersionLoadFailed):
+            raise
         # The model's own code failed (load_context, unpickling): the version is broken, not absent.
         raise VersionLoadFailed(f"version {version} of {model_name!r} failed to load: {error}") from error
     return LoadedVersion(
@@ -148,7 +159,74 @@ def load_version(model_name: str, version: str) -> LoadedVersion:
         model=model,
         signature=model.metadata.signature,
         load_seconds=time.perf_counter() - started,
+        local_dir=prefetched.root if prefetched is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class Download:
+    root: str  # the temporary directory to delete
+    path: str  # the model inside it
+
+
+class Prefetches:
+    """Versions' artifacts downloaded while their compatibility is still being checked.
+
+    A first pinned request needs the version's MLmodel (for the 409 gate) and then the whole model;
+    fetching them one after the other made a cold load twice a bare `load_model`. The download starts
+    with the check and the load waits for it. A version found incompatible is never loaded: its
+    download is deleted when it finishes (bandwidth spent once per version and default)."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regserve-prefetch")
+        self._pending: dict[tuple[str, str, str], Future[Download]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, model_name: str, version: str) -> None:
+        key = (mlflow.get_tracking_uri(), model_name, version)
+        with self._lock:
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(_download, model_name, version)
+
+    def take(self, model_name: str, version: str) -> Download | None:
+        """The finished download for the load, or None (none started, or it failed: the load proper
+        then fetches again and reports the error)."""
+        with self._lock:
+            future = self._pending.pop((mlflow.get_tracking_uri(), model_name, version), None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:
+            return None
+
+    def discard(self, model_name: str, version: str) -> None:
+        with self._lock:
+            future = self._pending.pop((mlflow.get_tracking_uri(), model_name, version), None)
+        if future is not None:
+            future.add_done_callback(_delete_download)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+def _download(model_name: str, version: str) -> Download:
+    root = tempfile.mkdtemp(prefix=f"regserve-v{version}-")
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(model_name, version), dst_path=root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return Download(root=root, path=path)
+
+
+def _delete_download(future: Future[Download]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        shutil.rmtree(future.result().root, ignore_errors=True)
+
+
+PREFETCHES = Prefetches()
 
 
 @contextmanager

@@ -72,6 +72,7 @@ class SwitchFailure:
     version: str
     error: str
     at: float
+    code: str  # the ServingError's code: lets the operator tell a registry outage from a broken version
 
 
 class ModelService:
@@ -83,12 +84,14 @@ class ModelService:
         *,
         fetch_facts: Callable[[str, str], VersionFacts] = registry.fetch_version_facts,
         load_version: Callable[[str, str], LoadedVersion] = registry.load_version,
+        prefetches: registry.Prefetches = registry.PREFETCHES,
     ):
         self.args = args
         self.metrics = metrics
         self._load_pinned = load_pinned
         self._fetch_facts = fetch_facts
         self._load_version = load_version
+        self._prefetches = prefetches
         self._default: DefaultVersion | None = None
         self._switch_lock = asyncio.Lock()
         self._facts: dict[str, VersionFacts] = {}
@@ -121,7 +124,7 @@ class ModelService:
                 loaded = await self._load_and_count(version)
                 api = await asyncio.to_thread(_api_schema_for, loaded)
             except ServingError as error:
-                self.last_switch_failure = SwitchFailure(version, error.message, time.time())
+                self.last_switch_failure = SwitchFailure(version, error.message, time.time(), error.code)
                 self.metrics.default_switches.inc(tags={"outcome": "failed"})
                 if self._default is None:
                     raise
@@ -163,16 +166,23 @@ class ModelService:
             return default.loaded
         if not _VERSION_RE.match(requested):
             raise InvalidVersion(f"version must be a registry version number, got {requested!r}")
-        differences = await self.differences(requested)
-        if differences:
-            raise IncompatibleVersion(
-                f"version {requested} is not compatible with the default version {default.version}",
-                detail=[
-                    {"section": d.section, "field": d.field, "change": d.change, "message": d.detail}
-                    for d in differences
-                ],
-            )
-        return await self._load_pinned(requested)
+        if (requested, default.fingerprint) not in self._verdicts:
+            # Not judged yet, so most likely not loaded either: download while the signature is checked.
+            self._prefetches.start(self.args.model_name, requested)
+        try:
+            differences = await self.differences(requested)
+            if differences:
+                raise IncompatibleVersion(
+                    f"version {requested} is not compatible with the default version {default.version}",
+                    detail=[
+                        {"section": d.section, "field": d.field, "change": d.change, "message": d.detail}
+                        for d in differences
+                    ],
+                )
+            return await self._load_pinned(requested)
+        finally:
+            # Refused, or already in the LRU: the download (if any was left) is not needed.
+            self._prefetches.discard(self.args.model_name, requested)
 
     async def differences(self, version: str) -> list[SignatureDifference]:
         default = self.default
@@ -247,7 +257,9 @@ class ModelService:
                 "largest_batch": self.largest_batch,
             },
             "last_default_switch_failure": (
-                {"version": failure.version, "error": failure.error, "at": failure.at} if failure else None
+                {"version": failure.version, "error": failure.error, "code": failure.code, "at": failure.at}
+                if failure
+                else None
             ),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from serving_app import registry
 from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
 from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_for
 from tests.support.registering import log_phrasebook
 
 MODEL = "facts_model"
@@ -87,3 +88,34 @@ def test_unreachable_registry_is_unavailable(monkeypatch: pytest.MonkeyPatch) ->
             registry.fetch_version_facts(MODEL, "1")
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_prefetched_download_is_loaded_and_deleted_with_the_model(tracking: str) -> None:
+    version = log_phrasebook(tracking, MODEL, lang_to="de")
+    prefetches = registry.PREFETCHES
+    prefetches.start(MODEL, version)
+    loaded = registry.load_version(MODEL, version)  # waits for the download and loads from it
+    assert prefetches.pending() == 0
+    assert loaded.local_dir is not None and Path(loaded.local_dir, "MLmodel").exists()
+    answer = loaded.model.predict([{"prompt": "Hello"}])
+    assert [row["translation_text"] for row in answer] == ["Hallo"]
+    local_dir = loaded.local_dir
+    loaded.release()
+    assert not Path(local_dir).exists()
+
+
+def test_discarded_download_is_deleted_when_it_finishes(tracking: str) -> None:
+    version = log_phrasebook(tracking, MODEL, lang_to="fr")
+    before = set(Path(tempfile.gettempdir()).glob(f"regserve-v{version}-*"))
+    registry.PREFETCHES.start(MODEL, version)
+    registry.PREFETCHES.discard(MODEL, version)
+    assert registry.PREFETCHES.pending() == 0
+
+    def leftovers() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob(f"regserve-v{version}-*")) - before
+
+    # The download runs on; once it finishes, its directory goes.
+    wait_for(lambda: not leftovers(), timeout=60, interval=0.1, message="discarded download deleted")
+    # Loading afterwards fetches the version afresh (nothing stale is taken).
+    loaded = registry.load_version(MODEL, version)
+    assert loaded.local_dir is None

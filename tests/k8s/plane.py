@@ -48,6 +48,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_PRODUCT = "NVIDIA-A10G"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KUBERAY_NAMESPACE = "kuberay-watched"
+APISERVER = "kube-apiserver"
 # The kinds the KubeRay operator watches (it exits if one is unknown). RayCronJob's controller is
 # behind a feature gate that is off, and each CRD costs the apiserver seconds of CPU to establish.
 KUBERAY_CRDS = ("rayclusters", "rayjobs", "rayservices")
@@ -452,6 +453,24 @@ class ControlPlane:
             tails = "\n".join(self._tail_block(name, 60) for name in dead)
             raise PlaneError(f"control-plane component(s) exited: {', '.join(dead)}\n{tails}")
 
+    def kill_apiserver(self) -> None:
+        """SIGKILLs the kube-apiserver (no graceful drain: every watch and connection just breaks).
+
+        etcd keeps the data and every other component keeps running, retrying; :meth:`start_apiserver`
+        brings it back on the same address with the same certificates and tokens.
+        """
+        apiserver = self.components[APISERVER]
+        assert apiserver.proc is not None, "plane not started"
+        apiserver.signal(signal.SIGKILL)
+        apiserver.proc.wait(timeout=10)
+
+    def start_apiserver(self) -> float:
+        """Starts the kube-apiserver again after :meth:`kill_apiserver`; returns the seconds until /readyz."""
+        assert not self.components[APISERVER].alive(), "kube-apiserver is running"
+        start = time.monotonic()
+        self._start_apiserver()
+        return time.monotonic() - start
+
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(self._tail_block(name, lines) for name in self.components)
 
@@ -540,7 +559,7 @@ class ControlPlane:
         c = self.creds
         port = self.server.rsplit(":", 1)[1]
         self._spawn(
-            "kube-apiserver",
+            APISERVER,
             [
                 str(self.tools.kube),
                 "kube-apiserver",

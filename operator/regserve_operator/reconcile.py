@@ -462,8 +462,10 @@ def _apply(run: _Run, version: str, existing: dict[str, Any] | None) -> None:
         try:
             run.deps.target.apply(plan)
         except TargetConflict as exc:
+            # Someone else wrote in between: nothing failed, so look again at the next tick
+            # rather than backing off as after an error.
             log.info("%s/%s: %s; retrying", run.owner.namespace, run.owner.name, exc)
-            run.out.retry = True
+            run.out.in_flight = True
             return
         if plan.action == "create":
             run.event("Normal", "Created", f"RayService {plan.name} created serving version {version}")

@@ -6,10 +6,10 @@ from typing import Any
 
 from regserve_operator import conditions as c
 from regserve_operator.builders import serving_version_of
-from regserve_operator.reconcile import next_delay
+from regserve_operator.reconcile import TargetConflict, next_delay
 
 from .fakes import World, signature
-from .helpers import make_spec
+from .helpers import OWNER, make_spec
 
 SIG = signature(prompt="string")
 
@@ -364,3 +364,23 @@ def test_unreadable_mlmodel_is_held() -> None:
     world.server.aliases["champion"] = "4"
     world.step()
     assert _serving(world) == "4" and world.status.rejected is None
+
+
+def test_write_conflict_is_looked_at_again_next_tick_not_backed_off() -> None:
+    world = _running(_world())
+    world.server.aliases["champion"] = "2"
+    real_apply = world.target.apply
+    conflicts = []
+
+    def apply_once_conflicting(plan: Any) -> None:
+        if not conflicts:
+            conflicts.append(plan)
+            raise TargetConflict("resourceVersion moved")
+        real_apply(plan)
+
+    world.target.apply = apply_once_conflicting  # type: ignore[method-assign]
+    out = world.step()
+    assert conflicts and not out.retry and out.in_flight
+    assert next_delay(out, 30, failures=3) == 2.0  # the tick, not the error backoff
+    world.step(2)
+    assert serving_version_of(world.target.get(OWNER.namespace, OWNER.name)) == "2"

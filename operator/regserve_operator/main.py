@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from regserve_operator import metrics
+from regserve_operator import metrics, probe
 from regserve_operator import spec as s
 from regserve_operator.builders import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
 from regserve_operator.conditions import READY, set_condition
@@ -92,6 +92,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
         defaults=BuildDefaults(image=settings.image, ray_version=settings.ray_version),
         image_pins=settings.image_pins,
         settle_seconds=settings.settle_seconds,
+        answering_default=probe.answering_default if settings.probes_serving else None,
     )
     return State(settings, deps)
 

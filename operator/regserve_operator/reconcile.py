@@ -20,7 +20,7 @@ Rollout rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -104,6 +104,8 @@ class Deps:
     defaults: BuildDefaults
     image_pins: Mapping[str, str] = field(default_factory=dict)
     settle_seconds: float = 10.0
+    # Asks the app at a URL which default it answers with (None: cannot ask); see `probe.py`.
+    answering_default: Callable[[str], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,13 @@ def reconcile(
     return _finish(run, svc)
 
 
+def _answering_default(run: _Run) -> str | None:
+    probe = run.deps.answering_default
+    if probe is None or not run.st.url:
+        return None
+    return probe(run.st.url)
+
+
 def _judge_rollout(run: _Run, svc: c.ServiceState, carried: str | None) -> None:
     """Decide an in-flight rollout from the RayService's status: succeeded, failed, or still going."""
     st = run.st
@@ -266,8 +275,17 @@ def _judge_rollout(run: _Run, svc: c.ServiceState, carried: str | None) -> None:
     failure = ""
     # Right after the patch the status may still describe the previous config: judge after settling.
     settled = elapsed >= run.deps.settle_seconds
+    answering = _answering_default(run) if svc.running and settled else None
     if svc.failed and settled:
         failure = f"application {svc.app_status}: {svc.message}".strip()
+    elif answering is not None and answering != version:
+        # Serve applied the config, but the app's switch to the new default failed (or is still
+        # loading): the old default answers. Not a success; past the deadline, a failure.
+        if elapsed > deadline:
+            failure = (
+                f"the application still answers with version {answering} after {deadline}s: "
+                f"its switch to {version} failed (see the replica's log)"
+            )
     elif svc.running and settled:
         previous = st.last_good_version
         st.last_good_version = version

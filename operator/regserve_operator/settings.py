@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,8 +26,19 @@ class Settings(BaseSettings):
     webhook_port: int = Field(8080, ge=0, le=65535, description="0 disables the webhook receiver.")
     webhook_secret: SecretStr | None = Field(None, description="Shared secret MLflow signs deliveries with.")
     metrics_port: int = Field(9090, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    probe_serving: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Confirm rollouts by asking the app's /healthz which default answers; auto: when "
+        "running in a cluster (the Serve Services' names resolve only there).",
+    )
     image_pins: dict[str, str] = Field(
         default_factory=dict,
         description='Packages pinned in the serving image, as JSON ({"mlflow": "3.17.2"}): versions whose '
         "requirements differ get RequirementsMatch=False (a warning).",
     )
+
+    @property
+    def probes_serving(self) -> bool:
+        if self.probe_serving == "auto":
+            return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return self.probe_serving == "on"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from regserve_operator import conditions as c
 from regserve_operator.builders import serving_version_of
 from regserve_operator.reconcile import TargetConflict, next_delay
@@ -384,3 +385,46 @@ def test_write_conflict_is_looked_at_again_next_tick_not_backed_off() -> None:
     assert next_delay(out, 30, failures=3) == 2.0  # the tick, not the error backoff
     world.step(2)
     assert serving_version_of(world.target.get(OWNER.namespace, OWNER.name)) == "2"
+
+
+@pytest.mark.parametrize(
+    "answers, outcome",
+    [
+        ("2", "succeeded"),  # the app confirms the new default
+        (None, "succeeded"),  # the app cannot be asked: KubeRay's RUNNING decides
+        ("1", "rolled_back"),  # RUNNING, but the old default still answers: the switch failed
+    ],
+)
+def test_running_rollout_is_confirmed_by_the_app(answers: str | None, outcome: str) -> None:
+    asked: list[str] = []
+
+    def answering_default(url: str) -> str | None:
+        asked.append(url)
+        return answers
+
+    world = World(make_spec(rollout={"deadlineSeconds": 60}), answering_default=answering_default)
+    world.server.add("1", SIG)
+    world.server.add("2", SIG)
+    world.server.aliases["champion"] = "1"
+    world.step()
+    world.target.set_app_status("RUNNING")
+    world.step(6)
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.target.set_app_status("RUNNING")
+    results = [*world.step(6).results, *world.step(30).results, *world.step(31).results]
+    assert outcome in results
+    assert asked and all(url == world.status.url for url in asked)
+    if outcome == "rolled_back":
+        assert _serving(world) == "1"
+        assert world.status.rejected is not None and world.status.rejected.version == "2"
+        assert "still answers with version 1" in world.status.rejected.message
+    else:
+        assert world.status.last_good_version == "2"
+
+
+def test_probe_of_an_unreachable_app_is_unknown() -> None:
+    from regserve_operator.probe import answering_default
+    from regserve_operator.sandbox.processes import free_port
+
+    assert answering_default(f"http://127.0.0.1:{free_port()}/nothing") is None

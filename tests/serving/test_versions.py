@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from regserve_operator.probe import answering_default
 
 from tests.serving.conftest import app_config
 from tests.support.mlflow_server import MlflowServer
@@ -126,5 +127,10 @@ def test_switch_to_a_broken_default_keeps_the_old_one_and_reports(
 
     failure = wait_for(failure_reported, timeout=120, message="the failed switch in /metadata")
     assert "broken on purpose" in str(failure["error"])
+    assert failure["code"] == "version_load_failed"  # not a registry outage: the operator won't retry
     assert httpx.get(f"{versions.url}/metadata").json()["default_version"] == before
     assert ask(versions.url).status_code == 200
+    # What Kubernetes sees: Serve says RUNNING (KubeRay mirrors that), so only the app can tell the
+    # operator that the old default still answers.
+    assert local_ray.status("versions") == "RUNNING"
+    assert answering_default(versions.url) == before != broken

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from kubernetes import client
@@ -28,6 +29,10 @@ RAY_PLURAL = "rayservices"
 # Writes per apply: the first, then re-planned ones after conflicts; a writer that wins this often is
 # left to the reconcile's backoff.
 CONFLICT_ATTEMPTS = 4
+# A restarted apiserver answers 403 for a few seconds while its authorizer loads the roles; 429 and
+# 5xx are passing too. Asked again after these pauses before the resource is told it has no credentials.
+CREDENTIAL_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
+_PASSING_STATUSES = {403, 429, 500, 502, 503, 504}
 
 rule(
     __name__,
@@ -40,9 +45,12 @@ rule(__name__, [""], ["secrets"], ["get"], "read the one credentials Secret a re
 
 
 class KubeTarget:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self, api_client: client.ApiClient | None = None, *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._sleep = sleep
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -122,13 +130,17 @@ class KubeTarget:
         return current is None or (current.get("metadata") or {}).get("resourceVersion") != guard
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
-        try:
-            secret = self._core.read_namespaced_secret(secret_name, namespace)
-        except ApiException as exc:
-            # The reason only: the body of an error about a Secret is nothing to repeat.
-            raise CredentialsUnavailable(
-                f"secret {namespace}/{secret_name}: HTTP {exc.status} {exc.reason}"
-            ) from None
+        for pause in (*CREDENTIAL_RETRY_PAUSES_S, None):
+            try:
+                secret = self._core.read_namespaced_secret(secret_name, namespace)
+                break
+            except ApiException as exc:
+                if pause is None or exc.status not in _PASSING_STATUSES:
+                    # The reason only: the body of an error about a Secret is nothing to repeat.
+                    raise CredentialsUnavailable(
+                        f"secret {namespace}/{secret_name}: HTTP {exc.status} {exc.reason}"
+                    ) from None
+                self._sleep(pause)
         return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
 
     def url(self, namespace: str, name: str, route_prefix: str) -> str:

@@ -116,10 +116,21 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
+class QuietTicks(logging.Filter):
+    """Drops kopf's "Timer 'tick' succeeded." line: one per resource per tick (every second) says
+    nothing the metrics don't, and would bury the lines that do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Timer 'tick' succeeded."
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _state
     settings.posting.level = logging.INFO
+    objects_log = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietTicks) for f in objects_log.filters):
+        objects_log.addFilter(QuietTicks())
     settings.persistence.finalizer = f"{s.GROUP}/finalizer"
     # Handler progress in annotations only: status belongs to the resource's own fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)

@@ -114,3 +114,19 @@ def test_metrics_count_reconciles_and_rollouts(world_state: Any) -> None:
         sample("regserve_rollouts_total", outcome="started"),
     )
     assert after == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize(
+    "message, kept",
+    [
+        ("Timer 'tick' succeeded.", False),
+        ("Timer 'tick' failed with an exception. Will retry.", True),
+        ("Handler 'on_delete' succeeded.", True),
+        ("rolling out version 2 (was 1)", True),
+    ],
+)
+def test_only_the_tick_success_line_is_quieted(message: str, kept: bool) -> None:
+    import logging
+
+    record = logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, message, None, None)
+    assert main.QuietTicks().filter(record) is kept

@@ -1,12 +1,17 @@
 """Where a replica's time goes at c=1: py-spy samples of regserve's and the bare deployment's replicas.
 
-    .venv/bin/python -m bench.profile_replica [--ingress haproxy] [--seconds 15]
+    .venv/bin/python -m bench.profile_replica [--ingress haproxy] [--seconds 15] [--cold 8]
 
 Same sklearn model, same ingress mode, one at a time under c=1 load from bench/loadgen.py while
 `py-spy record` samples the replica process (idle threads excluded). Prints, per replica, the share of
 samples under each of a few buckets (the `predict` itself, pandas/numpy conversion, regserve's
 request handling, FastAPI/Starlette, Ray Serve's replica machinery) and the top frames; writes the
 collapsed stacks and a flame graph SVG to bench/results/.
+
+With `--cold N` it profiles N first requests pinned to versions never loaded before instead (one at a
+time, idle threads included, so waiting on the registry counts), bucketed by the step of a cold load
+each thread is in: the compatibility gate's facts, the artifact download, `load_model`, Ray's
+multiplexer, the HTTP path.
 """
 
 from __future__ import annotations
@@ -54,26 +59,20 @@ def replica_pid(app: str) -> int:
     raise LookupError(f"no replica process for {app}")
 
 
-def profile(pid: int, seconds: float, out: Path) -> collections.Counter[str]:
+COLD_BUCKETS = (
+    ("gate: version facts over REST", ("fetch_version_facts (",)),
+    ("artifact download (prefetch)", ("_download (",)),
+    ("load_model", ("load_version (",)),
+    ("ray multiplexer", ("ray/serve/multiplex.py",)),
+    # Idle threads (event loops waiting) are sampled too: everything else is not attributable.
+    ("other", ("",)),
+)
+
+
+def profile(pid: int, seconds: float, out: Path, *, idle: bool = False) -> collections.Counter[str]:
     py_spy = str(Path(PYTHON).parent / "py-spy")
-    subprocess.run(
-        [
-            py_spy,
-            "record",
-            "-p",
-            str(pid),
-            "-d",
-            str(int(seconds)),
-            "-r",
-            "200",
-            "--format",
-            "raw",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        check=True,
-    )
+    command = [py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "--format", "raw"]
+    subprocess.run([*command, *(["--idle"] if idle else []), "-o", str(out)], capture_output=True, check=True)
     subprocess.run(
         [py_spy, "record", "-p", str(pid), "-d", "1", "-o", str(out.with_suffix(".svg"))],
         capture_output=True,
@@ -86,19 +85,77 @@ def profile(pid: int, seconds: float, out: Path) -> collections.Counter[str]:
     return stacks
 
 
-def bucket_of(stack: str) -> str:
+def bucket_of(stack: str, buckets: tuple[tuple[str, tuple[str, ...]], ...] = BUCKETS) -> str:
     frames = stack.split(";")
-    for name, needles in BUCKETS:  # the first bucket any frame falls in, by priority
+    for name, needles in buckets:  # the first bucket any frame falls in, by priority
         if any(n and n in f for f in frames for n in needles):
             return name
-    return BUCKETS[-1][0]
+    return buckets[-1][0]
+
+
+def profile_cold(args: argparse.Namespace) -> None:
+    import time
+
+    import httpx
+
+    print(f"# cold-load profile; load before: {uptime()}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-profile-cold-"))
+    server = start_mlflow(workdir / "mlflow")
+    cluster: RayCluster | None = None
+    try:
+        versions, row = [], []
+        for seed in range(args.cold + 1):
+            version, samples, _ = log_sklearn_classifier(server.url, "bench_cold", seed=seed)
+            versions.append(version)
+            row = [float(x) for x in samples[0]]
+        cluster = RayCluster(args.ingress, workdir).start()
+        cluster.deploy([regserve_app("prof-cold", "bench_cold", versions[0], server.url)])
+        url = f"{cluster.serve_url}/prof-cold/serve"
+        check(url, row)
+        took: list[float] = []
+
+        def cold_requests() -> None:
+            time.sleep(1.0)  # py-spy attaches first
+            for version in versions[1:]:
+                started = time.perf_counter()
+                check(url, row, {"serve-multiplexed-model-id": version})
+                took.append((time.perf_counter() - started) * 1000)
+            httpx.get(f"{cluster.serve_url}/prof-cold/healthz")  # type: ignore[union-attr]
+
+        driver = threading.Thread(target=cold_requests)
+        driver.start()
+        seconds = 2 + args.cold * 1.0
+        stacks = profile(replica_pid("prof-cold"), seconds, RESULTS / "profile-cold.txt", idle=True)
+        driver.join()
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        server.stop()
+    buckets: collections.Counter[str] = collections.Counter()
+    for stack, count in stacks.items():
+        name = bucket_of(stack, COLD_BUCKETS)
+        if name != "other":
+            buckets[name] += count
+    rows = [
+        [name, buckets[name], buckets[name] / 200 * 1000 / max(1, len(took))] for name, _ in COLD_BUCKETS[:-1]
+    ]
+    text = markdown_table(
+        ["step (samples at 200 Hz)", "samples", "thread-ms per cold request in that step"], rows
+    )
+    print(f"\ncold requests (ms): {[round(t) for t in took]}\n\n{text}")
+    (RESULTS / "profile-cold.md").write_text(text + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--ingress", default="haproxy")
     parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--cold", type=int, default=0, help="profile N cold pinned requests instead")
     args = parser.parse_args()
+    if args.cold:
+        exit_cleanly_on_sigterm()
+        profile_cold(args)
+        return
     print(f"# replica profile; load before: {uptime()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-profile-"))
     exit_cleanly_on_sigterm()

@@ -1,4 +1,8 @@
-"""Session fixtures shared by every test package: a real `mlflow server` and a real local Ray."""
+"""Session fixtures shared by every test package: a real `mlflow server` and a real local Ray.
+
+The control-plane fixtures (tests/k8s/fixtures.py) are a plugin loaded here, the rootdir conftest, so
+that tests/k8s and tests/install share one session plane.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import pytest
 
 from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay, start_local_ray, stop_local_ray
+
+pytest_plugins = ["tests.k8s.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,7 @@
-"""Fixtures for tests against the real control plane (``tests/k8s/plane.py``).
+"""Fixtures for tests against the real control plane (``tests/k8s/plane.py``), for the whole test suite.
+
+A pytest plugin, loaded once by ``tests/conftest.py``: tests/k8s and tests/install share one session
+plane (started on first use, stopped at the end), so a run never starts a second one.
 
 How to use them:
 
@@ -15,7 +18,8 @@ How to use them:
 - Fake nodes: ``plane.CPU_NODE`` and ``plane.GPU_NODE`` (``nvidia.com/gpu`` capacity 4, label
   ``plane.GPU_PRODUCT_LABEL``, taint ``plane.GPU_TAINT``); pods bound to them turn Running (KWOK).
 - ``admin_kubeconfig`` is the path of an admin kubeconfig, for subprocesses; ``helm_binary`` the pinned helm.
-- CRDs from ``crds/*.yaml`` and KubeRay's CRDs are installed once at session start.
+- CRDs from ``crds/*.yaml`` and KubeRay's CRDs are installed once at session start. The plane is shared:
+  a test that changes something cluster-wide (a CRD, a ClusterRole) puts it back or gives it a unique name.
 
 If the binaries are missing the tests are skipped, unless ``CI=true``, where that is an error. Component
 logs are appended to the report of a failing ``k8s`` test and kept on disk when any test failed.
@@ -28,14 +32,19 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from kubernetes import client
 
-from tests.k8s import plane
+if TYPE_CHECKING:
+    from kubernetes import client
 
-_PLANE_KEY = pytest.StashKey[plane.ControlPlane]()
+    from tests.k8s import plane
+
+# Every session loads this plugin, most never start the plane: `tests.k8s.plane` (and the kubernetes
+# client, about a second to import) is imported by the fixtures that need it, not here.
+
+_PLANE_KEY = pytest.StashKey["plane.ControlPlane"]()
 _STARTUP_KEY = pytest.StashKey[str]()
 _KEPT_KEY = pytest.StashKey[str]()
 
@@ -45,6 +54,8 @@ def _in_ci() -> bool:
 
 
 def _tools_or_skip() -> plane.Tools:
+    from tests.k8s import plane
+
     try:
         return plane.find_tools()
     except plane.ToolsMissing as exc:
@@ -68,6 +79,8 @@ def helm_binary(kube_tools: plane.Tools) -> Path:
 @pytest.fixture(scope="session")
 def kube_plane(request: pytest.FixtureRequest, kube_tools: plane.Tools) -> Iterator[plane.ControlPlane]:
     """The running control plane, shared by the whole session (started on first use)."""
+    from tests.k8s import plane
+
     try:
         started = plane.ControlPlane(tools=kube_tools).start()
     except plane.PlaneError as exc:
@@ -104,6 +117,8 @@ def kuberay_namespace(kube_plane: plane.ControlPlane) -> str:
 @pytest.fixture
 def kube_namespace(kube_api: client.ApiClient) -> Iterator[str]:
     """A fresh namespace for this test; deleted afterwards without waiting for it to go."""
+    from kubernetes import client
+
     core = client.CoreV1Api(kube_api)
     name = f"t-{uuid.uuid4().hex[:10]}"
     labels = {"regserve.io/test": "true"}
@@ -143,6 +158,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """A component that died mid-session fails the next test at once, with its log, instead of a timeout."""
     started = item.config.stash.get(_PLANE_KEY, None)
     if started is not None and "kube_plane" in getattr(item, "fixturenames", ()):
+        from tests.k8s import plane
+
         try:
             started.check_alive()
         except plane.PlaneError as exc:

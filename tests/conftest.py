@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 
-from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay, start_local_ray, stop_local_ray
 
 pytest_plugins = ["tests.k8s.fixtures"]

@@ -26,12 +26,12 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from regserve_operator.builders import serving_version_of
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
 
 from tests.install import chart_sync
 from tests.install.support import CHART, KUBECTL, ROOT, VENV_BIN, docs, helm_template, kubectl, run
 from tests.k8s import plane
-from tests.support.mlflow_server import MlflowServer
-from tests.support.registering import log_phrasebook
 
 pytestmark = pytest.mark.k8s
 

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 
 from tests.k8s import plane
 from tests.k8s.operator_support import (
@@ -41,7 +42,6 @@ from tests.k8s.operator_support import (
     until,
 )
 from tests.operator.mlflow_fixture import free_port, log_version
-from tests.support.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.k8s
 

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 
 from tests.k8s import plane
 from tests.k8s.operator_support import (
@@ -27,7 +28,6 @@ from tests.k8s.operator_support import (
     until,
 )
 from tests.operator.mlflow_fixture import log_version
-from tests.support.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.k8s
 

@@ -17,6 +17,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from regserve_operator.builders import DEPLOYMENT_NAME
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 
 from tests.k8s import plane
 from tests.k8s.operator_support import (
@@ -35,7 +36,6 @@ from tests.k8s.operator_support import (
     until,
 )
 from tests.operator.mlflow_fixture import log_version
-from tests.support.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.k8s
 

@@ -20,11 +20,11 @@ from regserve_operator.local import (
     status_summary,
     webhook_receiver,
 )
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port
 
-from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_phrasebook
 
 pytestmark = pytest.mark.ray
 

@@ -28,9 +28,8 @@ from regserve_operator.registry import (
     parse_search_page,
     resolve_in,
 )
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.spec import ModelSelector
-
-from tests.support.mlflow_server import MlflowServer
 
 from .counting_proxy import CountingProxy
 from .mlflow_fixture import log_version

@@ -15,9 +15,8 @@ import pytest
 from regserve_operator.builders import serving_version_of
 from regserve_operator.reconcile import reconcile
 from regserve_operator.registry import Registry
+from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.webhook import Receiver, ReplayGuard, register_webhook, sign, start_receiver, verify
-
-from tests.support.mlflow_server import MlflowServer
 
 from .fakes import FakeTarget
 from .helpers import DEFAULTS, OWNER, make_spec

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.processes import wait_for
 
 from tests.reliability.conftest import wait_until_answering
 from tests.serving.conftest import app_config
-from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import wait_for
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_phrasebook
 
 pytestmark = pytest.mark.ray
 

@@ -19,13 +19,13 @@ import pytest
 from mlflow import MlflowClient
 from regserve_operator.local import register_local_webhook, webhook_receiver
 from regserve_operator.registry import Credentials
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port
 
 from tests.reliability.delaying_proxy import DelayingProxy
 from tests.reliability.local_harness import Harness, condition
-from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_phrasebook
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -22,6 +22,8 @@ from regserve_operator.driver import Driver
 from regserve_operator.local import serve_receiver
 from regserve_operator.reconcile import Deps
 from regserve_operator.registry import Registry
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
 from regserve_operator.webhook import (
     DELIVERY_ID_HEADER,
@@ -35,8 +37,6 @@ from regserve_operator.webhook import (
 
 from tests.operator.fakes import FakeTarget
 from tests.operator.helpers import DEFAULTS, OWNER, make_spec
-from tests.support.mlflow_server import MlflowServer
-from tests.support.registering import log_phrasebook
 
 MODEL = "webhook_capture_model"
 SECRET = "capture-test-secret"

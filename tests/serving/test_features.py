@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_sklearn_classifier
+from regserve_operator.sandbox.processes import wait_for
 
 from tests.serving.conftest import app_config
-from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import wait_for
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_sklearn_classifier
 
 pytestmark = pytest.mark.ray
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.processes import free_port, wait_for
 
 from serving_app import registry
 from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
-from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import free_port, wait_for
-from tests.support.registering import log_phrasebook
 
 MODEL = "facts_model"
 

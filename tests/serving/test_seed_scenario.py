@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
 
 from tests.serving.conftest import app_config
-from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_phrasebook
 
 pytestmark = pytest.mark.ray
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_tiny_translator
 
 from serving_app.examples.tiny_t5 import build_tiny_t5
 from tests.serving.conftest import app_config
-from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_tiny_translator
 
 pytestmark = pytest.mark.ray
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from regserve_operator.probe import answering_default
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.processes import wait_for
 
 from tests.serving.conftest import app_config
-from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import wait_for
 from tests.support.ray_cluster import LocalRay
-from tests.support.registering import log_phrasebook
 
 pytestmark = pytest.mark.ray
 

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from tests.support.processes import free_port, wait_for
+from regserve_operator.sandbox.processes import free_port, wait_for
 
 
 def ray_auth_headers() -> dict[str, str]:

@@ -9,22 +9,12 @@ import httpx
 import pytest
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
-from regserve_operator.sandbox.processes import wait_for
 
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 MODEL = "reliability_phrasebook"
 APP = "reliability"
-
-
-def wait_until_answering(url: str, *, timeout: float = 120) -> None:
-    """RUNNING in Serve's status does not mean the proxy already routes to the app (it may be restarting)."""
-
-    def answering() -> bool:
-        return httpx.get(f"{url}/healthz", timeout=10).status_code == 200
-
-    wait_for(answering, timeout=timeout, interval=0.5, message=f"{url}/healthz answering")
 
 
 @dataclass
@@ -48,12 +38,6 @@ class Phrasebook:
 def phrasebook(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Phrasebook]:
     default = log_phrasebook(mlflow_server.url, MODEL, lang_to="de")
     broken = log_phrasebook(mlflow_server.url, MODEL, lang_to="de", fail_on_load=True)
-    local_ray.deploy(
-        app_config(APP, model_name=MODEL, tracking_uri=mlflow_server.url, default_version=default)
-    )
-    local_ray.wait_running(APP)
-    wait_until_answering(f"{local_ray.serve_url}/{APP}")
-    try:
-        yield Phrasebook(f"{local_ray.serve_url}/{APP}", default, broken)
-    finally:
-        local_ray.delete(APP)
+    config = app_config(APP, model_name=MODEL, tracking_uri=mlflow_server.url, default_version=default)
+    with deployed_app(local_ray, config) as url:
+        yield Phrasebook(url, default, broken)

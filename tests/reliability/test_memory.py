@@ -25,9 +25,8 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import wait_for
 
-from tests.reliability.conftest import wait_until_answering
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -50,21 +49,15 @@ class MemoryApp:
 def memory_app(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[MemoryApp]:
     default = log_phrasebook(mlflow_server.url, MODEL, lang_to="de")
     pinned = [(log_phrasebook(mlflow_server.url, MODEL, lang_to=lang), lang) for lang in ("fr", "de", "fr")]
-    local_ray.deploy(
-        app_config(
-            APP,
-            model_name=MODEL,
-            tracking_uri=mlflow_server.url,
-            default_version=default,
-            max_models_per_replica=2,
-        )
+    config = app_config(
+        APP,
+        model_name=MODEL,
+        tracking_uri=mlflow_server.url,
+        default_version=default,
+        max_models_per_replica=2,
     )
-    local_ray.wait_running(APP)
-    wait_until_answering(f"{local_ray.serve_url}/{APP}")
-    try:
-        yield MemoryApp(f"{local_ray.serve_url}/{APP}", default, pinned)
-    finally:
-        local_ray.delete(APP)
+    with deployed_app(local_ray, config) as url:
+        yield MemoryApp(url, default, pinned)
 
 
 def replica_pid(local_ray: LocalRay) -> int:

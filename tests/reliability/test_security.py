@@ -15,9 +15,8 @@ import pytest
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 
-from tests.reliability.conftest import wait_until_answering
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -54,13 +53,8 @@ def secured(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Secure
         expose_schema_in_errors=False,
     )
     config["runtime_env"] = {"env_vars": {"REGSERVE_RELIABILITY_TOKEN": TOKEN}}
-    local_ray.deploy(config)
-    local_ray.wait_running(APP)
-    wait_until_answering(f"{local_ray.serve_url}/{APP}")
-    try:
-        yield Secured(f"{local_ray.serve_url}/{APP}", default, compatible, incompatible)
-    finally:
-        local_ray.delete(APP)
+    with deployed_app(local_ray, config) as url:
+        yield Secured(url, default, compatible, incompatible)
 
 
 def assert_leaks_nothing(response: httpx.Response) -> None:

@@ -15,7 +15,7 @@ from regserve_operator.sandbox.models import log_sklearn_classifier
 from regserve_operator.sandbox.processes import wait_for
 
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -49,10 +49,8 @@ def classifier(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Cla
         expose_schema_in_errors=False,
     )
     config["runtime_env"] = {"env_vars": {"REGSERVE_SERVING_TOKEN": TOKEN}}
-    local_ray.deploy(config)
-    local_ray.wait_running("classifier")
-    yield Classifier(f"{local_ray.serve_url}/classifier", version, samples, expected)
-    local_ray.delete("classifier")
+    with deployed_app(local_ray, config) as url:
+        yield Classifier(url, version, samples, expected)
 
 
 def test_requests_need_the_bearer_token(classifier: Classifier) -> None:

@@ -11,7 +11,7 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -31,12 +31,9 @@ def private_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowS
 def test_registry_down_then_back(private_mlflow: MlflowServer, local_ray: LocalRay) -> None:
     v1 = log_phrasebook(private_mlflow.url, MODEL, lang_to="de")
     v2 = log_phrasebook(private_mlflow.url, MODEL, lang_to="fr")
-    local_ray.deploy(
-        app_config("fragile", model_name=MODEL, tracking_uri=private_mlflow.url, default_version=v1)
-    )
-    local_ray.wait_running("fragile")
-    url = f"{local_ray.serve_url}/fragile/serve"
-    try:
+    config = app_config("fragile", model_name=MODEL, tracking_uri=private_mlflow.url, default_version=v1)
+    with deployed_app(local_ray, config) as app:
+        url = f"{app}/serve"
         private_mlflow.stop()
         default = httpx.post(url, json={"prompt": "Hello"}, timeout=60)
         assert default.json() == [{"translation_text": "Hallo"}]
@@ -51,5 +48,3 @@ def test_registry_down_then_back(private_mlflow: MlflowServer, local_ray: LocalR
             url, json={"prompt": "Hello"}, headers={"serve-multiplexed-model-id": v2}, timeout=60
         )
         assert recovered.json() == [{"translation_text": "Bonjour"}]
-    finally:
-        local_ray.delete("fragile")

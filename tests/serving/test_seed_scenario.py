@@ -11,7 +11,7 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -33,12 +33,9 @@ def translator(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Tra
     v2 = log_phrasebook(mlflow_server.url, MODEL, lang_to="fr")
     v3 = log_phrasebook(mlflow_server.url, MODEL, lang_to="de", input_label="text_to_translate")
     broken = log_phrasebook(mlflow_server.url, MODEL, lang_to="de", fail_on_load=True)
-    local_ray.deploy(
-        app_config("translator", model_name=MODEL, tracking_uri=mlflow_server.url, default_version=v1)
-    )
-    local_ray.wait_running("translator")
-    yield Translator(f"{local_ray.serve_url}/translator", v1, v2, v3, broken)
-    local_ray.delete("translator")
+    config = app_config("translator", model_name=MODEL, tracking_uri=mlflow_server.url, default_version=v1)
+    with deployed_app(local_ray, config) as url:
+        yield Translator(url, v1, v2, v3, broken)
 
 
 def post(

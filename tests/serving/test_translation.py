@@ -11,7 +11,7 @@ from regserve_operator.sandbox.models import log_tiny_translator
 
 from serving_app.examples.tiny_t5 import build_tiny_t5
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -22,12 +22,9 @@ def test_tiny_t5_translates_through_the_endpoint(
     model_dir = build_tiny_t5(tmp_path / "tiny")
     de = log_tiny_translator(mlflow_server.url, "t5_translation", model_dir, lang_to="de")
     fr = log_tiny_translator(mlflow_server.url, "t5_translation", model_dir, lang_to="fr")
-    local_ray.deploy(
-        app_config("t5", model_name="t5_translation", tracking_uri=mlflow_server.url, default_version=de)
-    )
-    try:
-        local_ray.wait_running("t5")
-        url = f"{local_ray.serve_url}/t5/serve"
+    config = app_config("t5", model_name="t5_translation", tracking_uri=mlflow_server.url, default_version=de)
+    with deployed_app(local_ray, config) as app:
+        url = f"{app}/serve"
         prompts = [{"prompt": "The weather is lovely today"}, {"prompt": "Hello my name is Jonathan"}]
         for version in (de, fr):
             response = httpx.post(
@@ -39,5 +36,3 @@ def test_tiny_t5_translates_through_the_endpoint(
             assert all(set(answer) == {"translation_text"} for answer in answers)
             assert all(isinstance(answer["translation_text"], str) for answer in answers)
             assert response.headers["x-model-version"] == version
-    finally:
-        local_ray.delete("t5")

@@ -15,7 +15,7 @@ from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import wait_for
 
 from tests.serving.conftest import app_config
-from tests.support.ray_cluster import LocalRay
+from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray
 
@@ -42,10 +42,8 @@ def versions(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Versi
         default_version=de,
         max_models_per_replica=2,
     )
-    local_ray.deploy(config)
-    local_ray.wait_running("versions")
-    yield Versions(f"{local_ray.serve_url}/versions", de, fr, de_again)
-    local_ray.delete("versions")
+    with deployed_app(local_ray, config) as url:
+        yield Versions(url, de, fr, de_again)
 
 
 def ask(url: str, version: str | None = None) -> httpx.Response:

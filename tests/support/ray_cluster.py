@@ -7,6 +7,8 @@ Applications are deployed the way KubeRay deploys them: a Serve config PUT to
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +112,30 @@ def stop_local_ray() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def wait_until_answering(url: str, *, timeout: float = 120) -> None:
+    """RUNNING in Serve's status does not mean the proxy already routes to the app (it may be restarting)."""
+
+    def answering() -> bool:
+        return httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+    wait_for(answering, timeout=timeout, interval=0.5, message=f"{url}/healthz answering")
+
+
+@contextmanager
+def deployed_app(local_ray: LocalRay, app_config: dict[str, Any]) -> Iterator[str]:
+    """Deploys `app_config` and gives its URL once Serve runs it and the proxy routes to it.
+
+    The application is deleted on the way out, also when it never came up: a half-deployed app would keep
+    its replicas and route for the rest of the session.
+    """
+    name = app_config["name"]
+    local_ray.deploy(app_config)
+    try:
+        local_ray.wait_running(name)
+        url = f"{local_ray.serve_url}{app_config['route_prefix']}"
+        wait_until_answering(url)
+        yield url
+    finally:
+        local_ray.delete(name)

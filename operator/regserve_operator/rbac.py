@@ -40,7 +40,8 @@ def rule(source: str, api_groups: list[str], resources: list[str], verbs: list[s
 def collected() -> list[Rule]:
     for module in SOURCES:
         importlib.import_module(module)
-    return sorted(_RULES, key=lambda r: (r.api_groups, r.resources))
+    # Fully ordered: import order (which differs between a CLI run and a test session) must not show.
+    return sorted(_RULES, key=lambda r: (r.api_groups, r.resources, r.source, r.verbs))
 
 
 _VERB_ORDER = ("get", "list", "watch", "create", "update", "patch", "delete")

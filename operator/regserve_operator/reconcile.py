@@ -35,14 +35,17 @@ from regserve_operator.builders import (
     serving_version_of,
 )
 from regserve_operator.plan import Plan, make_plan
-from regserve_operator.registry import (
+from regserve_operator.ports import (
     Credentials,
+    CredentialsUnavailable,
     ModelFacts,
-    Registry,
     RegistryError,
+    RegistryPort,
     RegistryUnreachable,
-    check_requirements,
+    Target,
+    TargetConflict,
 )
+from regserve_operator.registry import check_requirements
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import (
     HistoryEntry,
@@ -57,49 +60,9 @@ log = logging.getLogger(__name__)
 HISTORY_LENGTH = 10
 
 
-# ------------------------------------------------------------------------------------------- ports
-
-
-class TargetConflict(Exception):
-    """The object changed between get and apply (e.g. resourceVersion test failed): retry soon."""
-
-
-class CredentialsUnavailable(Exception):
-    """The Secret the resource names cannot be read (missing, or forbidden)."""
-
-
-class Target(Protocol):
-    """Where the RayService lives. Kept small so a local Ray cluster can stand in for Kubernetes.
-
-    Objects are RayService-shaped dicts as the Kubernetes API returns them: `metadata`
-    (ownerReferences, annotations, labels, resourceVersion), `spec.serveConfigV2` (YAML string),
-    `spec.rayClusterConfig`, and `status` as KubeRay writes it (`conditions`,
-    `activeServiceStatus.applicationStatuses.<app>.status`, `pendingServiceStatus`).
-    """
-
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The RayService, or None if it does not exist."""
-        ...
-
-    def apply(self, plan: Plan) -> None:
-        """Carry out a `create`/`patch_*` plan (`plan.desired` is the full desired object;
-        `plan.patch` a JSON Patch against the object `get` returned). Raise TargetConflict when the
-        object changed in between."""
-        ...
-
-    def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
-        """The named Secret's data, decoded (kube: one `get` on that Secret, nothing else).
-        Raise CredentialsUnavailable when it cannot be read."""
-        ...
-
-    def url(self, namespace: str, name: str, route_prefix: str) -> str:
-        """Where clients reach the application."""
-        ...
-
-
 @dataclass
 class Deps:
-    registry: Registry
+    registry: RegistryPort
     target: Target
     defaults: BuildDefaults
     image_pins: Mapping[str, str] = field(default_factory=dict)

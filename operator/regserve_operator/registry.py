@@ -19,10 +19,8 @@ Credentials come from the Secret a resource names, as environment-variable-style
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -37,6 +35,7 @@ from typing import Any
 import httpx
 import yaml
 
+from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryError, RegistryUnreachable
 from regserve_operator.spec import ModelSelector
 from serving_app.compat import Signature, check_signature
 
@@ -50,72 +49,6 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 
 
-class RegistryError(Exception):
-    """The registry could not answer."""
-
-
-class RegistryUnreachable(RegistryError):
-    """Network failure, 5xx, or auth refused: nothing is known about the selector."""
-
-
-class NotFound(RegistryError):
-    """The registry answered: no such model, alias, stage or version."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Environment-style keys from a Secret. Values are kept out of repr and logs."""
-
-    items: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, str] | None) -> Credentials:
-        return cls(tuple(sorted((data or {}).items())))
-
-    def __repr__(self) -> str:
-        return f"Credentials(keys={[k for k, _ in self.items]})"
-
-    __str__ = __repr__
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(self.items)
-
-    @property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
-        return digest[:16]
-
-    def scrub(self, text: str) -> str:
-        """`text` without any credential value (or its Basic-auth encoding) in it."""
-        env = self.env
-        secrets = [v for v in env.values() if len(v) >= 4]
-        if env.get("MLFLOW_TRACKING_USERNAME"):
-            pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
-            secrets.append(base64.b64encode(pair.encode()).decode())
-        for secret in sorted(secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
-
-    def headers(self) -> dict[str, str]:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_TOKEN"):
-            return {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}
-        return {}
-
-    def auth(self) -> httpx.BasicAuth | None:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_USERNAME") and not env.get("MLFLOW_TRACKING_TOKEN"):
-            return httpx.BasicAuth(env["MLFLOW_TRACKING_USERNAME"], env.get("MLFLOW_TRACKING_PASSWORD", ""))
-        return None
-
-    def verify(self) -> bool | str:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            return False
-        return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     aliases: Mapping[str, str]  # alias -> version
@@ -127,18 +60,6 @@ class Snapshot:
     models: Mapping[str, ModelEntry]
     fetched_at: float
     requests: int  # HTTP requests the pass took (pages)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the operator needs to know about one registry version (from its MLmodel file)."""
-
-    name: str
-    version: str
-    signature: Signature | None  # as MLmodel stores it (`ModelSignature.to_dict()`), for serving_app.compat
-    flavors: tuple[str, ...]
-    model_size_bytes: int | None
-    requirements: tuple[str, ...] = ()
 
 
 def resolve_in(snapshot: Snapshot, selector: ModelSelector) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from regserve_operator.reconcile import CredentialsUnavailable
+from regserve_operator.ports import CredentialsUnavailable
 from regserve_operator.targets.kube import CREDENTIAL_RETRY_PAUSES_S, KubeTarget
 
 

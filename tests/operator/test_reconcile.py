@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from regserve_operator import conditions as c
 from regserve_operator.builders import serving_version_of
-from regserve_operator.reconcile import TargetConflict, next_delay
+from regserve_operator.ports import TargetConflict
+from regserve_operator.reconcile import next_delay
 
 from .fakes import World, signature
 from .helpers import OWNER, make_spec

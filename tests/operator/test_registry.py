@@ -11,16 +11,12 @@ import httpx
 import pytest
 import yaml
 from regserve_operator import registry as registry_module
+from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryError, RegistryUnreachable
 from regserve_operator.registry import (
     ARTIFACTS_PATH,
     DOWNLOAD_URI_PATH,
-    Credentials,
-    ModelFacts,
-    NotFound,
     Poller,
     Registry,
-    RegistryError,
-    RegistryUnreachable,
     Snapshot,
     check_requirements,
     fetch_facts_over_rest,
@@ -406,7 +402,7 @@ def test_rest_facts_match_the_mlflow_client(mlflow_server: MlflowServer, registe
 
 def test_rest_facts_do_not_import_mlflow(mlflow_server: MlflowServer, registered: dict[str, str]) -> None:
     code = (
-        "import sys; from regserve_operator.registry import Credentials, fetch_facts_over_rest as fetch; "
+        "import sys; from regserve_operator.ports import Credentials; from regserve_operator.registry import fetch_facts_over_rest as fetch; "
         f"f = fetch({mlflow_server.url!r}, Credentials(), 'reg_model', {registered['v1']!r}); "
         "print(f.flavors, f.model_size_bytes > 0, 'mlflow' in sys.modules)"
     )

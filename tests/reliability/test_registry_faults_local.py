@@ -18,7 +18,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from regserve_operator.local import register_local_webhook, webhook_receiver
-from regserve_operator.registry import Credentials
+from regserve_operator.ports import Credentials
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port

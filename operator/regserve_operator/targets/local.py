@@ -31,7 +31,7 @@ import yaml
 
 from regserve_operator import conditions as c
 from regserve_operator.plan import Plan
-from regserve_operator.reconcile import CredentialsUnavailable, TargetConflict
+from regserve_operator.ports import CredentialsUnavailable, TargetConflict
 
 log = logging.getLogger(__name__)
 

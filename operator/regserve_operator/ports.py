@@ -1,0 +1,161 @@
+"""The operator's ports: what reconcile asks of the registry and of the place the RayService lives.
+
+Adapters: `registry.Registry` (MLflow over REST), `targets.kube.KubeTarget` (the API server) and
+`targets.local.LocalRayTarget` (a local Ray dashboard). Reconcile depends on these protocols only.
+Registry credentials and facts are the vocabulary both sides share, so they live here too.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from regserve_operator.plan import Plan
+from regserve_operator.spec import ModelSelector
+from serving_app.compat import Signature
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+class RegistryError(Exception):
+    """The registry could not answer."""
+
+
+class RegistryUnreachable(RegistryError):
+    """Network failure, 5xx, or auth refused: nothing is known about the selector."""
+
+
+class NotFound(RegistryError):
+    """The registry answered: no such model, alias, stage or version."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Environment-style keys from a Secret. Values are kept out of repr and logs."""
+
+    items: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, str] | None) -> Credentials:
+        return cls(tuple(sorted((data or {}).items())))
+
+    def __repr__(self) -> str:
+        return f"Credentials(keys={[k for k, _ in self.items]})"
+
+    __str__ = __repr__
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
+        return digest[:16]
+
+    def scrub(self, text: str) -> str:
+        """`text` without any credential value (or its Basic-auth encoding) in it."""
+        env = self.env
+        secrets = [v for v in env.values() if len(v) >= 4]
+        if env.get("MLFLOW_TRACKING_USERNAME"):
+            pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            secrets.append(base64.b64encode(pair.encode()).decode())
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    def headers(self) -> dict[str, str]:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_TOKEN"):
+            return {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}
+        return {}
+
+    def auth(self) -> httpx.BasicAuth | None:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_USERNAME") and not env.get("MLFLOW_TRACKING_TOKEN"):
+            return httpx.BasicAuth(env["MLFLOW_TRACKING_USERNAME"], env.get("MLFLOW_TRACKING_PASSWORD", ""))
+        return None
+
+    def verify(self) -> bool | str:
+        env = self.env
+        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            return False
+        return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the operator needs to know about one registry version (from its MLmodel file)."""
+
+    name: str
+    version: str
+    signature: Signature | None  # as MLmodel stores it (`ModelSignature.to_dict()`), for serving_app.compat
+    flavors: tuple[str, ...]
+    model_size_bytes: int | None
+    requirements: tuple[str, ...] = ()
+
+
+
+class RegistryPort(Protocol):
+    """What reconcile asks MLflow: which version a selector points at, and what a version is."""
+
+    def resolve(
+        self, tracking_uri: str, credentials: Credentials, selector: ModelSelector, poll_interval_s: float
+    ) -> str:
+        """The version `selector` points at now. Raise RegistryUnreachable or NotFound."""
+        ...
+
+    def facts(self, tracking_uri: str, credentials: Credentials, name: str, version: str) -> ModelFacts:
+        """Signature, flavors, size and requirements of one version (immutable, so cacheable).
+        Raise RegistryError when the registry cannot answer; anything else means an unreadable MLmodel."""
+        ...
+
+    def model_changed(self, model_name: str) -> None:
+        """A webhook said `model_name` changed: the next resolve must not answer from a stale snapshot."""
+        ...
+
+
+# ------------------------------------------------------------------------------------------- target
+
+
+class TargetConflict(Exception):
+    """The object changed between get and apply (e.g. resourceVersion test failed): retry soon."""
+
+
+class CredentialsUnavailable(Exception):
+    """The Secret the resource names cannot be read (missing, or forbidden)."""
+
+
+class Target(Protocol):
+    """Where the RayService lives. Kept small so a local Ray cluster can stand in for Kubernetes.
+
+    Objects are RayService-shaped dicts as the Kubernetes API returns them: `metadata`
+    (ownerReferences, annotations, labels, resourceVersion), `spec.serveConfigV2` (YAML string),
+    `spec.rayClusterConfig`, and `status` as KubeRay writes it (`conditions`,
+    `activeServiceStatus.applicationStatuses.<app>.status`, `pendingServiceStatus`).
+    """
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RayService, or None if it does not exist."""
+        ...
+
+    def apply(self, plan: Plan) -> None:
+        """Carry out a `create`/`patch_*` plan (`plan.desired` is the full desired object;
+        `plan.patch` a JSON Patch against the object `get` returned). Raise TargetConflict when the
+        object changed in between."""
+        ...
+
+    def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
+        """The named Secret's data, decoded (kube: one `get` on that Secret, nothing else).
+        Raise CredentialsUnavailable when it cannot be read."""
+        ...
+
+    def url(self, namespace: str, name: str, route_prefix: str) -> str:
+        """Where clients reach the application."""
+        ...

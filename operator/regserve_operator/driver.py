@@ -1,4 +1,5 @@
-"""Reconcile loop without Kubernetes: statuses in memory, the same scheduling as the operator.
+"""Reconcile loop without Kubernetes: statuses in memory, the same pass (`reconcile_pass`) and
+scheduling as the operator.
 
 For local mode (`regserve dev`): give it a Target (e.g. the Ray dashboard one) and the resources read
 from files; it reconciles each when due (poll interval, backoff, rollout being judged, or a webhook
@@ -7,6 +8,7 @@ for its model) and reports Events through a callback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from regserve_operator.builders import Owner
-from regserve_operator.reconcile import Deps, Event, Outcome, next_delay, reconcile
+from regserve_operator.decide import Event, Outcome
+from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.schedule import Key, Scheduler
-from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
+from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus
 
 log = logging.getLogger(__name__)
 
@@ -75,36 +78,27 @@ class Driver:
         for key, res in resources:
             if not self.scheduler.due(key, res.generation):
                 continue
-            try:
-                outcome = reconcile(res.owner, res.generation, res.spec, res.status, self.deps, self._now())
-            except Exception:
-                # One resource's unexpected failure must not stop the others: it is retried with backoff.
-                log.exception("%s/%s: reconcile failed", res.owner.namespace, res.owner.name)
-                self.scheduler.done(
-                    key,
-                    delay=next_delay(Outcome(status=res.status, retry=True), 0, self.scheduler.failures(key)),
-                    model=res.spec.model.name,
-                    failed=True,
-                    generation=res.generation,
-                    status=status_to_wire(res.status),
-                )
+            outcome = reconcile_pass(
+                self.scheduler,
+                res.owner,
+                res.generation,
+                res.spec,
+                res.status,
+                self.deps,
+                now=self._now(),
+                tick_s=self._tick,
+                post_event=functools.partial(self._post, res.owner),
+            )
+            if outcome is None:
                 continue
             with self._lock:
                 res.status = outcome.status
-            for event in outcome.events:
-                if self._on_event:
-                    self._on_event(res.owner, event)
-            failures = self.scheduler.failures(key) if outcome.retry else 0
-            self.scheduler.done(
-                key,
-                delay=next_delay(outcome, res.spec.registry.poll_interval_seconds, failures, self._tick),
-                model=res.spec.model.name,
-                failed=outcome.retry,
-                generation=res.generation,
-                status=status_to_wire(outcome.status),
-            )
             outcomes.append(outcome)
         return outcomes
+
+    def _post(self, owner: Owner, event: Event) -> None:
+        if self._on_event:
+            self._on_event(owner, event)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():

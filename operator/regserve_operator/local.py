@@ -14,10 +14,7 @@ import asyncio
 import logging
 import os
 import secrets
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,16 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import yaml
 
 from regserve_operator.builders import BuildDefaults, Owner
+from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
-from regserve_operator.reconcile import Deps, Event
+from regserve_operator.local_ray import LocalCluster, ensure_ray, wanted_ingress_mode
+from regserve_operator.probe import probe_app
+from regserve_operator.reconcile import Deps
 from regserve_operator.registry import Registry
-from regserve_operator.sandbox.processes import free_port, wait_for
-from regserve_operator.sandbox.processes import start as start_process
-from regserve_operator.sandbox.processes import stop as stop_process
+from regserve_operator.sandbox.processes import free_port
 from regserve_operator.spec import (
     GROUP,
     KIND,
@@ -85,71 +82,6 @@ def load_resources(path: Path) -> list[Resource]:
     if not resources:
         raise SystemExit(f"{path}: no {KIND} found")
     return resources
-
-
-# ------------------------------------------------------------------------------------- Ray cluster
-
-
-@dataclass
-class LocalCluster:
-    dashboard_url: str
-    process: subprocess.Popen[bytes] | None = None  # set when this session started the cluster
-
-    def stop(self) -> None:
-        # Only what we started, by process group: `ray stop` would kill every Ray cluster on the machine.
-        if self.process is not None:
-            stop_process(self.process, timeout=60)
-            self.process = None
-
-
-def _ray_cli(*args: str) -> list[str]:
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
-    return [ray, *args]
-
-
-def ensure_ray(dashboard_url: str, *, num_cpus: int, log_dir: Path) -> LocalCluster:
-    """Use the Ray cluster whose dashboard answers at `dashboard_url`, or start one."""
-    if _dashboard_up(dashboard_url):
-        return LocalCluster(dashboard_url)
-    port = httpx.URL(dashboard_url).port or 8265
-    print(f"regserve: starting a local Ray cluster (dashboard {dashboard_url}) ...", flush=True)
-    command = _ray_cli(
-        "start", "--head", "--block", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={port}", f"--port={free_port()}", "--disable-usage-stats",
-    )  # fmt: skip
-    # The serving code must be importable by Ray's workers: they inherit this environment.
-    roots = [*_source_roots(), os.environ.get("PYTHONPATH", "")]
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, roots))}
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(dashboard_url, start_process(command, log=log_dir / "ray-start.log", env=env))
-
-    def dashboard_up() -> bool:
-        process = cluster.process
-        if process is not None and process.poll() is not None:
-            tail = (log_dir / "ray-start.log").read_text()[-3000:]
-            raise AssertionError(f"`ray start` exited ({process.returncode}):\n{tail}")
-        return _dashboard_up(dashboard_url)
-
-    try:
-        wait_for(dashboard_up, timeout=180, interval=0.5, message="the Ray dashboard")
-    except (TimeoutError, AssertionError):
-        cluster.stop()
-        raise
-    return cluster
-
-
-def _source_roots() -> list[str]:
-    here = Path(__file__).resolve().parent
-    return [str(here.parent), str(here.parent.parent.parent)]
-
-
-def _dashboard_up(url: str) -> bool:
-    token = ray_auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        return httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=3).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------- webhook
@@ -266,7 +198,8 @@ def make_session(
     out: Callable[[str], None] = print,
     log_dir: Path = Path(".regserve"),
 ) -> DevSession:
-    cluster = ensure_ray(dashboard_url, num_cpus=num_cpus, log_dir=log_dir)
+    ingress_mode = wanted_ingress_mode(r.spec.serving.ingress_mode for r in resources)
+    cluster = ensure_ray(dashboard_url, ingress_mode=ingress_mode, num_cpus=num_cpus, log_dir=log_dir)
     target = LocalRayTarget(ServeDashboard(dashboard_url, token=ray_auth_token()), serve_port=serve_port)
     import ray
 
@@ -275,6 +208,7 @@ def make_session(
         target=target,
         defaults=BuildDefaults(image=f"rayproject/ray:{ray.__version__}-py311", ray_version=ray.__version__),
         settle_seconds=settle_seconds,
+        probe=probe_app,
     )
     reporter = Reporter(out=out)
     driver = Driver(deps, on_event=reporter.event, tick_seconds=0.5)

@@ -1,8 +1,11 @@
-"""kopf registration. Handlers are thin: they mark resources due and delegate to `reconcile`.
+"""kopf registration. Handlers are thin: they mark resources due and delegate to
+`reconcile.reconcile_pass`, the same pass local mode runs. Operator-wide state (settings read at
+startup, the ports, the scheduler) lives in kopf's memo, set by the startup handler.
 
 - create/resume/update: mark the resource due (the next tick reconciles it).
 - delete: forget it; the RayService goes with it through its owner reference (no finalizer).
-- timer (every `tick_seconds`): reconcile when due; write status through kopf's `patch`; post Events.
+- timer (every second): when due, one reconcile pass; status written through kopf's `patch`, Events
+  through `kopf.event`.
 - RayService events (ours, by label): mark the owner due, so rollouts are judged as soon as KubeRay
   reports.
 - webhook deliveries: mark resources serving the named model due and refresh the registry snapshot.
@@ -24,8 +27,9 @@ from regserve_operator import metrics, probe
 from regserve_operator import spec as s
 from regserve_operator.builders import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
 from regserve_operator.conditions import READY, set_condition
+from regserve_operator.decide import Outcome, iso
 from regserve_operator.rbac import rule
-from regserve_operator.reconcile import Deps, Outcome, iso, next_delay, reconcile
+from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.registry import Registry
 from regserve_operator.schedule import Key, Scheduler
 from regserve_operator.settings import Settings
@@ -48,22 +52,13 @@ rule(
     "kopf follows CRD changes at startup",
 )
 
-# Read at import for the timer's interval (fixed when the decorator runs); re-read at startup for the rest.
-SETTINGS = Settings()
-
-# The mlflow client (where the operator uses it to read a version) retries for minutes by default
-# (7 retries, backoff up to 120 s, 120 s timeouts), inside the handler: an unreachable registry would
-# hold the resource's status, Events and next ticks for that long. The operator backs off on its own,
-# so one quick retry is enough. Defaults only: the deployment's env still decides.
-MLFLOW_CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
+# The timer only asks the scheduler whether a resource is due (no I/O), so its period is fixed here;
+# `Settings.tick_seconds` is how soon a resource is looked at again while a rollout is judged.
+TIMER_INTERVAL_S = 1.0
 
 
 class State:
-    """What the handlers share; built at startup."""
+    """What the handlers share; built at startup and kept in kopf's memo."""
 
     def __init__(self, settings: Settings, deps: Deps) -> None:
         self.settings = settings
@@ -71,14 +66,16 @@ class State:
         self.scheduler = Scheduler()
         self.receiver_runner: Any = None
 
+    def model_changed(self, model_name: str) -> None:
+        self.deps.registry.model_changed(model_name)
+        self.scheduler.wake_model(model_name)
 
-_state: State | None = None
 
-
-def _get_state() -> State:
-    if _state is None:
+def _state(memo: Any) -> State:
+    state = getattr(memo, "state", None)
+    if not isinstance(state, State):
         raise kopf.TemporaryError("operator not started yet", delay=1)
-    return _state
+    return state
 
 
 def build_state(settings: Settings, target: Any = None) -> State:
@@ -92,7 +89,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
         defaults=BuildDefaults(image=settings.image, ray_version=settings.ray_version),
         image_pins=settings.image_pins,
         settle_seconds=settings.settle_seconds,
-        answering_default=probe.answering_default if settings.probes_serving else None,
+        probe=probe.probe_app if settings.probes_serving else None,
     )
     return State(settings, deps)
 
@@ -125,8 +122,7 @@ class QuietTicks(logging.Filter):
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _state
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
     objects_log = logging.getLogger("kopf.objects")
     if not any(isinstance(f, QuietTicks) for f in objects_log.filters):
@@ -135,31 +131,22 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Handler progress in annotations only: status belongs to the resource's own fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
-    for key, value in MLFLOW_CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
     current = Settings()
     state = build_state(current)
-    _state = state
+    memo.state = state
     metrics.serve(current.metrics_port)
     secret = current.webhook_secret.get_secret_value() if current.webhook_secret else ""
     if current.webhook_port and secret:
-        receiver = Receiver(secret, on_model_changed=_model_changed, on_verdict=_count_delivery)
+        receiver = Receiver(secret, on_model_changed=state.model_changed, on_verdict=_count_delivery)
         state.receiver_runner = await start_receiver(receiver, current.webhook_host, current.webhook_port)
         log.info("webhook receiver on %s:%s/webhook", current.webhook_host, current.webhook_port)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    global _state
-    if _state is not None and _state.receiver_runner is not None:
-        await _state.receiver_runner.cleanup()
-    _state = None
-
-
-def _model_changed(model_name: str) -> None:
-    state = _get_state()
-    state.deps.registry.model_changed(model_name)
-    state.scheduler.wake_model(model_name)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = getattr(memo, "state", None)
+    if isinstance(state, State) and state.receiver_runner is not None:
+        await state.receiver_runner.cleanup()
 
 
 def _count_delivery(verdict: Verdict) -> None:
@@ -170,23 +157,24 @@ def _count_delivery(verdict: Verdict) -> None:
 @kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-resume")
 @kopf.on.create(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-create")
 @kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, field="spec", id="wake-on-update")
-def wake(*, namespace: str | None, name: str, **_: Any) -> None:
-    _get_state().scheduler.wake((namespace or "", name))
+def wake(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    _state(memo).scheduler.wake((namespace or "", name))
 
 
 @kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, optional=True)
-def forget(*, namespace: str | None, name: str, **_: Any) -> None:
-    _get_state().scheduler.forget((namespace or "", name))
+def forget(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    _state(memo).scheduler.forget((namespace or "", name))
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})
-def rayservice_changed(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+def rayservice_changed(*, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     owner = labels.get(LABEL_INSTANCE)
-    if owner and _state is not None:
-        _state.scheduler.wake((namespace or "", owner))
+    state = getattr(memo, "state", None)
+    if owner and isinstance(state, State):
+        state.scheduler.wake((namespace or "", owner))
 
 
-@kopf.timer(s.GROUP, s.VERSION, s.PLURAL, interval=SETTINGS.tick_seconds)
+@kopf.timer(s.GROUP, s.VERSION, s.PLURAL, interval=TIMER_INTERVAL_S)
 def tick(
     *,
     namespace: str | None,
@@ -195,9 +183,10 @@ def tick(
     body: kopf.Body,
     meta: kopf.Meta,
     patch: kopf.Patch,
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    state = _get_state()
+    state = _state(memo)
     key: Key = (namespace or "", name)
     generation = meta.get("generation")
     if not state.scheduler.due(key, generation):
@@ -223,35 +212,24 @@ def handle(
         _invalid_spec(state, key, generation, body, patch, raw_status, exc, now)
         return
     status = s.parse_status(raw_status)
-    try:
-        outcome = reconcile(Owner(name, namespace, uid), generation, spec, status, state.deps, now)
-    except Exception:
-        log.exception("reconcile of %s/%s failed", namespace, name)
-        metrics.RECONCILES.labels("error").inc()
-        failures = state.scheduler.failures(key)
-        state.scheduler.done(
-            key,
-            delay=min(300.0, 2.0 * 2 ** (failures - 1)),
-            model=spec.model.name,
-            failed=True,
-            generation=generation,
-            status=raw_status,
-        )
-        return
-    wire = s.status_to_wire(outcome.status)
-    _write_status(patch, raw_status, wire)
-    for event in outcome.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    _record(outcome)
-    failures = state.scheduler.failures(key) if outcome.retry else 0
-    state.scheduler.done(
-        key,
-        delay=next_delay(outcome, spec.registry.poll_interval_seconds, failures, state.settings.tick_seconds),
-        model=spec.model.name,
-        failed=outcome.retry,
-        generation=generation,
-        status=wire,
+    outcome = reconcile_pass(
+        state.scheduler,
+        Owner(name, namespace, uid),
+        generation,
+        spec,
+        status,
+        state.deps,
+        now=now,
+        tick_s=state.settings.tick_seconds,
+        post_event=lambda event: kopf.event(
+            body, type=event.type, reason=event.reason, message=event.message
+        ),
     )
+    if outcome is None:
+        metrics.RECONCILES.labels("error").inc()
+        return
+    _write_status(patch, raw_status, s.status_to_wire(outcome.status))
+    _record(outcome)
 
 
 def _write_status(patch: Any, old: dict[str, Any], new: dict[str, Any]) -> None:

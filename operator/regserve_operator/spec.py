@@ -212,11 +212,21 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
+FailureCause = Literal["RegistryUnavailable", "LoadFailed", "DeployFailed", "Timeout"]
+"""Why a rollout failed. RegistryUnavailable: the serving side could not reach the registry to load
+the version (not the version's fault: retried with back-off). LoadFailed: the app reported the
+version's load as failed. DeployFailed: Ray Serve reported the application failed. Timeout: not
+serving within `rollout.deadlineSeconds`."""
+
+
 class VersionRecord(_Model):
     """A version that was held back or rolled back; not retried until the selector moves."""
 
     version: str
     reason: Literal["Incompatible", "Unreadable", "RolledBack"]
+    # Why a rolled-back version failed; retries and back-off read this, never `message`.
+    cause: FailureCause | None = None
+    attempts: int | None = None  # rollouts of this version that failed in a row
     message: str = ""
     differences: list[str] | None = None
     at: str | None = None
@@ -249,6 +259,7 @@ class RegisteredModelServingStatus(_Model):
     rejected: VersionRecord | None = None
     rollout_started_at: str | None = None
     rollout_version: str | None = None
+    rollout_attempt: int | None = None  # 1 for a first rollout of `rollout_version`, n for its n-th retry
     history: list[HistoryEntry] | None = None
     conditions: list[Condition] | None = None
     observed_generation: int | None = None

@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 import jsonpatch
+from regserve_operator.decide import Outcome
 from regserve_operator.plan import Plan
 from regserve_operator.ports import Credentials, CredentialsUnavailable, ModelFacts, NotFound, TargetConflict
-from regserve_operator.reconcile import Deps, Outcome, reconcile
+from regserve_operator.reconcile import Deps, reconcile
 from regserve_operator.registry import Registry
 from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from regserve_operator.builders import serving_version_of
+from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
-from regserve_operator.reconcile import Event
 
 from .fakes import World, signature
 from .helpers import OWNER, make_spec

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 from regserve_operator import conditions as c
 from regserve_operator.builders import serving_version_of
+from regserve_operator.decide import next_delay
 from regserve_operator.ports import TargetConflict
-from regserve_operator.reconcile import next_delay
+from regserve_operator.probe import AppReport, SwitchFailure
 
 from .fakes import World, signature
 from .helpers import OWNER, make_spec
@@ -315,8 +316,13 @@ def test_kuberay_upgrade_is_mirrored_as_rollout_in_progress() -> None:
 
 
 def _transient_failure(world: World, version: str) -> Any:
-    world.target.set_app_status("DEPLOY_FAILED", f"version {version} not loaded, {c.REGISTRY_UNAVAILABLE}: x")
-    return world.step(6)
+    """Ray runs the app, which reports its switch to `version` failed: the registry was unavailable."""
+    world.target.set_app_status("RUNNING")
+    failed_at = world.now.timestamp() + 1
+    world.deps.probe = lambda url: AppReport("1", SwitchFailure(version, "registry_unavailable", failed_at))
+    outcome = world.step(6)
+    world.deps.probe = None
+    return outcome
 
 
 def test_rollout_failed_by_registry_outage_is_retried_with_backoff() -> None:
@@ -399,11 +405,11 @@ def test_write_conflict_is_looked_at_again_next_tick_not_backed_off() -> None:
 def test_running_rollout_is_confirmed_by_the_app(answers: str | None, outcome: str) -> None:
     asked: list[str] = []
 
-    def answering_default(url: str) -> str | None:
+    def probe(url: str) -> AppReport | None:
         asked.append(url)
-        return answers
+        return None if answers is None else AppReport(answers)
 
-    world = World(make_spec(rollout={"deadlineSeconds": 60}), answering_default=answering_default)
+    world = World(make_spec(rollout={"deadlineSeconds": 60}), probe=probe)
     world.server.add("1", SIG)
     world.server.add("2", SIG)
     world.server.aliases["champion"] = "1"
@@ -425,7 +431,7 @@ def test_running_rollout_is_confirmed_by_the_app(answers: str | None, outcome: s
 
 
 def test_probe_of_an_unreachable_app_is_unknown() -> None:
-    from regserve_operator.probe import answering_default
+    from regserve_operator.probe import probe_app
     from regserve_operator.sandbox.processes import free_port
 
-    assert answering_default(f"http://127.0.0.1:{free_port()}/nothing") is None
+    assert probe_app(f"http://127.0.0.1:{free_port()}/nothing") is None

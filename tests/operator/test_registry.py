@@ -13,19 +13,19 @@ import yaml
 from regserve_operator import registry as registry_module
 from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryError, RegistryUnreachable
 from regserve_operator.registry import (
-    ARTIFACTS_PATH,
-    DOWNLOAD_URI_PATH,
     Poller,
     Registry,
     Snapshot,
-    check_requirements,
     fetch_facts_over_rest,
     fetch_facts_with_mlflow,
     parse_search_page,
     resolve_in,
 )
+from regserve_operator.requirements import check_requirements
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.spec import ModelSelector
+
+from serving_app.mlmodel import ARTIFACTS_PATH, DOWNLOAD_URI_PATH, Unreadable
 
 from .counting_proxy import CountingProxy
 from .mlflow_fixture import log_version
@@ -291,7 +291,8 @@ def test_rest_facts_error_mapping_never_shows_credentials() -> None:
     missing.answers[f"{ARTIFACTS_PATH}/0/models/m-abc/artifacts/MLmodel"] = httpx.Response(
         404, json={"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "No such artifact"}
     )
-    with pytest.raises(NotFound):
+    # The version exists (its location resolved) but its files are gone: broken, not unknown.
+    with pytest.raises(Unreadable, match="no MLmodel"):
         _rest(missing, creds)
     for status, body in [(503, {}), (401, {"echo": f"Bearer {SECRET}"}), (404, {"html": SECRET})]:
         server = FakeMlflow()
@@ -402,7 +403,8 @@ def test_rest_facts_match_the_mlflow_client(mlflow_server: MlflowServer, registe
 
 def test_rest_facts_do_not_import_mlflow(mlflow_server: MlflowServer, registered: dict[str, str]) -> None:
     code = (
-        "import sys; from regserve_operator.ports import Credentials; from regserve_operator.registry import fetch_facts_over_rest as fetch; "
+        "import sys; from regserve_operator.ports import Credentials; "
+        "from regserve_operator.registry import fetch_facts_over_rest as fetch; "
         f"f = fetch({mlflow_server.url!r}, Credentials(), 'reg_model', {registered['v1']!r}); "
         "print(f.flavors, f.model_size_bytes > 0, 'mlflow' in sys.modules)"
     )

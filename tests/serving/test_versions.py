@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from regserve_operator.probe import answering_default
+from regserve_operator.probe import probe_app
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import wait_for
@@ -131,4 +131,5 @@ def test_switch_to_a_broken_default_keeps_the_old_one_and_reports(
     # What Kubernetes sees: Serve says RUNNING (KubeRay mirrors that), so only the app can tell the
     # operator that the old default still answers.
     assert local_ray.status("versions") == "RUNNING"
-    assert answering_default(versions.url) == before != broken
+    report = probe_app(versions.url)
+    assert report is not None and report.default_version == before != broken

@@ -9,9 +9,8 @@ local dashboard, so `reconcile()` runs unchanged:
 - `get` returns the last applied RayService with a `status` synthesised from the dashboard, in
   KubeRay's shape (`conditions[Ready]`, `activeServiceStatus.applicationStatuses`).
 
-The serving app keeps its old default when an in-place switch fails (the replica must keep
-answering), which Ray does not see. Locally we can ask the app itself: a switch the app reports as
-failed in `/metadata` is shown as DEPLOY_FAILED, so the rollout is judged (and rolled back) correctly.
+The status is Ray's view only, as KubeRay's is: whether an in-place switch of the default version
+took is asked of the app itself by the reconcile (`probe.py`), the same way on both targets.
 `rayClusterConfig` has no local meaning: cluster-shape changes are accepted and ignored.
 """
 
@@ -21,7 +20,6 @@ import copy
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ from typing import Any
 import httpx
 import yaml
 
-from regserve_operator import conditions as c
 from regserve_operator.plan import Plan
 from regserve_operator.ports import CredentialsUnavailable, TargetConflict
 
@@ -98,17 +95,12 @@ class LocalRayTarget:
         *,
         serve_host: str = "127.0.0.1",
         serve_port: int = 8000,
-        probe_timeout_s: float = 5.0,
     ) -> None:
         self._dashboard = dashboard
         self._serve_host = serve_host
         self._serve_port = serve_port
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
-        # Wall-clock time each object was last applied: a switch failure the app reports from before
-        # then belongs to an earlier attempt, not to the config being judged.
-        self._applied_at: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._probe = httpx.Client(timeout=probe_timeout_s)
 
     @property
     def http_options(self) -> dict[str, Any]:
@@ -122,8 +114,7 @@ class LocalRayTarget:
             if stored is None:
                 return None
             rayservice = copy.deepcopy(stored)
-            applied_at = self._applied_at.get((namespace, name), 0.0)
-        rayservice["status"] = self._status(rayservice, applied_at)
+        rayservice["status"] = self._status(rayservice)
         return rayservice
 
     def apply(self, plan: Plan) -> None:
@@ -142,7 +133,6 @@ class LocalRayTarget:
             metadata["resourceVersion"] = str(int(_version_of(current) or "0") + 1)
             metadata.setdefault("uid", f"local-{plan.namespace}-{plan.name}")
             self._objects[key] = desired
-            self._applied_at[key] = time.time()
         log.info("applied %s to the local Ray cluster (%s)", plan.name, plan.action)
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
@@ -165,7 +155,7 @@ class LocalRayTarget:
 
     # ------------------------------------------------------------------------------------- status
 
-    def _status(self, rayservice: dict[str, Any], applied_at: float) -> dict[str, Any]:
+    def _status(self, rayservice: dict[str, Any]) -> dict[str, Any]:
         try:
             deployed = self._dashboard.applications()
         except httpx.HTTPError as error:
@@ -176,67 +166,31 @@ class LocalRayTarget:
             details = deployed.get(app["name"])
             if details is None:
                 continue
-            statuses[app["name"]] = self._app_status(app, details, applied_at)
+            statuses[app["name"]] = _app_status(app, details)
         ready = bool(statuses) and all(s["status"] == "RUNNING" for s in statuses.values())
         return {
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             "activeServiceStatus": {"applicationStatuses": statuses},
         }
 
-    def _app_status(self, app: dict[str, Any], details: dict[str, Any], applied_at: float) -> dict[str, Any]:
-        status = str(details.get("status") or "NOT_STARTED")
-        message = str(details.get("message") or "")
-        deployments = {
-            name: {"status": d.get("status"), "message": d.get("message") or ""}
-            for name, d in (details.get("deployments") or {}).items()
-        }
-        wanted = _wanted_default(app)
-        deployed_config = details.get("deployed_app_config") or {}
-        if status == "RUNNING" and wanted is not None and _wanted_default(deployed_config) == wanted:
-            status, message = self._confirm_default(app, wanted, status, message, applied_at)
-        return {"status": status, "message": message, "serveDeploymentStatuses": deployments}
 
-    def _confirm_default(
-        self, app: dict[str, Any], wanted: str, status: str, message: str, applied_at: float
-    ) -> tuple[str, str]:
-        """RUNNING only once the app itself answers with the wanted default version.
-
-        Ray reports RUNNING for a moment after a new config is PUT (before its controller acts), so
-        Ray's word alone cannot confirm an in-place switch. Only when the app refuses the probe (auth
-        on) is Ray's view all there is.
-        """
-        url = f"http://{self._serve_host}:{self._serve_port}{app.get('route_prefix', '/')}".rstrip("/")
-        try:
-            response = self._probe.get(f"{url}/metadata")
-        except httpx.HTTPError as error:
-            return "DEPLOYING", f"the application does not answer yet: {error}"
-        if response.status_code in (401, 403):
-            return status, message
-        try:
-            metadata = response.json()
-        except ValueError:
-            metadata = None
-        if not isinstance(metadata, dict) or "default_version" not in metadata:
-            return "DEPLOYING", f"the application does not answer yet ({response.status_code})"
-        if metadata.get("default_version") == wanted:
-            return "RUNNING", message
-        failure = metadata.get("last_default_switch_failure") or {}
-        if failure.get("version") == wanted and float(failure.get("at") or 0) >= applied_at - 1:
-            reported = str(failure.get("error") or "")
-            if _registry_unavailable(failure):
-                return "DEPLOY_FAILED", f"version {wanted} not loaded, {c.REGISTRY_UNAVAILABLE}: {reported}"
-            return "DEPLOY_FAILED", f"version {wanted} failed to load: {reported}"
-        return "DEPLOYING", f"switching the default version to {wanted}"
+def _app_status(app: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    status = str(details.get("status") or "NOT_STARTED")
+    message = str(details.get("message") or "")
+    deployments = {
+        name: {"status": d.get("status"), "message": d.get("message") or ""}
+        for name, d in (details.get("deployments") or {}).items()
+    }
+    wanted = _wanted_default(app)
+    if status == "RUNNING" and wanted is not None and _wanted_default(deployed_config(details)) != wanted:
+        # Ray reports RUNNING for a moment after a new config is PUT, before its controller
+        # acts: RUNNING counts only once Ray has taken the config this target applied.
+        status, message = "DEPLOYING", f"Ray has not taken the config with default version {wanted} yet"
+    return {"status": status, "message": message, "serveDeploymentStatuses": deployments}
 
 
-def _registry_unavailable(failure: dict[str, Any]) -> bool:
-    """The switch failed because the replica could not reach the registry (serving_app's
-    `registry_unavailable`), not because of the version: recognised by the code, or by the
-    messages serving_app.registry gives that error."""
-    if failure.get("code") is not None:
-        return failure.get("code") == "registry_unavailable"
-    error = str(failure.get("error") or "")
-    return error.startswith(("model registry unreachable", "model registry failed"))
+def deployed_config(details: dict[str, Any]) -> dict[str, Any]:
+    return dict(details.get("deployed_app_config") or {})
 
 
 def _applications(rayservice: dict[str, Any]) -> list[dict[str, Any]]:

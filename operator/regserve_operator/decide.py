@@ -1,0 +1,561 @@
+"""The decision of one reconcile pass, pure: from what was gathered to the new status, the Events, the
+plan for the RayService and when to look again. No I/O, no clock: `Inputs.now` is the time.
+
+Rollout rules (the version under judgement is `status.rolloutVersion`; judging itself is in rollout.py):
+- The version the selector resolves to is *gated* against the version that serves (serving_app's
+  `compare_signatures`). Incompatible → held: `status.rejected` (reason Incompatible), condition
+  SignatureCompatible=False with the differences, one Event; the serving version keeps serving; not
+  tried again until the selector resolves to another version (or `rollout.allowIncompatibleVersion`
+  names it). A version whose MLmodel cannot be read is held the same way (reason Unreadable).
+- A rollout that succeeds makes its version `lastGoodVersion`. One that fails is rolled back to
+  `lastGoodVersion` and recorded with its typed cause and attempt count (reason RolledBack); not
+  retried while the selector still points at it, except when the cause is RegistryUnavailable (the
+  version is not at fault): retried after a back-off that doubles with each attempt.
+- Superseded rollouts: when the selector moves while a rollout is judged, a version that already
+  serves and answers healthy is kept (it succeeds, and the new candidate is gated against it); one
+  that has failed or is still loading is dropped for the last good version.
+- `spec.paused` starts no rollout. Events and conditions' transition times mark transitions, never
+  repeated polls; one Event per reason per pass.
+
+A pass may need the facts of a version the gathering did not read: `decide` then answers `NeedFacts`
+and the caller reads them and decides again (versions are immutable, so facts are cached).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from regserve_operator import conditions as c
+from regserve_operator import rollout as r
+from regserve_operator.builders import (
+    BuildDefaults,
+    Owner,
+    build_rayservice,
+    rayservice_name,
+    serving_version_of,
+)
+from regserve_operator.plan import Plan, make_plan
+from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
+from regserve_operator.probe import AppReport
+from regserve_operator.registry import check_requirements
+from regserve_operator.sizing import size_replica
+from regserve_operator.spec import (
+    HistoryEntry,
+    RegisteredModelServingSpec,
+    RegisteredModelServingStatus,
+    VersionRecord,
+)
+from serving_app.compat import compare_signatures
+
+log = logging.getLogger(__name__)
+
+HISTORY_LENGTH = 10
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """The registry answered for a version, but with something that is no MLmodel."""
+
+    error: str
+
+
+FactsResult = ModelFacts | RegistryError | Unreadable
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything gathered for one pass."""
+
+    url: str
+    credentials_problem: str | None = None  # the named Secret could not be read: nothing else was asked
+    existing: dict[str, Any] | None = None  # the RayService as the target returned it
+    resolved: str | RegistryError | None = None  # the selector's version, or why it is unknown
+    facts: Mapping[str, FactsResult] = field(default_factory=dict)
+    app: AppReport | None = None  # what the app reported (asked only while a rollout is judged)
+
+    def with_facts(self, version: str, result: FactsResult) -> Observation:
+        return replace(self, facts={**self.facts, version: result})
+
+
+@dataclass(frozen=True)
+class Inputs:
+    owner: Owner
+    generation: int | None
+    spec: RegisteredModelServingSpec
+    status: RegisteredModelServingStatus
+    now: datetime
+    defaults: BuildDefaults
+    image_pins: Mapping[str, str] = field(default_factory=dict)
+    settle_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+RolloutResult = Literal["started", "succeeded", "rolled_back", "held"]
+
+
+@dataclass
+class Outcome:
+    """The decision: the status to write, Events to post, the plan to carry out, when to look again."""
+
+    status: RegisteredModelServingStatus
+    events: list[Event] = field(default_factory=list)
+    retry: bool = False  # an error: look again after the error back-off
+    in_flight: bool = False  # a rollout is being judged: look again at the next tick
+    plan: Plan | None = None
+    results: list[RolloutResult] = field(default_factory=list)
+    promotion_latency_s: float | None = None
+    requeue_after_s: float | None = None  # a retry is due then (e.g. after a registry outage)
+
+
+@dataclass(frozen=True)
+class NeedFacts:
+    """The decision needs the facts of `version`; read them and decide again."""
+
+    version: str
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def decide(inputs: Inputs, observed: Observation) -> Outcome | NeedFacts:
+    try:
+        return _decide(_Draft(inputs, observed))
+    except _Missing as missing:
+        return NeedFacts(missing.version)
+
+
+def wants_app_report(status: RegisteredModelServingStatus, existing: dict[str, Any] | None, app: str) -> bool:
+    """Ask the app only while a rollout is judged and Ray runs the application."""
+    return bool(status.rollout_version) and c.read_service_state(existing, app).running
+
+
+# ----------------------------------------------------------------------------------------- the draft
+
+
+class _Missing(Exception):
+    def __init__(self, version: str) -> None:
+        super().__init__(version)
+        self.version = version
+
+
+class _Draft:
+    """The status being decided, with the Events and results that go with it."""
+
+    def __init__(self, inputs: Inputs, observed: Observation) -> None:
+        self.inputs, self.observed = inputs, observed
+        self.spec, self.now = inputs.spec, inputs.now
+        self.st = inputs.status.model_copy(deep=True)
+        self.out = Outcome(status=self.st)
+        # Transitions are judged against the status the pass started from, so a condition set twice
+        # in one pass (e.g. resolved, then its version missing) is one transition, not two.
+        self.initial = {cond.type: cond.status for cond in inputs.status.conditions or []}
+
+    def cond(self, type_: str, status: c.Status, reason: str, message: str = "") -> bool:
+        """Set a condition; True when its status differs from the pass's start (worth an Event)."""
+        self.st.conditions = c.set_condition(
+            self.st.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            now=iso(self.now),
+            generation=self.inputs.generation,
+        )
+        return self.initial.get(type_) != status
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        if any(e.reason == reason for e in self.out.events):
+            return
+        self.out.events.append(Event(type_, reason, message))
+
+    def history(
+        self, version: str, outcome: Literal["Serving", "Held", "RolledBack", "Superseded"], msg: str
+    ) -> None:
+        entries = list(self.st.history or [])
+        entries.append(HistoryEntry(version=version, outcome=outcome, at=iso(self.now), message=msg[:512]))
+        self.st.history = entries[-HISTORY_LENGTH:]
+
+    def facts(self, version: str) -> FactsResult:
+        try:
+            return self.observed.facts[version]
+        except KeyError:
+            raise _Missing(version) from None
+
+    def registry_error(self, exc: RegistryError, what: str) -> None:
+        if isinstance(exc, RegistryUnreachable):
+            if self.cond(c.REGISTRY_REACHABLE, "False", "Unreachable", str(exc)):
+                self.event("Warning", "RegistryUnreachable", f"{what}: {exc}")
+        else:
+            self.cond(c.REGISTRY_REACHABLE, "True", "Reachable")
+            if self.cond(c.SELECTOR_RESOLVED, "False", "NotFound", str(exc)):
+                self.event("Warning", "SelectorUnresolved", f"{what}: {exc}")
+        self.out.retry = True
+
+    def clear_rollout(self) -> None:
+        self.st.rollout_version = self.st.rollout_started_at = None
+        self.st.rollout_attempt = None
+
+    def start_rollout(self, version: str, attempt: int) -> None:
+        self.st.rollout_version, self.st.rollout_started_at = version, iso(self.now)
+        self.st.rollout_attempt = attempt
+        self.out.in_flight = True
+
+
+# -------------------------------------------------------------------------------------- the decision
+
+
+def _decide(d: _Draft) -> Outcome:
+    st, observed = d.st, d.observed
+    st.selector = d.spec.model.selector_text()
+    st.ray_service_name = rayservice_name(d.inputs.owner.name)
+    st.url = observed.url
+    if observed.credentials_problem is not None:
+        if d.cond(c.READY, "False", "CredentialsUnavailable", observed.credentials_problem):
+            d.event("Warning", "CredentialsUnavailable", observed.credentials_problem)
+        d.out.retry = True
+        return _finish(d, None)
+    svc = c.read_service_state(observed.existing, d.inputs.owner.name)
+    carried = serving_version_of(observed.existing) if observed.existing else None
+    resolved = _take_resolution(d)
+    check = _rollout_check(d, svc, carried)
+    if check is not None:
+        _judge(d, check)
+    want = _choose(d, resolved, carried, _rollout_check(d, svc, carried))
+    if want is not None:
+        _build(d, want)
+    return _finish(d, svc)
+
+
+def _take_resolution(d: _Draft) -> str | None:
+    resolved = d.observed.resolved
+    if isinstance(resolved, RegistryError):
+        d.registry_error(resolved, f"resolving {d.spec.model.name} {d.st.selector}")
+        return None
+    if resolved is None:
+        return None
+    d.cond(c.REGISTRY_REACHABLE, "True", "Reachable")
+    if d.initial.get(c.REGISTRY_REACHABLE) == "False":
+        d.event("Normal", "RegistryReachable", "registry reachable again")
+    d.cond(c.SELECTOR_RESOLVED, "True", "Resolved", f"{d.st.selector} → version {resolved}")
+    d.st.resolved_version = resolved
+    return resolved
+
+
+def _rollout_check(d: _Draft, svc: c.ServiceState, carried: str | None) -> r.RolloutCheck | None:
+    version = d.st.rollout_version
+    if not version:
+        return None
+    return r.RolloutCheck(
+        version=version,
+        started=parse_iso(d.st.rollout_started_at) or d.now,
+        carried=carried,
+        service=svc,
+        app=d.observed.app,
+        settle_s=d.inputs.settle_seconds,
+        deadline_s=d.spec.rollout.deadline_seconds,
+    )
+
+
+def _judge(d: _Draft, check: r.RolloutCheck) -> None:
+    verdict = r.judge(check, d.now)
+    if isinstance(verdict, r.Succeeded):
+        _succeed(d, check.version, verdict.elapsed_s, "rollout succeeded")
+    elif isinstance(verdict, r.Failed):
+        _roll_back(d, check.version, verdict)
+    else:
+        d.out.in_flight = True
+
+
+def _succeed(d: _Draft, version: str, elapsed_s: float, how: str) -> None:
+    st = d.st
+    previous = st.last_good_version
+    st.last_good_version = version
+    d.clear_rollout()
+    d.history(version, "Serving", how)
+    if previous and previous != version:
+        d.history(previous, "Superseded", f"replaced by {version}")
+    d.event("Normal", "RolloutSucceeded", f"version {version} is serving")
+    d.out.results.append("succeeded")
+    d.out.promotion_latency_s = elapsed_s
+
+
+def _roll_back(d: _Draft, version: str, failed: r.Failed) -> None:
+    st = d.st
+    attempts = st.rollout_attempt or 1
+    message = failed.message
+    if failed.cause in r.RETRIED_CAUSES:
+        # The version is not at fault: the old default keeps serving, and it is tried again later.
+        message = f"{message}; retried in {r.retry_backoff_s(attempts):.0f}s"
+    st.rejected = VersionRecord(
+        version=version,
+        reason="RolledBack",
+        cause=failed.cause,
+        attempts=attempts,
+        message=message[:1024],
+        at=iso(d.now),
+    )
+    d.clear_rollout()
+    d.history(version, "RolledBack", message)
+    good = st.last_good_version
+    restored = f"; restored version {good}" if good else "; no earlier version to restore"
+    d.event("Warning", "RolledBack", f"version {version} failed: {message}{restored}")
+    d.out.results.append("rolled_back")
+
+
+def _supersede(
+    d: _Draft, resolved: str | None, carried: str | None, check: r.RolloutCheck | None
+) -> str | None:
+    """The selector moved during a rollout. Returns the version the RayService counts as carrying."""
+    if check is None or resolved is None or resolved == check.version or d.spec.paused:
+        return carried
+    if r.answers_healthy(check, d.now):
+        elapsed = (d.now - check.started).total_seconds()
+        _succeed(d, check.version, elapsed, f"answering when the selector moved to {resolved}")
+        return carried
+    d.history(check.version, "Superseded", f"selector moved to {resolved} during its rollout")
+    d.clear_rollout()
+    return d.st.last_good_version or carried
+
+
+def _choose(d: _Draft, resolved: str | None, carried: str | None, check: r.RolloutCheck | None) -> str | None:
+    """The version the RayService should carry after this pass (None: leave everything as it is)."""
+    st, spec = d.st, d.spec
+    rejected = st.rejected
+    if rejected and resolved and rejected.version != resolved:
+        st.rejected = None  # the selector moved on: the record has done its job
+        d.cond(
+            c.SIGNATURE_COMPATIBLE,
+            "True",
+            "SelectorMoved",
+            f"selector no longer points at {rejected.version}",
+        )
+    carried = _supersede(d, resolved, carried, check)
+    current = st.rollout_version or st.last_good_version or carried
+    if st.rollout_version or resolved is None or resolved == current:
+        if (
+            resolved is not None
+            and resolved == current
+            and not c.get_condition(st.conditions, c.SIGNATURE_COMPATIBLE)
+        ):
+            d.cond(c.SIGNATURE_COMPATIBLE, "True", "Serving", f"version {resolved} is the serving version")
+        return current
+    if spec.paused:
+        return current
+    attempt = _attempt(d, resolved)
+    if attempt is None:
+        return current
+    return _gate(d, resolved, current, attempt)
+
+
+def _attempt(d: _Draft, resolved: str) -> int | None:
+    """Which attempt a rollout of `resolved` would be; None when it must not be tried now."""
+    st = d.st
+    rejected = st.rejected
+    allowed = d.spec.rollout.allow_incompatible_version == resolved
+    if rejected is None or rejected.version != resolved or allowed:
+        return 1
+    wait = r.retry_wait_s(rejected, d.now, parse_iso(rejected.at))
+    if wait is None:
+        return None  # held or rolled back: not retried until the selector moves
+    if wait > 0:
+        d.out.requeue_after_s = wait
+        return None
+    st.rejected = None  # rolled back only because the registry was unavailable: try again
+    return (rejected.attempts or 1) + 1
+
+
+def _gate(d: _Draft, resolved: str, current: str | None, attempt: int) -> str | None:
+    """Gate `resolved` against the serving version; start its rollout when it passes."""
+    st = d.st
+    candidate = d.facts(resolved)
+    if isinstance(candidate, RegistryError):
+        d.registry_error(candidate, f"reading version {resolved}")
+        return current
+    if isinstance(candidate, Unreadable):
+        _hold_unreadable(d, resolved, current, candidate)
+        return current
+    baseline = d.facts(current) if current else None
+    if isinstance(baseline, RegistryError | Unreadable):
+        error = baseline if isinstance(baseline, RegistryError) else RegistryError(baseline.error)
+        d.registry_error(error, f"reading version {current}")
+        return current
+    allowed = d.spec.rollout.allow_incompatible_version == resolved
+    diffs = [
+        str(x) for x in compare_signatures(baseline.signature if baseline else None, candidate.signature)
+    ]
+    if diffs and not allowed:
+        _hold_incompatible(d, resolved, current, diffs)
+        return current
+    if diffs:
+        d.cond(c.SIGNATURE_COMPATIBLE, "True", "AllowedIncompatible", "; ".join(diffs))
+    else:
+        d.cond(
+            c.SIGNATURE_COMPATIBLE, "True", "Compatible", f"version {resolved} matches {current or 'nothing'}"
+        )
+    if st.rejected and st.rejected.version == resolved:
+        st.rejected = None  # explicitly allowed
+    d.start_rollout(resolved, attempt)
+    d.event(
+        "Normal",
+        "RolloutStarted",
+        f"rolling out version {resolved}" + (f" (was {current})" if current else ""),
+    )
+    d.out.results.append("started")
+    return resolved
+
+
+def _hold_incompatible(d: _Draft, version: str, current: str | None, diffs: list[str]) -> None:
+    d.st.rejected = VersionRecord(
+        version=version,
+        reason="Incompatible",
+        message=f"signature incompatible with serving version {current}",
+        differences=diffs,
+        at=iso(d.now),
+    )
+    text = "; ".join(diffs)
+    d.cond(c.SIGNATURE_COMPATIBLE, "False", "Incompatible", f"version {version} vs serving {current}: {text}")
+    d.history(version, "Held", text)
+    d.event(
+        "Warning", "SignatureIncompatible", f"version {version} held back, {current} keeps serving: {text}"
+    )
+    d.out.results.append("held")
+
+
+def _hold_unreadable(d: _Draft, version: str, current: str | None, unreadable: Unreadable) -> None:
+    """Hold a version whose MLmodel cannot be read: its signature cannot be gated, nor can it load."""
+    reason = f"version {version}: its MLmodel cannot be read ({unreadable.error})"[:1024]
+    d.st.rejected = VersionRecord(version=version, reason="Unreadable", message=reason, at=iso(d.now))
+    d.cond(c.SIGNATURE_COMPATIBLE, "False", "Unreadable", reason)
+    d.history(version, "Held", reason)
+    keeps = f", {current} keeps serving" if current else ""
+    d.event("Warning", "VersionUnreadable", f"version {version} held back{keeps}: {reason}")
+    d.out.results.append("held")
+
+
+def _build(d: _Draft, version: str) -> None:
+    """The RayService carrying `version`, the plan to get there, and the status that follows it."""
+    st, spec = d.st, d.spec
+    facts = d.facts(version)
+    if not isinstance(facts, ModelFacts):
+        error = facts if isinstance(facts, RegistryError) else RegistryError(facts.error)
+        d.registry_error(error, f"reading version {version}")
+        return
+    size = size_replica(
+        model_size_bytes=facts.model_size_bytes,
+        flavors=facts.flavors,
+        serving=spec.serving,
+        resources=spec.resources,
+        previous=st.sizing,
+    )
+    desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults)
+    plan = make_plan(desired, d.observed.existing)
+    d.out.plan = plan
+    if plan.action == "conflict":
+        if d.cond(c.READY, "False", "Conflict", plan.message):
+            d.event("Warning", "Conflict", plan.message)
+        d.out.retry = True
+        return
+    if plan.action == "create":
+        d.event("Normal", "Created", f"RayService {plan.name} created serving version {version}")
+        if not st.rollout_version and st.last_good_version != version:
+            d.start_rollout(version, 1)  # the first version is judged like any rollout
+    elif plan.writes and "rayClusterConfig" in plan.changes:
+        d.event(
+            "Normal", "ClusterUpdated", f"RayService {plan.name} cluster changed: {', '.join(plan.changes)}"
+        )
+    st.serving_version = version
+    st.model_size_bytes = facts.model_size_bytes
+    st.sizing = size.to_status()
+    _check_requirements(d, version, facts)
+
+
+def _check_requirements(d: _Draft, version: str, facts: ModelFacts) -> None:
+    pins = d.inputs.image_pins
+    if not pins:
+        return
+    check = check_requirements(facts.requirements, pins)
+    if check.ok:
+        d.cond(c.REQUIREMENTS_MATCH, "True", "Match", "")
+    elif d.cond(c.REQUIREMENTS_MATCH, "False", "Mismatch", "; ".join(check.mismatches)):
+        d.event("Warning", "RequirementsMismatch", f"version {version}: " + "; ".join(check.mismatches))
+
+
+def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
+    st = d.st
+    if svc is not None:
+        _mirror(d, svc)
+        # Ready mirrors what was seen before this pass's write: after a write, and while the app is
+        # still deploying shortly after Ready changed, look again soon instead of at the next poll.
+        # Bounded by the rollout deadline, so an app stuck deploying does not keep us polling fast.
+        wrote = d.out.plan is not None and d.out.plan.writes
+        deploying = svc.exists and not svc.running and not svc.failed
+        if wrote or (deploying and _recently_changed(d, c.READY)):
+            d.out.in_flight = True
+    if st.rollout_version:
+        d.cond(c.ROLLOUT_IN_PROGRESS, "True", "RollingOut", f"version {st.rollout_version}")
+    elif svc is not None and svc.upgrading:
+        # KubeRay is bringing up a new cluster (a shape change): mirrored from the RayService.
+        d.cond(c.ROLLOUT_IN_PROGRESS, "True", "NewCluster", "KubeRay is preparing a new RayCluster")
+    else:
+        d.cond(c.ROLLOUT_IN_PROGRESS, "False", "Idle", "")
+    st.observed_generation = d.inputs.generation
+    st.revision = (st.revision or 0) + 1
+    return d.out
+
+
+def _recently_changed(d: _Draft, condition_type: str) -> bool:
+    condition = c.get_condition(d.st.conditions, condition_type)
+    changed = parse_iso(condition.last_transition_time) if condition else None
+    return changed is not None and (d.now - changed).total_seconds() < d.spec.rollout.deadline_seconds
+
+
+def _mirror(d: _Draft, svc: c.ServiceState) -> None:
+    current = c.get_condition(d.st.conditions, c.READY)
+    if current is not None and current.reason in ("Conflict", "CredentialsUnavailable") and d.out.retry:
+        return
+    if not svc.exists:
+        if d.spec.paused:
+            d.cond(c.READY, "False", "Paused", "paused before anything was deployed")
+        else:
+            d.cond(c.READY, "False", "Creating", "RayService not created yet")
+    elif svc.running:
+        d.cond(c.READY, "True", "Serving", f"version {d.st.serving_version} serving")
+    elif svc.failed:
+        d.cond(c.READY, "False", "ApplicationFailed", svc.message or str(svc.app_status))
+    else:
+        state = svc.app_status or "unknown"
+        d.cond(
+            c.READY, "False", "Deploying", f"application {state}{' (new cluster)' if svc.upgrading else ''}"
+        )
+
+
+def next_delay(outcome: Outcome, poll_interval_s: float, failures: int, tick_s: float = 2.0) -> float:
+    """The one rule for when to look again: the tick while a rollout is judged, the error back-off
+    (doubling from 2 s, capped at 5 min) after errors, else the poll interval; never later than a
+    scheduled retry."""
+    if outcome.retry:
+        delay = float(min(300.0, max(tick_s, 2.0 * 2 ** max(0, failures - 1))))
+    elif outcome.in_flight:
+        delay = tick_s
+    else:
+        delay = float(poll_interval_s)
+    if outcome.requeue_after_s is not None:
+        delay = min(delay, max(tick_s, outcome.requeue_after_s))
+    return delay

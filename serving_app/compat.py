@@ -78,10 +78,6 @@ def check_signature(signature: Signature | None) -> None:
         raise ValueError(f"unreadable signature: {type(error).__name__}: {error}") from error
 
 
-def is_compatible(default: Signature | None, candidate: Signature | None) -> bool:
-    return not compare_signatures(default, candidate)
-
-
 def signature_fingerprint(signature: Signature | None) -> str:
     """Stable text of a signature, to key caches of compatibility verdicts and schemas."""
     if signature is None:
@@ -476,6 +472,5 @@ __all__ = [
     "SignatureDifference",
     "check_signature",
     "compare_signatures",
-    "is_compatible",
     "signature_fingerprint",
 ]

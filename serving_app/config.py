@@ -6,9 +6,18 @@ The default version therefore travels in `user_config`, which Ray applies in pla
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-VERSION_PATTERN = r"^[1-9][0-9]*$"
+# A registry version number as MLflow prints it (bounded: a client-sent version string stays short).
+VERSION_PATTERN = r"^[1-9][0-9]{0,9}$"
+_VERSION_RE = re.compile(VERSION_PATTERN)
+
+
+def is_version_number(text: str) -> bool:
+    return _VERSION_RE.fullmatch(text) is not None  # `$` alone would let a trailing newline in
+
 
 # What a Serve config names: the operator writes these, the app defines them.
 IMPORT_PATH = "serving_app.app:build_app"

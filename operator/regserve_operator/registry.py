@@ -7,10 +7,10 @@ Two kinds of questions, answered differently:
   `registered-models/search` pass whose results carry each model's aliases and latest version per
   stage. However many resources watch a server, it costs the same requests per interval.
 - "What is version N?" (signature, flavors, size, requirements) is asked once per version: registry
-  versions are immutable, so the answer is cached. It is answered over MLflow's REST API too (the
-  version's artifact location, then `MLmodel` and `requirements.txt` through the server's artifact
-  proxy), so the operator never imports mlflow when artifacts are behind that proxy; other stores
-  take the mlflow client, imported only then (see `fetch_facts_over_rest`).
+  versions are immutable, so the answer is cached. `serving_app.mlmodel` reads it, as it does for
+  the serving app: over MLflow's REST API when the artifacts are behind the server's artifact proxy
+  (the operator never imports mlflow then); other stores take the mlflow client in a child process
+  (see `fetch_facts_over_rest`).
 
 Credentials come from the Secret a resource names, as environment-variable-style keys
 (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*...). They are never logged: the
@@ -22,28 +22,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import tempfile
 import threading
 import time
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import yaml
 
-from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryError, RegistryUnreachable
+from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryUnreachable
+from regserve_operator.requirements import check_requirements  # noqa: F401  (still imported from here by decide.py)
 from regserve_operator.spec import ModelSelector
-from serving_app.compat import Signature, check_signature
+from serving_app import mlmodel, mlmodel_client
 
 log = logging.getLogger(__name__)
 
 SEARCH_PATH = "/api/2.0/mlflow/registered-models/search"
-DOWNLOAD_URI_PATH = "/api/2.0/mlflow/model-versions/get-download-uri"
-ARTIFACTS_PATH = "/api/2.0/mlflow-artifacts/artifacts"
 PAGE_SIZE = 1000
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -159,15 +154,8 @@ class Poller:
         models: dict[str, ModelEntry] = {}
         token: str | None = None
         requests = 0
-        creds = self._credentials
-        with httpx.Client(
-            base_url=self.tracking_uri,
-            headers=creds.headers(),
-            auth=creds.auth(),
-            verify=creds.verify(),
-            transport=self._transport,
-            timeout=httpx.Timeout(10.0),
-        ) as client:
+        auth = mlmodel.RegistryAuth.of(self._credentials.env)
+        with auth.client(self.tracking_uri, self._transport) as client:
             while True:
                 params: dict[str, Any] = {"max_results": PAGE_SIZE}
                 if token:
@@ -268,11 +256,6 @@ class Registry:
 
 # ------------------------------------------------------------------------------------ MLmodel facts
 
-# Error codes with which MLflow says "no such thing" (INVALID_PARAMETER_VALUE: e.g. a version that is
-# not a number); anything else it answers is a failure to answer.
-_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"})
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 def fetch_facts_over_rest(
     tracking_uri: str,
@@ -282,223 +265,57 @@ def fetch_facts_over_rest(
     *,
     transport: httpx.BaseTransport | None = None,
 ) -> ModelFacts:
-    """A version's facts from its MLmodel and requirements.txt, read over MLflow's REST API.
+    """A version's facts from its MLmodel and requirements.txt, read as `serving_app.mlmodel` reads
+    them: through the tracking server's artifact proxy when the version's artifacts are behind it
+    (no mlflow import), else with the mlflow client in a child process (`fetch_facts_with_mlflow`).
 
-    The server says where the version's artifacts are (`get-download-uri`, which resolves MLflow 3's
-    `models:/m-<id>` logged-model sources). When that is `mlflow-artifacts:` on this server (the
-    default for `mlflow server`, which proxies its artifact store), both files come through the
-    proxy: three requests, no mlflow import. Any other location (s3://, gs://, wasbs://, runs:/, http
-    artifact servers, file paths, a proxy on another host) is read by the mlflow client with the
-    store's own client libraries and credentials, imported only for it: users of those stores keep
-    working, and pay for mlflow in the operator's memory.
-    """
-    base = tracking_uri.rstrip("/")
-    if not base.startswith(("http://", "https://")):
+    Raises NotFound or RegistryUnreachable when the registry cannot answer, and
+    `serving_app.mlmodel.Unreadable` (a ValueError, not a RegistryError: the registry answered, and
+    reconcile holds the version) for a version whose MLmodel is missing or is no MLmodel."""
+    with _port_errors():
+        found = mlmodel.read_over_rest(
+            tracking_uri,
+            name,
+            version,
+            auth=mlmodel.RegistryAuth.of(credentials.env),
+            with_requirements=True,
+            transport=transport,
+        )
+    if found is None:
         return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
-    uri = f"models:/{name}/{version}"
-    with _client(base, credentials, transport) as client:
-        response = _get(client, credentials, uri, DOWNLOAD_URI_PATH, {"name": name, "version": version})
-        try:
-            location = str(response.json().get("artifact_uri") or "")
-        except (ValueError, AttributeError) as exc:
-            # Something between us and MLflow (a login page?) answered 200: not the registry's answer.
-            raise RegistryUnreachable(f"{uri}: get-download-uri answered no MLflow JSON") from exc
-        path = _proxied_path(location, base)
-        if path is not None:
-            mlmodel = _get(client, credentials, uri, f"{ARTIFACTS_PATH}{path}/MLmodel").text
-            requirements: tuple[str, ...] = ()
-            # As before: requirements are advisory (an image-pin check); a version without them is fine.
-            with contextlib.suppress(httpx.HTTPError):
-                answer = client.get(f"{ARTIFACTS_PATH}{path}/requirements.txt")
-                if answer.status_code == 200:
-                    requirements = _requirements(answer.text.splitlines())
-            return facts_from_mlmodel(name, version, mlmodel, requirements)
-    scheme = urllib.parse.urlparse(location).scheme or "file"
-    log.debug("%s: artifacts in a %r store: reading them with the mlflow client", uri, scheme)
-    return fetch_facts_with_mlflow(tracking_uri, credentials, name, version)
-
-
-def facts_from_mlmodel(name: str, version: str, text: str, requirements: tuple[str, ...] = ()) -> ModelFacts:
-    """Facts from an MLmodel file's text. Raises ValueError or yaml.YAMLError for a file that is not
-    a readable MLmodel (not a RegistryError: the registry answered, and reconcile holds the version)."""
-    mlmodel = yaml.load(text, Loader=_YAML_LOADER)
-    if not isinstance(mlmodel, dict):
-        raise ValueError("MLmodel is not a YAML mapping")
-    signature = mlmodel.get("signature")
-    if signature is not None and not isinstance(signature, dict):
-        raise ValueError("MLmodel signature is not a mapping")
-    check_signature(signature)
-    size = mlmodel.get("model_size_bytes")
-    return ModelFacts(
-        name=name,
-        version=version,
-        signature=signature,
-        flavors=tuple(sorted(mlmodel.get("flavors") or {})),
-        model_size_bytes=int(size) if size is not None else None,
-        requirements=requirements,
-    )
-
-
-def _client(base: str, credentials: Credentials, transport: httpx.BaseTransport | None) -> httpx.Client:
-    return httpx.Client(
-        base_url=base,
-        headers=credentials.headers(),
-        auth=credentials.auth(),
-        verify=credentials.verify(),
-        transport=transport,
-        timeout=httpx.Timeout(10.0),
-    )
-
-
-def _get(
-    client: httpx.Client,
-    credentials: Credentials,
-    uri: str,
-    path: str,
-    params: Mapping[str, str] | None = None,
-) -> httpx.Response:
-    try:
-        response = client.get(path, params=params)
-    except httpx.HTTPError as exc:
-        raise RegistryUnreachable(f"{uri}: {type(exc).__name__}") from exc
-    if response.status_code == 200:
-        return response
-    code, message = _mlflow_error(response)
-    if code in _NOT_FOUND_CODES:
-        # MLflow's own sentence ("Model Version (name=m, version=9) not found"), scrubbed all the same.
-        raise NotFound(credentials.scrub(f"{uri}: {message or code}")[:300])
-    # Never echo other bodies: an auth proxy may reflect headers.
-    raise RegistryUnreachable(f"{uri}: {path.rsplit('/', 1)[-1]} answered HTTP {response.status_code}")
-
-
-def _mlflow_error(response: httpx.Response) -> tuple[str, str]:
-    try:
-        body = response.json()
-    except ValueError:
-        return "", ""
-    if not isinstance(body, dict):
-        return "", ""
-    return str(body.get("error_code") or ""), str(body.get("message") or "")
-
-
-def _proxied_path(location: str, base: str) -> str | None:
-    """The URL-quoted artifact path under ARTIFACTS_PATH when `location` is behind this server's
-    artifact proxy; None otherwise. A proxy on another host (`mlflow-artifacts://host/...`) is left to
-    the mlflow client: this server's credentials do not go to other hosts from here."""
-    parsed = urllib.parse.urlparse(location)
-    if parsed.scheme != "mlflow-artifacts":
-        return None
-    if parsed.netloc and parsed.netloc.lower() != urllib.parse.urlparse(base).netloc.lower():
-        return None
-    path = parsed.path.strip("/")
-    return "/" + urllib.parse.quote(path) if path else ""
-
-
-def _requirements(lines: list[str]) -> tuple[str, ...]:
-    return tuple(line.strip() for line in lines if line.strip() and not line.startswith(("#", "-")))
-
-
-# mlflow reads credentials from the process environment only; requests that need different ones
-# take turns. Facts are fetched once per version, so the lock is rarely contended.
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _env(values: Mapping[str, str]) -> Iterator[None]:
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, old in saved.items():
-                if old is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = old
+    return _facts(name, version, found)
 
 
 def fetch_facts_with_mlflow(
     tracking_uri: str, credentials: Credentials, name: str, version: str
 ) -> ModelFacts:
-    """Downloads only the version's MLmodel (and requirements.txt) to a temp dir with the mlflow client.
+    """For artifact stores the REST path cannot read: the mlflow client (and the store's client
+    library, e.g. boto3) in a child process whose environment carries `credentials`, so the
+    operator's own environment never changes and the operator never imports mlflow."""
+    with _port_errors():
+        found = mlmodel_client.read_in_child(
+            tracking_uri, name, version, env=credentials.env, with_requirements=True
+        )
+    return _facts(name, version, found)
 
-    For artifact stores the REST path cannot read. mlflow (and the store's client library, e.g. boto3)
-    is imported here and nowhere else in the operator."""
-    uri = f"models:/{name}/{version}"
-    try:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-        from mlflow.models import Model
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    except ImportError as exc:
-        raise RegistryUnreachable(
-            f"{uri}: its artifacts are outside the tracking server's artifact proxy, and reading them "
-            "needs the mlflow package (plus the store's client library), which is not installed here"
-        ) from exc
 
-    # MLflow 3.17 resolves `models:/` URIs with a default client, ignoring download_artifacts'
-    # tracking_uri/registry_uri: point the process-wide defaults at this server for the call.
-    server = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
-    with (
-        _env({**credentials.env, **server}),
-        _use_tracking_uri(tracking_uri),
-        tempfile.TemporaryDirectory(prefix="regserve-mlmodel-") as tmp,
-    ):
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{uri}/MLmodel",
-                dst_path=tmp,
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
-            )
-        except MlflowException as exc:
-            code = getattr(exc, "error_code", "")
-            if code in _NOT_FOUND_CODES:
-                raise NotFound(credentials.scrub(f"{uri}: {exc.message}")) from exc
-            raise RegistryUnreachable(f"{uri}: {code or type(exc).__name__}") from exc
-        except OSError as exc:
-            raise RegistryUnreachable(f"{uri}: {type(exc).__name__}") from exc
-        model = Model.load(path)
-        requirements: tuple[str, ...] = ()
-        with contextlib.suppress(Exception):
-            req_path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{uri}/requirements.txt",
-                dst_path=os.path.join(tmp, "req"),
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
-            )
-            with open(req_path) as handle:
-                requirements = _requirements(handle.readlines())
+def _facts(name: str, version: str, found: mlmodel.MlmodelFile) -> ModelFacts:
     return ModelFacts(
         name=name,
         version=version,
-        signature=model.signature.to_dict() if model.signature is not None else None,
-        flavors=tuple(sorted(model.flavors)),
-        model_size_bytes=model.model_size_bytes,
-        requirements=requirements,
+        signature=found.signature,
+        flavors=found.flavors,
+        model_size_bytes=found.model_size_bytes,
+        requirements=found.requirements,
     )
 
 
-@dataclass
-class RequirementCheck:
-    mismatches: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.mismatches
-
-
-def check_requirements(requirements: tuple[str, ...], image_pins: Mapping[str, str]) -> RequirementCheck:
-    """Compare a version's `name==x` pins with the serving image's; unknown packages are not judged."""
-    check = RequirementCheck()
-    for line in requirements:
-        spec = line.split(";")[0].strip()
-        if "==" not in spec:
-            continue
-        pkg, _, wanted = spec.partition("==")
-        pkg = pkg.split("[")[0].strip().lower().replace("_", "-")
-        have = image_pins.get(pkg)
-        if have is not None and have != wanted.strip():
-            check.mismatches.append(f"{pkg}=={wanted.strip()} (image has {have})")
-    return check
+@contextlib.contextmanager
+def _port_errors() -> Iterator[None]:
+    """The reader's outcomes in the port's words; Unreadable passes as it is."""
+    try:
+        yield
+    except mlmodel.NotFound as error:
+        raise NotFound(str(error)) from error
+    except mlmodel.Unreachable as error:
+        raise RegistryUnreachable(str(error)) from error

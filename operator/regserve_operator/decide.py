@@ -41,7 +41,7 @@ from regserve_operator.builders import (
 from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
 from regserve_operator.probe import AppReport
-from regserve_operator.registry import check_requirements
+from regserve_operator.requirements import check_requirements
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import (
     HistoryEntry,

@@ -33,21 +33,13 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         extra = {k: v for k, v in node.items() if k != "$ref"}
         return _structural({**target, **extra}, defs)
     if "anyOf" in node:
-        variants = [v for v in node["anyOf"] if v.get("type") != "null"]
-        if len(variants) != 1:
-            raise ValueError(f"cannot express union in a structural schema: {node}")
-        merged = {**{k: v for k, v in node.items() if k != "anyOf"}, **variants[0]}
-        if merged.get("default", 0) is None:
-            del merged["default"]
-        return _structural(merged, defs)
+        return _structural(_without_null(node), defs)
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP:
-            continue
+        if key in _DROP or (key == "additionalProperties" and value is False):
+            continue  # pruning already drops unknown fields
         if key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
-        elif key == "additionalProperties" and value is False:
-            continue  # pruning already drops unknown fields
         elif key == "const":
             out["enum"] = [value]
         else:
@@ -57,6 +49,17 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if out.get("default") is None:
         out.pop("default", None)
     return out
+
+
+def _without_null(node: dict[str, Any]) -> dict[str, Any]:
+    """An optional field (`anyOf: [T, null]`) as T: structural schemas express optional by omission."""
+    variants = [v for v in node["anyOf"] if v.get("type") != "null"]
+    if len(variants) != 1:
+        raise ValueError(f"cannot express union in a structural schema: {node}")
+    merged = {**{k: v for k, v in node.items() if k != "anyOf"}, **variants[0]}
+    if merged.get("default", 0) is None:
+        del merged["default"]
+    return merged
 
 
 def crd_schema() -> dict[str, Any]:

@@ -11,7 +11,6 @@ import base64
 import copy
 import json
 import os
-import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,11 +24,12 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from regserve_operator import rbac
 from regserve_operator.builders import serving_version_of
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.processes import start_and_wait, stop
 
-from tests.install import chart_sync
 from tests.install.support import CHART, KUBECTL, ROOT, VENV_BIN, docs, helm_template, kubectl, run
 from tests.k8s import plane
 
@@ -117,7 +117,7 @@ def test_rule_scopes_match_the_api_servers_discovery(admin_kubeconfig: Path) -> 
         name.split(".")[0]
         for name in kubectl(admin_kubeconfig, "api-resources", "--namespaced=false", "-o", "name").split()
     }
-    rules = chart_sync.rules_document()
+    rules = rbac.rules_by_scope()
     for rule in rules["clusterScoped"]:
         assert {r.split("/")[0] for r in rule["resources"]} <= cluster_scoped, rule
     for rule in rules["namespaced"]:
@@ -306,23 +306,22 @@ def chart_operator(
     env["HOME"] = str(home)
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
     log = home / "operator.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "regserve"), *container["args"]],
-            env={**base, **env, "KUBECONFIG": str(release.kubeconfig), "PYTHONUNBUFFERED": "1"},
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=home,
-        )  # fmt: skip
-    running = OperatorProcess(proc, log, metrics_port, webhook_port)
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    healthz = f"http://127.0.0.1:{webhook_port}/healthz"
+    proc = start_and_wait(
+        [str(VENV_BIN / "regserve"), *container["args"]],
+        log=log,
+        ready=lambda: _answers(metrics) and _answers(healthz),
+        what="the operator with the chart's Deployment env (its metrics and webhook endpoints)",
+        timeout=60,
+        env={**base, **env, "KUBECONFIG": str(release.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        cwd=home,
+        inherit_env=False,
+    )
     try:
-        yield running
+        yield OperatorProcess(proc, log, metrics_port, webhook_port)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop(proc, timeout=20)
 
 
 def _answers(url: str) -> bool:
@@ -335,13 +334,8 @@ def _answers(url: str) -> bool:
 def test_probe_endpoints_answer_on_the_deployments_ports(chart_operator: OperatorProcess) -> None:
     metrics = f"http://127.0.0.1:{chart_operator.metrics_port}/metrics"
     healthz = f"http://127.0.0.1:{chart_operator.webhook_port}/healthz"
-    plane.wait_for(
-        "operator's metrics and webhook endpoints",
-        lambda: chart_operator.proc.poll() is None and _answers(metrics) and _answers(healthz),
-        timeout=60,
-        interval=0.25,
-    )
     assert "python_info" in httpx.get(metrics, timeout=5).text
+    assert httpx.get(healthz, timeout=5).status_code == 200
     # An unsigned delivery is refused: the receiver runs with the Secret the chart wired in.
     refused = httpx.post(f"http://127.0.0.1:{chart_operator.webhook_port}/webhook", content=b"{}", timeout=5)
     assert refused.status_code == 401

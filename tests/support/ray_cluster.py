@@ -1,28 +1,20 @@
 """A real local Ray cluster with Serve and its dashboard, driven through the dashboard's REST API.
 
-Applications are deployed the way KubeRay deploys them: a Serve config PUT to
-`/api/serve/applications/`, merged with the applications already there (a PUT replaces the set).
+Applications are deployed with local mode's own dashboard client (`targets.local.ServeDashboard`), the
+way KubeRay deploys them: a Serve config PUT to `/api/serve/applications/`, merged with the applications
+already there (a PUT replaces the set).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from regserve_operator.sandbox.processes import free_port, wait_for
-
-
-def ray_auth_headers() -> dict[str, str]:
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path.home() / ".ray" / "auth_token"
-    if not token and os.environ.get("RAY_AUTH_MODE", "") != "disabled" and path.exists():
-        token = path.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
 
 @dataclass
@@ -30,36 +22,26 @@ class LocalRay:
     dashboard_url: str
     serve_url: str
     metrics_url: str = ""
+    # The production dashboard client, with the token when Ray's token auth is on.
+    dashboard: ServeDashboard = field(init=False, repr=False)
 
-    def _client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.dashboard_url, headers=ray_auth_headers(), timeout=30)
+    def __post_init__(self) -> None:
+        self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token())
+
+    @property
+    def http_options(self) -> dict[str, Any]:
+        url = httpx.URL(self.serve_url)
+        return {"host": url.host, "port": url.port}
 
     def applications(self) -> dict[str, Any]:
-        with self._client() as client:
-            response = client.get("/api/serve/applications/")
-            response.raise_for_status()
-            return response.json().get("applications") or {}
+        return self.dashboard.applications()
 
     def deploy(self, app_config: dict[str, Any]) -> None:
-        """GET the deployed configs, replace or add `app_config`, PUT the whole set back."""
-        configs = [
-            details["deployed_app_config"]
-            for name, details in self.applications().items()
-            if name != app_config["name"] and details.get("deployed_app_config")
-        ]
-        with self._client() as client:
-            response = client.put("/api/serve/applications/", json={"applications": [*configs, app_config]})
-            if response.status_code >= 400:
-                raise RuntimeError(f"Serve config refused ({response.status_code}): {response.text}")
+        """Replace or add `app_config`, keeping the other applications (GET, merge, PUT)."""
+        self.dashboard.deploy([app_config], self.http_options)
 
     def delete(self, name: str) -> None:
-        configs = [
-            details["deployed_app_config"]
-            for app, details in self.applications().items()
-            if app != name and details.get("deployed_app_config")
-        ]
-        with self._client() as client:
-            client.put("/api/serve/applications/", json={"applications": configs}).raise_for_status()
+        self.dashboard.remove({name}, self.http_options)
 
     def status(self, name: str) -> str | None:
         app = self.applications().get(name)

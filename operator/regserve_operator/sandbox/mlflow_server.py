@@ -10,7 +10,7 @@ from subprocess import Popen
 import httpx
 from cryptography.fernet import Fernet
 
-from regserve_operator.sandbox.processes import free_port, start, stop, wait_for
+from regserve_operator.sandbox.processes import free_port, start_and_wait, stop
 
 
 @dataclass
@@ -49,22 +49,18 @@ class MlflowServer:
             "--host", self.host, "--port", str(self.port),
             "--workers", "1",
         ]  # fmt: skip
-        self.process = start(args, log=self.log, env=self.env, cwd=self.root)
-        try:
-            wait_for(
-                self._healthy,
-                timeout=240,
-                interval=0.25,
-                message=f"mlflow server on {self.url} (log {self.log})",
-            )
-        except BaseException:
-            self.stop()  # callers never reach their own stop() when start() fails
-            raise
+        self.process = start_and_wait(
+            args,
+            log=self.log,
+            ready=self._healthy,
+            what=f"mlflow server on {self.url} (log {self.log})",
+            timeout=240,
+            env=self.env,
+            cwd=self.root,
+        )
         return self
 
     def _healthy(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
         return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
 
     def stop(self) -> None:

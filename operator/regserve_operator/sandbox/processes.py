@@ -1,4 +1,9 @@
-"""Starting and stopping helper processes in their own process groups, and polling with deadlines."""
+"""Starting and stopping helper processes in their own process groups, and polling with deadlines.
+
+`start_and_wait` is the one way the demo, local mode, the tests and the benchmarks start a server and
+wait for it: a server that dies while starting fails the wait at once, with its exit code and the end of
+its log, instead of being polled until the deadline.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,22 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+LOG_TAIL_CHARS = 3000
+
+
+class ProcessExited(RuntimeError):
+    """A process exited while something was waiting for it to become ready."""
+
+    def __init__(self, what: str, returncode: int, tail: str) -> None:
+        super().__init__(f"{what} exited with code {returncode} before it was ready; its log ends:\n{tail}")
+        self.returncode = returncode
+        self.tail = tail
 
 
 def free_port() -> int:
@@ -22,30 +38,125 @@ def free_port() -> int:
 
 
 def start(
-    args: list[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    args: list[str],
+    *,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    inherit_env: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start `args` in a new session so that stop() takes its helpers (workers, consumers) with it."""
-    handle = log.open("ab")
-    return subprocess.Popen(
-        args,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        start_new_session=True,
-    )
+    """Start `args` in a new session so that stop() takes its helpers (workers, consumers) with it.
+
+    `env` is added to this process's environment, or is the whole environment without `inherit_env`.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as handle:  # the child holds its own descriptor
+        return subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**(os.environ if inherit_env else {}), **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def start_and_wait(
+    args: list[str],
+    *,
+    log: Path,
+    ready: Callable[[], object],
+    what: str,
+    timeout: float,
+    interval: float = 0.25,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    inherit_env: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start `args` (as `start`) and poll `ready` until it returns something truthy.
+
+    Raises ProcessExited as soon as the process exits, TimeoutError at the deadline; either way the
+    process group is stopped first, so a failed start leaks nothing.
+    """
+    process = start(args, log=log, env=env, cwd=cwd, inherit_env=inherit_env)
+    try:
+        wait_while_running(process, ready, log=log, what=what, timeout=timeout, interval=interval)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def wait_while_running(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], T | None],
+    *,
+    log: Path,
+    what: str,
+    timeout: float,
+    interval: float = 0.25,
+) -> T:
+    """Poll `ready` while `process` runs; ProcessExited the moment it exits."""
+
+    def probe() -> T | None:
+        if process.poll() is not None:
+            raise ProcessExited(what, process.returncode, log_tail(log))
+        return ready()
+
+    try:
+        return wait_for(probe, timeout=timeout, interval=interval, message=what)
+    except TimeoutError as error:
+        raise TimeoutError(f"{error}; its log ends:\n{log_tail(log)}") from None
+
+
+def log_tail(log: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError as error:
+        return f"(no log: {error})"
 
 
 def stop(process: subprocess.Popen[bytes], *, timeout: float = 15.0) -> None:
-    if process.poll() is not None:
-        _kill_group(process.pid, signal.SIGKILL)
-        return
-    _kill_group(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout)
+    """Stop `process` (SIGTERM to its group, then its grace time) and everything left in its session.
+
+    Helpers that leave the process group (Ray's workers, the HAProxy Ray Serve starts) stay in the
+    session `start` opened, so they go too; nothing outside it is touched.
+    """
+    if process.poll() is None:
+        _kill_group(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    _stop_session(process.pid)
     _kill_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+
+
+def session_members(session: int) -> list[int]:
+    """Live (not zombie) processes in a session, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _stop_session(session: int, *, grace: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(session):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while session_members(session) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -60,7 +171,11 @@ def wait_for(
     interval: float = 0.1,
     message: str = "condition",
 ) -> T:
-    """Poll `probe` until it returns something truthy; fail with `message` at the deadline."""
+    """Poll `probe` until it returns something truthy; fail with `message` at the deadline.
+
+    An exception from the probe means "not yet", except AssertionError and ProcessExited: those are
+    definite failures that waiting longer cannot cure.
+    """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -68,8 +183,8 @@ def wait_for(
             value = probe()
             if value:
                 return value
-        except AssertionError:
-            raise  # the probe saw a definite failure: waiting longer cannot help
+        except (AssertionError, ProcessExited):
+            raise
         except Exception as error:  # the thing polled is not up yet
             last_error = error
         time.sleep(interval)

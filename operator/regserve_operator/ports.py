@@ -88,7 +88,6 @@ class Credentials:
         return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
 
 
-
 @dataclass(frozen=True)
 class ModelFacts:
     """What the operator needs to know about one registry version (from its MLmodel file)."""
@@ -99,7 +98,6 @@ class ModelFacts:
     flavors: tuple[str, ...]
     model_size_bytes: int | None
     requirements: tuple[str, ...] = ()
-
 
 
 class RegistryPort(Protocol):

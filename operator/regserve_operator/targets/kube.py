@@ -18,8 +18,8 @@ from kubernetes.client.exceptions import ApiException
 
 from regserve_operator.builders import SERVE_PORT
 from regserve_operator.plan import Plan, make_plan
-from regserve_operator.rbac import rule
 from regserve_operator.ports import CredentialsUnavailable, TargetConflict
+from regserve_operator.rbac import rule
 
 log = logging.getLogger(__name__)
 

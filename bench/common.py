@@ -3,7 +3,6 @@ generator process, medians over interleaved rounds, markdown tables and the mach
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
-from regserve_operator.sandbox.processes import free_port, start, stop, wait_for
+from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
-INGRESS_MODES = ("proxy", "haproxy")
+INGRESS_MODES: tuple[IngressMode, ...] = ("proxy", "haproxy")
 
 
 def exit_cleanly_on_sigterm() -> None:
@@ -54,21 +54,17 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def source_path() -> str:
-    roots = [str(REPO / "operator"), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return os.pathsep.join(filter(None, roots))
-
-
 @dataclass
 class RayCluster:
-    """`ray start --head --block` in its own process group; HAProxy mode is an env var of Ray's processes."""
+    """A Ray cluster as `regserve dev` starts it (`local_ray.start_cluster`: ingress mode in the Ray
+    processes' env, loopback only, private ports and HAProxy files, stopped with nothing left)."""
 
-    ingress: str
+    ingress: IngressMode
     workdir: Path
     num_cpus: int = 8
     dashboard_port: int = field(default_factory=free_port)
     serve_port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    cluster: LocalCluster | None = None
     dashboard: ServeDashboard | None = None
 
     @property
@@ -84,32 +80,11 @@ class RayCluster:
         return {"host": "127.0.0.1", "port": self.serve_port}
 
     def start(self) -> RayCluster:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {
-            "PYTHONPATH": source_path(),
-            "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
-        }
-        ray = str(Path(PYTHON).parent / "ray")
-        command = [
-            ray, "start", "--head", "--block", f"--num-cpus={self.num_cpus}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--port={free_port()}", "--disable-usage-stats",
-            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
-        ]  # fmt: skip
-        self.process = start(command, log=self.workdir / f"ray-{self.ingress}.log", env=env)
+        self.cluster = start_cluster(
+            self.dashboard_url, ingress_mode=self.ingress, num_cpus=self.num_cpus, log_dir=self.workdir
+        )
         self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token(), timeout_s=60)
-        try:
-            wait_for(self._up, timeout=240, interval=0.5, message=f"Ray dashboard ({self.ingress})")
-        except BaseException:
-            self.stop()
-            raise
         return self
-
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"ray start exited; see {self.workdir}/ray-{self.ingress}.log")
-        assert self.dashboard is not None
-        self.dashboard.applications()
-        return True
 
     def deploy(self, apps: list[dict[str, Any]], *, timeout: float = 300) -> None:
         assert self.dashboard is not None
@@ -134,32 +109,9 @@ class RayCluster:
         self.dashboard.remove(names, self.http_options)
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process, timeout=60)
-            self.process = None
-        if self.ingress == "haproxy":
-            self._stop_orphaned_haproxy()
-
-    def _stop_orphaned_haproxy(self) -> None:
-        """Ray's HAProxy is in a process group of its own and outlives `ray start`: stop ours (the one
-        whose config binds our Serve port), or it keeps 8404/9101 and the next HAProxy-mode cluster fails."""
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                args = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if not args or not args[0].endswith(b"/haproxy") or b"-f" not in args:
-                continue
-            config = Path(args[args.index(b"-f") + 1].decode())
-            try:
-                ours = f"127.0.0.1:{self.serve_port}\n" in config.read_text() + "\n"
-            except OSError:
-                continue
-            if ours:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(proc.name), signal.SIGTERM)
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
 
 def regserve_app(
@@ -230,26 +182,20 @@ class MlflowModelsServe:
             PYTHON, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(self.port),
         ]  # fmt: skip
-        self.process = start(
+        self.process = start_and_wait(
             command,
             log=self.workdir / f"mlflow-serve-{self.port}.log",
+            ready=lambda: httpx.get(f"{self.url}/ping", timeout=2).status_code == 200,
+            what=f"mlflow models serve {self.model_uri}",
+            timeout=240,
+            interval=0.5,
             # It execs `uvicorn` by name: the virtualenv's bin must be on PATH.
             env={
                 "MLFLOW_TRACKING_URI": self.tracking_uri,
                 "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}",
             },
         )
-        try:
-            wait_for(self._up, timeout=240, interval=0.5, message=f"mlflow models serve {self.model_uri}")
-        except BaseException:
-            self.stop()
-            raise
         return self
-
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited; see {self.workdir}")
-        return httpx.get(f"{self.url}/ping", timeout=2).status_code == 200
 
     def stop(self) -> None:
         if self.process is not None:

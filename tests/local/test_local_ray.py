@@ -1,0 +1,249 @@
+"""The Ray cluster `regserve dev` starts is the cluster's twin and leaves nothing behind (real Ray).
+
+`regserve dev` runs as a user runs it, in a process of its own, on a free dashboard and Serve port; its
+Ray cluster is found through the process listening on the dashboard port (everything Ray starts stays
+in the session `ray start` opens).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from regserve_operator.local_ray import (
+    ALL_INTERFACES_IN_RAY,
+    IngressMode,
+    RayPorts,
+    ensure_ray,
+    ray_environment,
+    ray_start_command,
+)
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_sklearn_classifier
+from regserve_operator.sandbox.processes import (
+    free_port,
+    session_members,
+    start,
+    start_and_wait,
+    stop,
+    wait_for,
+)
+
+from tests.support.ray_cluster import LocalRay
+
+RMS = """
+apiVersion: regserve.io/v1alpha1
+kind: RegisteredModelServing
+metadata: {{name: twin}}
+spec:
+  model: {{name: {model}, alias: champion}}
+  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 5}}
+  serving: {{routePrefix: /twin, cpusPerReplica: 0.25}}
+"""
+LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Ray's own fixed defaults for ports local mode moves: a local cluster must not take any of them.
+RAY_FIXED_PORTS = {8404, 9101, 8500, 9500, 10001, 52365, 44217, 44227}
+
+
+@dataclass
+class Listener:
+    address: str
+    port: int
+    pid: int
+    command: str
+
+
+def listeners(pids: set[int]) -> list[Listener]:
+    found = []
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True, timeout=30).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        for owner in fields[5].split("),(") if len(fields) > 5 else []:
+            command = owner.split('"')[1]
+            pid = int(owner.split("pid=")[1].split(",")[0])
+            if pid in pids:
+                address, _, port = fields[3].rpartition(":")
+                found.append(Listener(address, int(port), pid, command))
+    return found
+
+
+def ray_session_of(dashboard_port: int) -> int:
+    """The session of the Ray cluster whose dashboard listens on `dashboard_port`."""
+    (owner,) = {listener.pid for listener in listeners(_all_pids()) if listener.port == dashboard_port}
+    return os.getsid(owner)
+
+
+def _all_pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+
+
+def command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+@dataclass
+class DevRun:
+    serve_url: str
+    session: int  # of the Ray cluster `regserve dev` started
+    gcs_address: str
+    temp_dir: Path
+    haproxy_ports: set[int]
+    listeners_while_running: list[Listener]
+    prediction: object
+    expected: object
+
+
+@pytest.fixture(scope="module")
+def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
+    """`regserve dev` started, asked once, inspected while it runs, then stopped as Ctrl-C/SIGTERM would."""
+    workdir = tmp_path_factory.mktemp("dev")
+    version, samples, predictions = log_sklearn_classifier(mlflow_server.url, "twin_model")
+    from mlflow import MlflowClient
+
+    MlflowClient(mlflow_server.url).set_registered_model_alias("twin_model", "champion", version)
+    (workdir / "rms.yaml").write_text(RMS.format(model="twin_model", uri=mlflow_server.url))
+    dashboard_port, serve_port = free_port(), free_port()
+    serve_url = f"http://127.0.0.1:{serve_port}"
+    body = [list(map(float, row)) for row in samples[:2]]
+
+    def answers() -> object:
+        response = httpx.post(f"{serve_url}/twin/serve", json=body, timeout=30)
+        return response.json() if response.status_code == 200 else None
+
+    command = [
+        sys.executable, "-m", "regserve_operator.cli", "dev", "-f", str(workdir / "rms.yaml"),
+        "--dashboard", f"http://127.0.0.1:{dashboard_port}", "--serve-port", str(serve_port),
+        "--webhook-port", "-1", "--num-cpus", "4",
+    ]  # fmt: skip
+    dev = start_and_wait(
+        command, log=workdir / "dev.log", ready=answers, what="regserve dev serving", timeout=480, cwd=workdir
+    )
+    try:
+        session = ray_session_of(dashboard_port)
+        ray_start = command_line(session)
+        gcs_port = next(arg.split("=")[1] for arg in ray_start if arg.startswith("--port="))
+        temp_dir = Path(next(arg.split("=")[1] for arg in ray_start if arg.startswith("--temp-dir=")))
+        environ = dict(
+            line.split("=", 1)
+            for line in Path(f"/proc/{session}/environ").read_bytes().decode().split("\0")
+            if "=" in line
+        )
+        run = DevRun(
+            serve_url=serve_url,
+            session=session,
+            gcs_address=f"127.0.0.1:{gcs_port}",
+            temp_dir=temp_dir,
+            haproxy_ports={
+                int(environ["RAY_SERVE_HAPROXY_STATS_PORT"]),
+                int(environ["RAY_SERVE_HAPROXY_METRICS_PORT"]),
+            },
+            listeners_while_running=listeners(set(session_members(session))),
+            prediction=answers(),
+            expected=[int(p) for p in predictions[:2]],
+        )
+    finally:
+        stop(dev, timeout=120)  # SIGTERM: `regserve dev` stops the cluster it started
+    yield run
+    # Only if the test failed to see the cluster gone: stop whatever is left of it.
+    for pid in session_members(run.session):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_serves_with_haproxy_ingress_by_default(dev_run: DevRun) -> None:
+    assert dev_run.prediction == dev_run.expected
+    haproxy = [lst for lst in dev_run.listeners_while_running if lst.command == "haproxy"]
+    assert haproxy, "no HAProxy in the cluster regserve dev started (ingressMode defaults to haproxy)"
+    serve_port = httpx.URL(dev_run.serve_url).port
+    assert any(lst.port == serve_port for lst in haproxy), "HAProxy does not front the Serve port"
+
+
+def test_ray_listens_on_loopback_only_but_for_what_ray_hard_codes(dev_run: DevRun) -> None:
+    assert dev_run.listeners_while_running
+    unexplained = [
+        listener
+        for listener in dev_run.listeners_while_running
+        if listener.address not in LOOPBACK and not _hard_coded_in_ray(listener, dev_run.haproxy_ports)
+    ]
+    assert not unexplained, f"listening beyond loopback: {unexplained}"
+    taken = {listener.port for listener in dev_run.listeners_while_running} & RAY_FIXED_PORTS
+    assert not taken, f"a local cluster took Ray's fixed ports {taken}: two could not run on one host"
+
+
+def _hard_coded_in_ray(listener: Listener, haproxy_ports: set[int]) -> bool:
+    if listener.command == "haproxy":
+        return listener.port in haproxy_ports  # its Serve frontend must be on loopback
+    return any(listener.command.startswith(prefix) for prefix in ALL_INTERFACES_IN_RAY)
+
+
+def test_nothing_is_left_after_it_stops(dev_run: DevRun) -> None:
+    left = session_members(dev_run.session)
+    assert not left, [" ".join(command_line(pid))[:200] for pid in left]
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    if address_file.exists():
+        assert address_file.read_text().strip() != dev_run.gcs_address
+    assert not dev_run.temp_dir.exists()
+
+
+def test_a_plain_ray_init_works_afterwards(dev_run: DevRun, tmp_path: Path) -> None:
+    assert not session_members(dev_run.session)
+    script = "import ray; ray.init(); print('CPUS', ray.cluster_resources().get('CPU')); ray.shutdown()"
+    log = tmp_path / "ray-init.log"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = start([sys.executable, "-c", script], log=log, env=env, inherit_env=False)
+    try:
+        process.wait(timeout=240)  # a stale address file made this hang for good
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ray.init() hung after regserve dev stopped:\n{log.read_text()[-3000:]}")
+    finally:
+        stop(process, timeout=30)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert "CPUS" in log.read_text()
+
+
+# ------------------------------------------------------------------------------ without starting Ray
+
+
+def test_start_command_and_env_keep_ray_on_loopback_and_off_fixed_ports(tmp_path: Path) -> None:
+    ports = RayPorts(dashboard=free_port())
+    command = ray_start_command(ports, num_cpus=2, temp_dir=tmp_path)
+    assert {"--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp_path}"} <= set(
+        command
+    )
+    modes: list[tuple[IngressMode, str]] = [("haproxy", "1"), ("proxy", "0")]
+    for mode, flag in modes:
+        env = ray_environment(mode, ports, tmp_path)
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == flag
+        # Without it `ray start` swaps the loopback node IP for the machine's external address.
+        assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+        haproxy_files = [v for k, v in env.items() if "HAPROXY" in k and not k.endswith("_PORT")]
+        assert haproxy_files and all(path.startswith(str(tmp_path)) for path in haproxy_files)
+        numbers = {int(value) for key, value in env.items() if key.endswith("_PORT")}
+        assert numbers and not numbers & RAY_FIXED_PORTS
+
+
+def test_attached_to_a_cluster_in_another_mode_it_says_so(
+    local_ray: LocalRay, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The session's cluster runs Ray's Python proxy; resources default to haproxy."""
+    with caplog.at_level(logging.INFO, logger="regserve.dev"):
+        attached = ensure_ray(local_ray.dashboard_url, ingress_mode="haproxy", num_cpus=1, log_dir=tmp_path)
+        assert attached.process is None  # attached, not started: stop() must leave it alone
+        wait_for(
+            lambda: "serves with proxy ingress, not haproxy" in caplog.text,
+            timeout=60,
+            message="the ingress mode warning",
+        )
+        ensure_ray(local_ray.dashboard_url, ingress_mode="proxy", num_cpus=1, log_dir=tmp_path)
+        wait_for(lambda: "(proxy ingress)" in caplog.text, timeout=60, message="the attached-mode line")
+    attached.stop()
+    assert local_ray.applications() is not None

@@ -1,9 +1,11 @@
 """`serving_app.app:build_app` — the Ray Serve application serving one registered model.
 
-The deployment class is defined inside `build_app` because `@serve.multiplexed` and `@serve.batch`
-fix their sizes when the decorator runs, and those sizes come from the application's args.
+`ModelServer` is a module-level deployment and `build_app` a typed builder over it (Ray validates
+the args into `AppArgs`). What the args size is set when a replica starts: the multiplexed LRU is
+built in `__init__` (Ray 2.60 detects a multiplexed loader stored on the instance), `@serve.batch` is
+retuned with its setters, and `max_ongoing_requests` goes through `.options()`.
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types
-through Ray's class-based view.
+through Ray's class-based view, and Ray the builder's `AppArgs` annotation.
 """
 
 import os
@@ -19,211 +21,51 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serving_app import http, registry
+from serving_app import http
 from serving_app.config import DEPLOYMENT_NAME, AppArgs, UserConfig, max_ongoing_requests
 from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import parse_invocation
 from serving_app.metrics import ServingMetrics
-from serving_app.registry import LoadedVersion
+from serving_app.mlmodel import RegistryAuth
+from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.service import ModelService, PredictJob
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    app_args = AppArgs.model_validate(args)
-    # The default version lives outside Ray's LRU so it is never evicted; pinned versions share the rest.
-    pinned_slots = max(1, app_args.max_models_per_replica - 1)
-    api = FastAPI(
-        title=f"regserve: {app_args.model_name}",
-        openapi_url=None,
-        docs_url=None,
-        redoc_url=None,
-    )
-
+def build_app(args: AppArgs) -> Application:
     # A Serve config's own `max_ongoing_requests` (the operator writes one) overrides this default.
-    @serve.deployment(
-        name=DEPLOYMENT_NAME,
-        ray_actor_options={"num_cpus": 0.5},
-        max_ongoing_requests=max_ongoing_requests(app_args.max_batch_size),
+    deployment = ModelServer.options(  # type: ignore[attr-defined]
+        max_ongoing_requests=max_ongoing_requests(args.max_batch_size)
     )
-    @serve.ingress(api)
-    class ModelServer:
-        async def __init__(self) -> None:  # type: ignore[misc]
-            registry.configure_client(app_args.tracking_uri)
-            self.metrics = ServingMetrics.create()
-            self.pinned_versions: set[str] = set()
-            self.service = ModelService(app_args, self._load_pinned, self.metrics)
-            self.token = _auth_token(app_args)
-            self.user_config_seen = False
-            if app_args.default_version:
-                await self.service.set_default(app_args.default_version)
+    return deployment.bind(args)
 
-        async def reconfigure(self, user_config: dict[str, Any]) -> None:
-            config = UserConfig.model_validate(user_config or {})
-            version = config.default_version or app_args.default_version
-            if version is None:
-                raise ValueError(
-                    "no default version: set args.default_version or user_config.default_version"
-                )
-            await self.service.set_default(version)
 
-        @serve.multiplexed(max_num_models_per_replica=pinned_slots)
-        async def _load_pinned(self, version: str) -> LoadedVersion:
-            loaded = await self.service.load_for_multiplexer(version)
-            self.pinned_versions.add(version)
-            count_eviction = loaded.on_release
+def pinned_slots(args: AppArgs) -> int:
+    """LRU slots for pinned versions: the default lives outside Ray's LRU so it is never evicted."""
+    return max(1, args.max_models_per_replica - 1)
 
-            def released() -> None:
-                self.pinned_versions.discard(version)
-                if count_eviction is not None:
-                    count_eviction()
 
-            loaded.on_release = released
-            return loaded
-
-        @serve.batch(
-            max_batch_size=app_args.max_batch_size,
-            batch_wait_timeout_s=app_args.batch_wait_timeout_s,
-        )
-        async def _predict_batched(self, jobs: list[PredictJob]) -> list[Any]:
-            return await self.service.predict_many(jobs)
-
-        async def _predict(self, job: PredictJob) -> list[Any]:
-            # Batch only when others are waiting: a lone request must not sit out the batch timeout.
-            if app_args.batching and self.service.in_flight > 1:
-                result = await self._predict_batched(job)
-            else:
-                result = (await self.service.predict_many([job]))[0]
-            if isinstance(result, ServingError):
-                raise result
-            return result
-
-        # ------------------------------------------------------------------------------- routes
-
-        @api.post("/serve", summary="Predict with records shaped by the model signature")
-        async def serve_records(self, request: Request) -> Response:
-            return await self._answer(request, "serve", self._serve_records)
-
-        @api.post("/invocations", summary="MLflow scoring protocol")
-        async def invocations(self, request: Request) -> Response:
-            return await self._answer(request, "invocations", self._invocations)
-
-        @api.get("/healthz", summary="Liveness and readiness")
-        async def healthz(self) -> Response:
-            if not self.service.ready:
-                return http.json_response({"status": "loading"}, status_code=503)
-            return http.json_response({"status": "ok", "default_version": self.service.default.version})
-
-        @api.get("/metadata", summary="Model, default version, signature and loaded versions")
-        async def metadata(self, request: Request) -> Response:
-            if denied := self._denied(request):
-                return denied
-            return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
-
-        @api.get("/openapi.json", include_in_schema=False)
-        async def openapi(self, request: Request) -> Response:
-            # The document is the signature: with auth on, only callers with the token read it.
-            if denied := self._denied(request):
-                return denied
-            default = self.service.default
-            document = http.build_openapi(
-                api,
-                default.api,
-                title=f"{app_args.model_name} (regserve)",
-                version=default.version,
-                root_path=request.scope.get("root_path", ""),
-            )
-            return http.json_response(document)
-
-        @api.get("/docs", include_in_schema=False)
-        async def docs(self, request: Request) -> Response:
-            if denied := self._denied(request):
-                return denied
-            root = request.scope.get("root_path", "").rstrip("/")
-            return get_swagger_ui_html(
-                openapi_url=f"{root}/openapi.json", title=f"{app_args.model_name} — docs"
-            )
-
-        def _denied(self, request: Request) -> Response | None:
-            try:
-                http.check_token(request, self.token)
-            except ServingError as error:
-                return http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
-            return None
-
-        async def check_health(self) -> None:
-            if not self.service.ready:
-                raise RuntimeError("no default version loaded")
-
-        # ----------------------------------------------------------------------------- handlers
-
-        async def _answer(
-            self, request: Request, route: str, handler: Callable[[Request], Awaitable[tuple[Any, str]]]
-        ) -> Response:
-            started = time.perf_counter()
-            version = "none"
-            self.service.in_flight += 1
-            try:
-                http.check_token(request, self.token)
-                payload, version = await handler(request)
-                response = http.json_response(payload, headers={"X-Model-Version": version})
-            except ServingError as error:
-                error = http.with_error_id(error)
-                if not app_args.expose_schema_in_errors:
-                    http.redact(error)
-                response = http.error_response(error, retry_after_s=app_args.registry_retry_after_s)
-            except Exception as error:  # never let one request take the replica down
-                response = http.internal_error(error)
-            finally:
-                self.service.in_flight -= 1
-            self.metrics.requests.inc(
-                tags={"route": route, "version": version, "status": str(response.status_code)}
-            )
-            self.metrics.latency.observe(
-                (time.perf_counter() - started) * 1000, tags={"route": route, "version": version}
-            )
-            return response
-
-        async def _serve_records(self, request: Request) -> tuple[Any, str]:
-            http.require_json(request)
-            body = await http.read_body(request, app_args.max_body_bytes)
-            default = self.service.default
-            loaded = await self.service.resolve(http.requested_version(request))
-            try:
-                payload = default.api.request_adapter.validate_json(body)
-                params = _query_params(request, default.api.params_adapter)
-            except ValidationError as error:
-                raise http.validation_failure(error, expose_fields=app_args.expose_schema_in_errors) from None
-            records = normalise_records(payload, default.api.input_shape)
-            if not records:
-                raise InvalidInput("the request holds no records")
-            model_input = records_to_model_input(records, default.api.input_shape)
-            job = PredictJob(loaded, model_input, len(records), params)
-            return await self._predict(job), loaded.version
-
-        async def _invocations(self, request: Request) -> tuple[Any, str]:
-            body = await http.read_body(request, app_args.max_body_bytes)
-            default = self.service.default
-            loaded = await self.service.resolve(http.requested_version(request))
-            try:
-                parsed = parse_invocation(
-                    body, request.headers.get("content-type", "application/json"), default.loaded
-                )
-            except MlflowException as error:
-                message = (
-                    error.message if app_args.expose_schema_in_errors else "request body is not valid input"
-                )
-                raise InvalidInput(message) from None
-            job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
-            return {"predictions": await self._predict(job)}, loaded.version
-
-    return ModelServer.bind()  # type: ignore[attr-defined]
+# Helpers come before the deployment: Ray pickles the class when the decorator runs, with the
+# module globals defined by then.
 
 
 def _query_params(request: Request, adapter: Any) -> dict[str, Any] | None:
     if adapter is None or not request.query_params:
         return None
     return adapter.validate_python(dict(request.query_params))
+
+
+def _multiplexed(
+    load: Callable[[str], Awaitable[LoadedVersion]], slots: int
+) -> Callable[[str], Awaitable[LoadedVersion]]:
+    """`load` behind Ray's multiplexed LRU of `slots` versions. Built per replica because the size
+    comes from the args; wrapped in a plain function since Ray keeps its LRU as an attribute of the
+    decorated callable (a bound method takes none)."""
+
+    async def load_pinned(version: str) -> LoadedVersion:
+        return await load(version)
+
+    return serve.multiplexed(max_num_models_per_replica=slots)(load_pinned)
 
 
 def _auth_token(args: AppArgs) -> str | None:
@@ -234,3 +76,176 @@ def _auth_token(args: AppArgs) -> str | None:
         # Refuse to start open when auth was asked for: a missing Secret must not mean "no auth".
         raise RuntimeError(f"auth is on but the env var {args.auth_token_env} is empty or unset")
     return token
+
+
+# The document is built per default version by `/openapi.json`; FastAPI's own routes stay off.
+api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class ModelServer:
+    async def __init__(self, args: AppArgs) -> None:  # type: ignore[misc]
+        self.args = args
+        tracking_uri = configure_process(args.tracking_uri)
+        self.token = _auth_token(args)
+        self.metrics = ServingMetrics.create()
+        self.pinned_versions: set[str] = set()
+        self._load_pinned = _multiplexed(self._load_into_lru, pinned_slots(args))
+        # The batch queue is the method's, built on first use: tuned here, before any request.
+        self._predict_batched.set_max_batch_size(args.max_batch_size)  # type: ignore[attr-defined]
+        self._predict_batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        auth = RegistryAuth.from_environment(os.environ)
+        registry = ModelRegistry(args.model_name, tracking_uri, auth)
+        self.service = ModelService(args, registry, self._load_pinned, self.metrics)
+        if args.default_version:
+            await self.service.set_default(args.default_version)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = UserConfig.model_validate(user_config or {})
+        version = config.default_version or self.args.default_version
+        if version is None:
+            raise ValueError("no default version: set args.default_version or user_config.default_version")
+        await self.service.set_default(version)
+
+    async def _load_into_lru(self, version: str) -> LoadedVersion:
+        loaded = await self.service.load_for_multiplexer(version)
+        self.pinned_versions.add(version)
+        count_eviction = loaded.on_release
+
+        def released() -> None:
+            self.pinned_versions.discard(version)
+            if count_eviction is not None:
+                count_eviction()
+
+        loaded.on_release = released
+        return loaded
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # sizes set per replica in __init__
+    async def _predict_batched(self, jobs: list[PredictJob]) -> list[Any]:
+        return await self.service.predict_many(jobs)
+
+    async def _predict(self, job: PredictJob) -> list[Any]:
+        # Batch only when others are waiting: a lone request must not sit out the batch timeout.
+        if self.args.batching and self.service.in_flight > 1:
+            result = await self._predict_batched(job)
+        else:
+            result = (await self.service.predict_many([job]))[0]
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    # ------------------------------------------------------------------------------- routes
+
+    @api.post("/serve", summary="Predict with records shaped by the model signature")
+    async def serve_records(self, request: Request) -> Response:
+        return await self._answer(request, "serve", self._serve_records)
+
+    @api.post("/invocations", summary="MLflow scoring protocol")
+    async def invocations(self, request: Request) -> Response:
+        return await self._answer(request, "invocations", self._invocations)
+
+    @api.get("/healthz", summary="Liveness, readiness, the default version and a failed switch")
+    async def healthz(self) -> Response:
+        return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
+
+    @api.get("/metadata", summary="Model, default version, signature and loaded versions")
+    async def metadata(self, request: Request) -> Response:
+        if denied := self._denied(request):
+            return denied
+        return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        # The document is the signature: with auth on, only callers with the token read it.
+        if denied := self._denied(request):
+            return denied
+        default = self.service.default
+        document = http.build_openapi(
+            api,
+            default.api,
+            title=f"{self.args.model_name} (regserve)",
+            version=default.version,
+            root_path=request.scope.get("root_path", ""),
+        )
+        return http.json_response(document)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        if denied := self._denied(request):
+            return denied
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{self.args.model_name} — docs")
+
+    def _denied(self, request: Request) -> Response | None:
+        try:
+            http.check_token(request, self.token)
+        except ServingError as error:
+            return http.error_response(error, retry_after_s=self.args.registry_retry_after_s)
+        return None
+
+    async def check_health(self) -> None:
+        if not self.service.ready:
+            raise RuntimeError("no default version loaded")
+
+    # ----------------------------------------------------------------------------- handlers
+
+    async def _answer(
+        self, request: Request, route: str, handler: Callable[[Request], Awaitable[tuple[Any, str]]]
+    ) -> Response:
+        started = time.perf_counter()
+        version = "none"
+        self.service.in_flight += 1
+        try:
+            http.check_token(request, self.token)
+            payload, version = await handler(request)
+            response = http.json_response(payload, headers={"X-Model-Version": version})
+        except ServingError as error:
+            error = http.with_error_id(error)
+            if not self.args.expose_schema_in_errors:
+                http.redact(error)
+            response = http.error_response(error, retry_after_s=self.args.registry_retry_after_s)
+        except Exception as error:  # never let one request take the replica down
+            response = http.internal_error(error)
+        finally:
+            self.service.in_flight -= 1
+        self.metrics.requests.inc(
+            tags={"route": route, "version": version, "status": str(response.status_code)}
+        )
+        self.metrics.latency.observe(
+            (time.perf_counter() - started) * 1000, tags={"route": route, "version": version}
+        )
+        return response
+
+    async def _serve_records(self, request: Request) -> tuple[Any, str]:
+        http.require_json(request)
+        body = await http.read_body(request, self.args.max_body_bytes)
+        default = self.service.default
+        loaded = await self.service.resolve(http.requested_version(request))
+        try:
+            payload = default.api.request_adapter.validate_json(body)
+            params = _query_params(request, default.api.params_adapter)
+        except ValidationError as error:
+            raise http.validation_failure(error, expose_fields=self.args.expose_schema_in_errors) from None
+        records = normalise_records(payload, default.api.input_shape)
+        if not records:
+            raise InvalidInput("the request holds no records")
+        model_input = records_to_model_input(records, default.api.input_shape)
+        job = PredictJob(loaded, model_input, len(records), params)
+        return await self._predict(job), loaded.version
+
+    async def _invocations(self, request: Request) -> tuple[Any, str]:
+        body = await http.read_body(request, self.args.max_body_bytes)
+        default = self.service.default
+        loaded = await self.service.resolve(http.requested_version(request))
+        try:
+            parsed = parse_invocation(
+                body, request.headers.get("content-type", "application/json"), default.loaded
+            )
+        except MlflowException as error:
+            message = (
+                error.message if self.args.expose_schema_in_errors else "request body is not valid input"
+            )
+            raise InvalidInput(message) from None
+        job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
+        return {"predictions": await self._predict(job)}, loaded.version

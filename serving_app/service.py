@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,27 +16,27 @@ from typing import Any
 
 from mlflow.models.signature import ModelSignature
 
-from serving_app import registry
+from serving_app.bounded import LruDict
 from serving_app.compat import Signature, SignatureDifference, compare_signatures, signature_fingerprint
-from serving_app.config import AppArgs
+from serving_app.config import AppArgs, is_version_number
 from serving_app.convert import concat_model_inputs, prediction_items, split_items
 from serving_app.errors import (
     IncompatibleVersion,
     InvalidVersion,
     NotReady,
     PredictionFailed,
-    RegistryUnavailable,
     ServingError,
-    UnknownVersion,
     VersionLoadFailed,
 )
 from serving_app.metrics import ServingMetrics
-from serving_app.registry import LoadedVersion, VersionFacts
+from serving_app.registry import LoadedVersion, ModelRegistry, VersionFacts
 from serving_app.schema import ApiSchema, build_api_schema
 
 logger = logging.getLogger("ray.serve")
 
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+# Versions whose facts, and (version, default) pairs whose verdicts, a replica remembers.
+FACTS_CACHE_SIZE = 256
+VERDICTS_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -74,30 +73,36 @@ class SwitchFailure:
     at: float
     code: str  # the ServingError's code: lets the operator tell a registry outage from a broken version
 
+    def report(self, *, with_message: bool) -> dict[str, Any]:
+        """The failure as `/metadata` (with the message) and `/healthz` (code only) show it."""
+        report: dict[str, Any] = {"version": self.version, "code": self.code, "at": self.at}
+        if with_message:
+            report["error"] = self.error
+        return report
+
 
 class ModelService:
+    """Everything a replica keeps (caches, downloads in flight, the default) is this object's, and
+    bounded: a client cannot grow it by sending made-up version strings."""
+
     def __init__(
         self,
         args: AppArgs,
+        registry: ModelRegistry,
         load_pinned: Callable[[str], Awaitable[LoadedVersion]],
         metrics: ServingMetrics,
-        *,
-        fetch_facts: Callable[[str, str], VersionFacts] = registry.fetch_version_facts,
-        load_version: Callable[[str, str], LoadedVersion] = registry.load_version,
-        prefetches: registry.Prefetches = registry.PREFETCHES,
     ):
         self.args = args
         self.metrics = metrics
+        self._registry = registry
         self._load_pinned = load_pinned
-        self._fetch_facts = fetch_facts
-        self._load_version = load_version
-        self._prefetches = prefetches
         self._default: DefaultVersion | None = None
         self._switch_lock = asyncio.Lock()
-        self._facts: dict[str, VersionFacts] = {}
-        self._facts_locks: dict[str, asyncio.Lock] = {}
+        self._facts: LruDict[str, VersionFacts] = LruDict(FACTS_CACHE_SIZE)
+        # Fetches in flight only (one per version, shared by its concurrent requests), gone once answered.
+        self._facts_pending: dict[str, asyncio.Future[VersionFacts]] = {}
         # Keyed by (version, default fingerprint): a verdict holds only against the default it was made for.
-        self._verdicts: dict[tuple[str, str], list[SignatureDifference]] = {}
+        self._verdicts: LruDict[tuple[str, str], list[SignatureDifference]] = LruDict(VERDICTS_CACHE_SIZE)
         self.last_switch_failure: SwitchFailure | None = None
         self.in_flight = 0
         self.model_calls = 0
@@ -134,7 +139,7 @@ class ModelService:
             self._default = DefaultVersion(
                 loaded, api, signature_fingerprint(_mlmodel_form(loaded.signature))
             )
-            self._facts[version] = VersionFacts(version, loaded.signature, ())
+            self._facts.put(version, VersionFacts(version, loaded.signature, ()))
             self.last_switch_failure = None
             self.metrics.default_switches.inc(tags={"outcome": "switched"})
             logger.info("default version %s → %s", previous.version if previous else "(none)", version)
@@ -142,7 +147,7 @@ class ModelService:
     async def _load_and_count(self, version: str) -> LoadedVersion:
         started = time.perf_counter()
         try:
-            loaded = await asyncio.to_thread(self._load_version, self.args.model_name, version)
+            loaded = await asyncio.to_thread(self._registry.load, version)
         except ServingError as error:
             self.metrics.loads.inc(tags={"version": version, "outcome": error.code})
             raise
@@ -164,11 +169,11 @@ class ModelService:
         default = self.default
         if not requested or requested == default.version:
             return default.loaded
-        if not _VERSION_RE.match(requested):
+        if not is_version_number(requested):
             raise InvalidVersion(f"version must be a registry version number, got {requested!r}")
         if (requested, default.fingerprint) not in self._verdicts:
             # Not judged yet, so most likely not loaded either: download while the signature is checked.
-            self._prefetches.start(self.args.model_name, requested)
+            self._registry.prefetches.start(requested)
         try:
             differences = await self.differences(requested)
             if differences:
@@ -182,30 +187,38 @@ class ModelService:
             return await self._load_pinned(requested)
         finally:
             # Refused, or already in the LRU: the download (if any was left) is not needed.
-            self._prefetches.discard(self.args.model_name, requested)
+            self._registry.prefetches.discard(requested)
 
     async def differences(self, version: str) -> list[SignatureDifference]:
         default = self.default
         key = (version, default.fingerprint)
-        if key not in self._verdicts:
+        verdict = self._verdicts.get(key)
+        if verdict is None:
             facts = await self._version_facts(version)
-            self._verdicts[key] = compare_signatures(
+            verdict = compare_signatures(
                 _mlmodel_form(default.loaded.signature), _mlmodel_form(facts.signature)
             )
-        return self._verdicts[key]
+            self._verdicts.put(key, verdict)
+        return verdict
 
     async def _version_facts(self, version: str) -> VersionFacts:
-        if version in self._facts:
-            return self._facts[version]
-        lock = self._facts_locks.setdefault(version, asyncio.Lock())
-        async with lock:
-            if version not in self._facts:
-                try:
-                    facts = await asyncio.to_thread(self._fetch_facts, self.args.model_name, version)
-                except (UnknownVersion, RegistryUnavailable):
-                    raise
-                self._facts[version] = facts
-        return self._facts[version]
+        facts = self._facts.get(version)
+        if facts is not None:
+            return facts
+        pending = self._facts_pending.get(version)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_facts(version))
+            self._facts_pending[version] = pending
+        # Shielded: a caller that gives up does not cancel the fetch the others wait for.
+        return await asyncio.shield(pending)
+
+    async def _fetch_facts(self, version: str) -> VersionFacts:
+        try:
+            facts = await asyncio.to_thread(self._registry.fetch_facts, version)
+        finally:
+            self._facts_pending.pop(version, None)
+        self._facts.put(version, facts)
+        return facts
 
     # --------------------------------------------------------------------------------- predicting
 
@@ -241,13 +254,23 @@ class ModelService:
 
     # ---------------------------------------------------------------------------------- reporting
 
+    def health(self) -> dict[str, Any]:
+        """What `/healthz` says: open to probes even with auth on, so no message, only the stable code
+        of a failed default switch."""
+        body: dict[str, Any] = {"status": "ok" if self._default else "loading"}
+        if self._default:
+            body["default_version"] = self._default.version
+        if self.last_switch_failure:
+            body["last_default_switch_failure"] = self.last_switch_failure.report(with_message=False)
+        return body
+
     def metadata(self, loaded_versions: Sequence[str]) -> dict[str, Any]:
         default = self._default
         failure = self.last_switch_failure
         return {
             "model_name": self.args.model_name,
             "default_version": default.version if default else None,
-            "signature": default.loaded.signature.to_dict() if default and default.loaded.signature else None,
+            "signature": _signature_json(default.loaded.signature) if default else None,
             "loaded_versions": sorted({*loaded_versions, *([default.version] if default else [])}, key=int),
             "max_models_per_replica": self.args.max_models_per_replica,
             "batching": {
@@ -256,17 +279,23 @@ class ModelService:
                 "model_calls": self.model_calls,
                 "largest_batch": self.largest_batch,
             },
-            "last_default_switch_failure": (
-                {"version": failure.version, "error": failure.error, "code": failure.code, "at": failure.at}
-                if failure
-                else None
-            ),
+            "last_default_switch_failure": failure.report(with_message=True) if failure else None,
         }
 
 
 def _mlmodel_form(signature: ModelSignature | None) -> Signature | None:
     """What `compat` compares: the signature as MLmodel stores it (compat stays free of mlflow)."""
     return signature.to_dict() if signature is not None else None
+
+
+def _signature_json(signature: ModelSignature | None) -> dict[str, Any] | None:
+    """The signature as JSON objects: MLmodel stores its inputs, outputs and params as JSON text."""
+    if signature is None:
+        return None
+    return {
+        part: json.loads(text) if isinstance(text, str) else text
+        for part, text in signature.to_dict().items()
+    }
 
 
 def _api_schema_for(loaded: LoadedVersion) -> ApiSchema:

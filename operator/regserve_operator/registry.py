@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 
 from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryUnreachable
-from regserve_operator.requirements import check_requirements  # noqa: F401  (still imported from here by decide.py)
 from regserve_operator.spec import ModelSelector
 from serving_app import mlmodel, mlmodel_client
 

@@ -14,15 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from serving_app.config import VERSION_PATTERN
+
 GROUP = "regserve.io"
 VERSION = "v1alpha1"
 KIND = "RegisteredModelServing"
 PLURAL = "registeredmodelservings"
 SINGULAR = "registeredmodelserving"
 SHORT_NAMES = ["rms"]
-
-# A registry version number as MLflow prints it.
-VERSION_PATTERN = r"^[1-9][0-9]{0,9}$"
 
 # CEL: exactly one selector. `has()` on an absent optional field is false.
 EXACTLY_ONE_SELECTOR = (

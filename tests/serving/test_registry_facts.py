@@ -14,8 +14,9 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
 
-from serving_app import registry
 from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
+from serving_app.mlmodel import RegistryAuth
+from serving_app.registry import ModelRegistry, configure_process
 
 MODEL = "facts_model"
 
@@ -24,11 +25,21 @@ MODEL = "facts_model"
 def tracking(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    registry.configure_client(mlflow_server.url)
+    configure_process(mlflow_server.url)
     try:
         yield mlflow_server.url
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def registry(tracking: str) -> Iterator[ModelRegistry]:
+    """The model's registry as a replica holds it."""
+    owned = ModelRegistry(MODEL, tracking, RegistryAuth())
+    try:
+        yield owned
+    finally:
+        owned.close()
 
 
 def artifact_dir(server: MlflowServer, version: str) -> Path:
@@ -41,16 +52,16 @@ def artifact_dir(server: MlflowServer, version: str) -> Path:
     return server.root / "artifacts" / path.lstrip("/")
 
 
-def test_rest_facts_match_mlflows_own_reading(tracking: str) -> None:
+def test_rest_facts_match_mlflows_own_reading(tracking: str, registry: ModelRegistry) -> None:
     version = log_phrasebook(tracking, MODEL, lang_to="de")
-    facts = registry.fetch_version_facts(MODEL, version)
+    facts = registry.fetch_facts(version)
     info = mlflow.models.get_model_info(f"models:/{MODEL}/{version}")
     assert facts.version == version
     assert facts.signature is not None and info.signature is not None
     assert facts.signature.to_dict() == info.signature.to_dict()
     assert facts.flavors == tuple(sorted(info.flavors))
     # The load that follows the gate reads the same artifacts and answers.
-    loaded = registry.load_version(MODEL, version)
+    loaded = registry.load(version)
     answer = loaded.model.predict([{"prompt": "Hello"}])
     assert [row["translation_text"] for row in answer] == ["Hallo"]
 
@@ -59,42 +70,46 @@ def test_rest_facts_match_mlflows_own_reading(tracking: str) -> None:
 def test_unknown_versions_are_unknown(tracking: str, model: str, version: str) -> None:
     log_phrasebook(tracking, MODEL, lang_to="de")
     with pytest.raises(UnknownVersion):
-        registry.fetch_version_facts(model, version)
+        ModelRegistry(model, tracking, RegistryAuth()).fetch_facts(version)
 
 
 def test_missing_mlmodel_is_a_broken_version_not_an_unknown_one(
-    tracking: str, mlflow_server: MlflowServer
+    tracking: str, mlflow_server: MlflowServer, registry: ModelRegistry
 ) -> None:
     version = log_phrasebook(tracking, MODEL, lang_to="fr")
     (artifact_dir(mlflow_server, version) / "MLmodel").unlink()
     with pytest.raises(VersionLoadFailed, match="no MLmodel"):
-        registry.fetch_version_facts(MODEL, version)
+        registry.fetch_facts(version)
 
 
-def test_garbage_mlmodel_is_a_broken_version(tracking: str, mlflow_server: MlflowServer) -> None:
+def test_garbage_mlmodel_is_a_broken_version(
+    tracking: str, mlflow_server: MlflowServer, registry: ModelRegistry
+) -> None:
     version = log_phrasebook(tracking, MODEL, lang_to="fr")
     (artifact_dir(mlflow_server, version) / "MLmodel").write_text("just text, no mapping\n")
     with pytest.raises(VersionLoadFailed, match="no readable MLmodel"):
-        registry.fetch_version_facts(MODEL, version)
+        registry.fetch_facts(version)
 
 
 def test_unreachable_registry_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    registry.configure_client(url)
+    configure_process(url)
     try:
         with pytest.raises(RegistryUnavailable):
-            registry.fetch_version_facts(MODEL, "1")
+            ModelRegistry(MODEL, url, RegistryAuth()).fetch_facts("1")
     finally:
         mlflow.set_tracking_uri(previous)
 
 
-def test_prefetched_download_is_loaded_and_deleted_with_the_model(tracking: str) -> None:
+def test_prefetched_download_is_loaded_and_deleted_with_the_model(
+    tracking: str, registry: ModelRegistry
+) -> None:
     version = log_phrasebook(tracking, MODEL, lang_to="de")
-    prefetches = registry.PREFETCHES
-    prefetches.start(MODEL, version)
-    loaded = registry.load_version(MODEL, version)  # waits for the download and loads from it
+    prefetches = registry.prefetches
+    prefetches.start(version)
+    loaded = registry.load(version)  # waits for the download and loads from it
     assert prefetches.pending() == 0
     assert loaded.local_dir is not None and Path(loaded.local_dir, "MLmodel").exists()
     answer = loaded.model.predict([{"prompt": "Hello"}])
@@ -104,12 +119,12 @@ def test_prefetched_download_is_loaded_and_deleted_with_the_model(tracking: str)
     assert not Path(local_dir).exists()
 
 
-def test_discarded_download_is_deleted_when_it_finishes(tracking: str) -> None:
+def test_discarded_download_is_deleted_when_it_finishes(tracking: str, registry: ModelRegistry) -> None:
     version = log_phrasebook(tracking, MODEL, lang_to="fr")
     before = set(Path(tempfile.gettempdir()).glob(f"regserve-v{version}-*"))
-    registry.PREFETCHES.start(MODEL, version)
-    registry.PREFETCHES.discard(MODEL, version)
-    assert registry.PREFETCHES.pending() == 0
+    registry.prefetches.start(version)
+    registry.prefetches.discard(version)
+    assert registry.prefetches.pending() == 0
 
     def leftovers() -> set[Path]:
         return set(Path(tempfile.gettempdir()).glob(f"regserve-v{version}-*")) - before
@@ -117,5 +132,5 @@ def test_discarded_download_is_deleted_when_it_finishes(tracking: str) -> None:
     # The download runs on; once it finishes, its directory goes.
     wait_for(lambda: not leftovers(), timeout=60, interval=0.1, message="discarded download deleted")
     # Loading afterwards fetches the version afresh (nothing stale is taken).
-    loaded = registry.load_version(MODEL, version)
+    loaded = registry.load(version)
     assert loaded.local_dir is None

@@ -1,0 +1,120 @@
+"""The model service's own state, without Ray: bounded whatever clients send, one facts fetch per
+version at a time, and what `/healthz` and `/metadata` report."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from mlflow.models.signature import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from serving_app.config import AppArgs
+from serving_app.errors import UnknownVersion, VersionLoadFailed
+from serving_app.metrics import ServingMetrics
+from serving_app.registry import LoadedVersion, VersionFacts
+from serving_app.service import ModelService
+
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]))
+
+
+class Sink:
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
+
+
+class NoPrefetches:
+    def start(self, version: str) -> None:
+        pass
+
+    def discard(self, version: str) -> None:
+        pass
+
+
+class FakeRegistry:
+    """Versions 1 and 2 exist (2 fails to load); every other number is unknown."""
+
+    def __init__(self) -> None:
+        self.prefetches = NoPrefetches()
+        self.facts_fetches: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def fetch_facts(self, version: str) -> VersionFacts:
+        self.facts_fetches.append(version)
+        self.release.wait(10)
+        if version not in {"1", "2"}:
+            raise UnknownVersion(f"no version {version}")
+        return VersionFacts(version, SIGNATURE, ("python_function",))
+
+    def load(self, version: str) -> LoadedVersion:
+        if version != "1":
+            raise VersionLoadFailed(f"version {version} failed to load: broken on purpose")
+        return LoadedVersion(version=version, model=object(), signature=SIGNATURE, load_seconds=0.0)
+
+
+def service(registry: FakeRegistry) -> ModelService:
+    sink: Any = Sink()
+    metrics = ServingMetrics(sink, sink, sink, sink, sink, sink, sink)
+
+    async def load_pinned(version: str) -> LoadedVersion:
+        return registry.load(version)
+
+    return ModelService(AppArgs(model_name="m"), registry, load_pinned, metrics)  # type: ignore[arg-type]
+
+
+def test_made_up_versions_leave_nothing_behind() -> None:
+    async def scenario() -> ModelService:
+        model = service(FakeRegistry())
+        await model.set_default("1")
+        for number in range(100, 400):
+            with pytest.raises(UnknownVersion):
+                await model.resolve(str(number))
+        return model
+
+    model = asyncio.run(scenario())
+    assert not model._facts_pending
+    assert len(model._facts) == 1 and len(model._verdicts) == 0  # the default's facts only
+
+
+def test_concurrent_requests_for_a_version_share_one_fetch() -> None:
+    registry = FakeRegistry()
+
+    async def scenario() -> list[Any]:
+        model = service(registry)
+        await model.set_default("1")
+        registry.release.clear()
+        asking = [asyncio.create_task(model.differences("2")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        registry.release.set()
+        return await asyncio.gather(*asking)
+
+    assert asyncio.run(scenario()) == [[]] * 20
+    assert registry.facts_fetches == ["2"]
+
+
+def test_health_and_metadata_report_the_default_and_a_failed_switch() -> None:
+    async def scenario() -> ModelService:
+        model = service(FakeRegistry())
+        await model.set_default("1")
+        await model.set_default("2")  # fails: "1" keeps answering
+        return model
+
+    model = asyncio.run(scenario())
+    health = model.health()
+    failure = health.pop("last_default_switch_failure")
+    assert health == {"status": "ok", "default_version": "1"}
+    assert failure.keys() == {"version", "code", "at"}  # open route: no message
+    assert (failure["version"], failure["code"]) == ("2", "version_load_failed")
+    metadata = model.metadata([])
+    assert metadata["default_version"] == "1"
+    assert metadata["last_default_switch_failure"]["error"].endswith("broken on purpose")
+    assert metadata["last_default_switch_failure"]["code"] == "version_load_failed"
+    # The signature as JSON objects, not JSON text inside JSON.
+    assert metadata["signature"]["inputs"] == [{"type": "string", "name": "prompt", "required": True}]
+    assert metadata["signature"]["outputs"] == [{"type": "string", "required": True}]

@@ -41,7 +41,7 @@ from typing import Literal
 import httpx
 
 from regserve_operator.builders import HAPROXY_ENV
-from regserve_operator.sandbox.processes import free_port, session_members, start_and_wait, stop
+from regserve_operator.sandbox.processes import free_port, start_and_wait, stop
 from regserve_operator.targets.local import ray_auth_token
 
 log = logging.getLogger("regserve.dev")
@@ -120,14 +120,6 @@ class LocalCluster:
     process: Popen[bytes] | None = None
     ports: RayPorts | None = None
     temp_dir: Path | None = None
-
-    @property
-    def gcs_address(self) -> str | None:
-        return None if self.ports is None else f"127.0.0.1:{self.ports.gcs}"
-
-    def pids(self) -> list[int]:
-        """The live processes of a cluster we started: everything in the session of `ray start`."""
-        return [] if self.process is None else session_members(self.process.pid)
 
     def stop(self) -> None:
         """Stop what we started (nothing when attached) and remove its temp dir."""

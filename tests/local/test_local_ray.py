@@ -20,11 +20,7 @@ import httpx
 import pytest
 from regserve_operator.local_ray import (
     ALL_INTERFACES_IN_RAY,
-    IngressMode,
-    RayPorts,
     ensure_ray,
-    ray_environment,
-    ray_start_command,
 )
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier
@@ -37,6 +33,7 @@ from regserve_operator.sandbox.processes import (
     wait_for,
 )
 
+from tests.local.test_local_ray_settings import RAY_FIXED_PORTS
 from tests.support.ray_cluster import LocalRay
 
 RMS = """
@@ -50,9 +47,6 @@ spec:
 """
 LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-# Ray's own fixed defaults for ports local mode moves: a local cluster must not take any of them.
-RAY_FIXED_PORTS = {8404, 9101, 8500, 9500, 10001, 52365, 44217, 44227}
 
 
 @dataclass
@@ -208,27 +202,6 @@ def test_a_plain_ray_init_works_afterwards(dev_run: DevRun, tmp_path: Path) -> N
         stop(process, timeout=30)
     assert process.returncode == 0, log.read_text()[-3000:]
     assert "CPUS" in log.read_text()
-
-
-# ------------------------------------------------------------------------------ without starting Ray
-
-
-def test_start_command_and_env_keep_ray_on_loopback_and_off_fixed_ports(tmp_path: Path) -> None:
-    ports = RayPorts(dashboard=free_port())
-    command = ray_start_command(ports, num_cpus=2, temp_dir=tmp_path)
-    assert {"--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp_path}"} <= set(
-        command
-    )
-    modes: list[tuple[IngressMode, str]] = [("haproxy", "1"), ("proxy", "0")]
-    for mode, flag in modes:
-        env = ray_environment(mode, ports, tmp_path)
-        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == flag
-        # Without it `ray start` swaps the loopback node IP for the machine's external address.
-        assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-        haproxy_files = [v for k, v in env.items() if "HAPROXY" in k and not k.endswith("_PORT")]
-        assert haproxy_files and all(path.startswith(str(tmp_path)) for path in haproxy_files)
-        numbers = {int(value) for key, value in env.items() if key.endswith("_PORT")}
-        assert numbers and not numbers & RAY_FIXED_PORTS
 
 
 def test_attached_to_a_cluster_in_another_mode_it_says_so(

@@ -7,17 +7,15 @@ Registry credentials and facts are the vocabulary both sides share, so they live
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
-
 from regserve_operator.plan import Plan
 from regserve_operator.spec import ModelSelector
 from serving_app.compat import Signature
+from serving_app.mlmodel import RegistryAuth
 
 # ------------------------------------------------------------------------------------------ registry
 
@@ -58,34 +56,11 @@ class Credentials:
         digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
         return digest[:16]
 
-    def scrub(self, text: str) -> str:
-        """`text` without any credential value (or its Basic-auth encoding) in it."""
-        env = self.env
-        secrets = [v for v in env.values() if len(v) >= 4]
-        if env.get("MLFLOW_TRACKING_USERNAME"):
-            pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
-            secrets.append(base64.b64encode(pair.encode()).decode())
-        for secret in sorted(secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
-
-    def headers(self) -> dict[str, str]:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_TOKEN"):
-            return {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}
-        return {}
-
-    def auth(self) -> httpx.BasicAuth | None:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_USERNAME") and not env.get("MLFLOW_TRACKING_TOKEN"):
-            return httpx.BasicAuth(env["MLFLOW_TRACKING_USERNAME"], env.get("MLFLOW_TRACKING_PASSWORD", ""))
-        return None
-
-    def verify(self) -> bool | str:
-        env = self.env
-        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            return False
-        return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    @property
+    def registry_auth(self) -> RegistryAuth:
+        """How requests to the tracking server authenticate with these keys (serving_app's rules,
+        the same ones a serving replica follows)."""
+        return RegistryAuth.of(self.env)
 
 
 @dataclass(frozen=True)

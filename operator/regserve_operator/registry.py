@@ -153,7 +153,7 @@ class Poller:
         models: dict[str, ModelEntry] = {}
         token: str | None = None
         requests = 0
-        auth = mlmodel.RegistryAuth.of(self._credentials.env)
+        auth = self._credentials.registry_auth
         with auth.client(self.tracking_uri, self._transport) as client:
             while True:
                 params: dict[str, Any] = {"max_results": PAGE_SIZE}
@@ -276,7 +276,7 @@ def fetch_facts_over_rest(
             tracking_uri,
             name,
             version,
-            auth=mlmodel.RegistryAuth.of(credentials.env),
+            auth=credentials.registry_auth,
             with_requirements=True,
             transport=transport,
         )

@@ -76,9 +76,10 @@ def test_unknown_model_is_not_found() -> None:
 def test_credentials_never_show_values() -> None:
     creds = Credentials.from_mapping({"MLFLOW_TRACKING_TOKEN": "s3cr3t", "AWS_SECRET_ACCESS_KEY": "k3y"})
     assert "s3cr3t" not in repr(creds) and "k3y" not in str(creds) and "s3cr3t" not in f"{creds}"
-    assert creds.headers() == {"Authorization": "Bearer s3cr3t"}
+    assert creds.registry_auth.client("http://mlflow").headers["Authorization"] == "Bearer s3cr3t"
     basic = Credentials.from_mapping({"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"})
-    assert basic.auth() is not None and basic.headers() == {}
+    basic_client = basic.registry_auth.client("http://mlflow")
+    assert basic_client.auth is not None and "Authorization" not in basic_client.headers
     assert creds.fingerprint != basic.fingerprint
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
 import subprocess
 import tempfile
 import threading
@@ -60,9 +61,10 @@ def replica_pid(app: str) -> int:
 
 
 COLD_BUCKETS = (
-    ("gate: version facts over REST", ("fetch_version_facts (",)),
+    # py-spy frames read `function (path:line)`: the path keeps same-named functions apart.
+    ("gate: version facts over REST", ("fetch_facts (*serving_app/registry.py",)),
     ("artifact download (prefetch)", ("_download (",)),
-    ("load_model", ("load_version (",)),
+    ("load_model", ("load (*serving_app/registry.py",)),
     ("ray multiplexer", ("ray/serve/multiplex.py",)),
     # Idle threads (event loops waiting) are sampled too: everything else is not attributable.
     ("other", ("",)),
@@ -88,7 +90,7 @@ def profile(pid: int, seconds: float, out: Path, *, idle: bool = False) -> colle
 def bucket_of(stack: str, buckets: tuple[tuple[str, tuple[str, ...]], ...] = BUCKETS) -> str:
     frames = stack.split(";")
     for name, needles in buckets:  # the first bucket any frame falls in, by priority
-        if any(n and n in f for f in frames for n in needles):
+        if any(n and fnmatch.fnmatchcase(f, f"*{n}*") for f in frames for n in needles):
             return name
     return buckets[-1][0]
 

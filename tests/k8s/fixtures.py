@@ -28,6 +28,7 @@ Poll with deadlines (``plane.wait_for``), never sleep to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -83,6 +84,12 @@ def kube_plane(request: pytest.FixtureRequest, kube_tools: plane.Tools) -> Itera
 
     try:
         started = plane.ControlPlane(tools=kube_tools).start()
+    except plane.NetworkUnavailable as exc:
+        # The plane must own its address ranges (root, network namespaces) or cluster traffic would
+        # leave the machine.
+        if _in_ci():
+            pytest.fail(f"{exc} (CI=true: the control plane cannot run here)", pytrace=False)
+        pytest.skip(f"control plane needs network namespaces: {exc}")
     except plane.PlaneError as exc:
         pytest.fail(f"control plane failed to start: {exc}", pytrace=False)
     request.config.stash[_PLANE_KEY] = started
@@ -152,6 +159,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kube_plane" in getattr(item, "fixturenames", ()) and item.get_closest_marker("k8s") is None:
             item.add_marker(pytest.mark.k8s)
+
+
+@pytest.hookimpl(trylast=True)  # after -m deselection: only tests that will run count
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts installing the pods' serving environment in the background as soon as a ``kuberay`` test
+    is going to run: cold, it takes minutes, and the tests before it need not wait."""
+    if any(item.get_closest_marker("kuberay") for item in session.items):
+        import threading
+
+        from tests.k8s import serving_env
+
+        def install() -> None:
+            # A failure is reported by the pods that need the environment (the runner retries it).
+            with contextlib.suppress(Exception):
+                serving_env.install(log=Path(serving_env.cache_root()) / "install.log")
+
+        if not serving_env.ready():
+            threading.Thread(target=install, name="serving-env-install", daemon=True).start()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -89,10 +89,20 @@ class OperatorProcess:
     start appends to the same log file, so `output()` is the complete log of all its lives.
     """
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.log = log
-        self.env = {**OPERATOR_ENV, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.env = {**OPERATOR_ENV, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1", **(env or {})}
+        # e.g. a mount namespace with the cluster names (tests/k8s/podrunner.with_cluster_hosts)
+        self.wrap = wrap
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         # Log spans (character offsets) where RBAC refusals are expected, e.g. while an apiserver
@@ -103,6 +113,8 @@ class OperatorProcess:
         assert not self.alive(), "already running"
         regserve = Path(sys.executable).with_name("regserve")
         argv = [str(regserve), "run", "--standalone", "--namespace", self.namespace]
+        if self.wrap is not None:
+            argv = self.wrap(argv)
         component = plane.Component(name="regserve-operator", argv=argv, log=self.log, env=self.env)
         component.start()
         self.proc = component.proc

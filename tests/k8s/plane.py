@@ -2,8 +2,13 @@
 
 etcd, kube-apiserver (RBAC on, static admin token, service-account tokens), kube-controller-manager
 (garbage collection, namespaces, service accounts), kube-scheduler, KWOK (a fake CPU node and a fake
-GPU node whose pods turn Running) and the real KubeRay operator, which only watches one namespace so
-that every other namespace stays free for tests that write RayService status themselves.
+GPU node whose pods turn Running) and the real KubeRay operator, which only watches two namespaces so
+that every other namespace stays free for tests that write RayService status themselves. In one of them
+(:data:`RAY_NAMESPACE`) the pod runner (``tests/k8s/podrunner.py``) runs the pods' containers for real,
+so KubeRay drives real Ray; in the other (:data:`KUBERAY_NAMESPACE`) pods only look Running.
+
+The plane owns its pod, service and node address ranges on this machine while it runs
+(``tests/k8s/network.py``), so nothing sent to a cluster address leaves the machine; that needs root.
 
 Everything binds to loopback on free ports, logs into a temporary directory and runs in its own
 process group, so :meth:`ControlPlane.stop` (or the death of the Python process that started it)
@@ -16,6 +21,7 @@ import base64
 import contextlib
 import datetime
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -37,6 +43,9 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from tests.k8s import network, serving_env
+from tests.k8s.podrunner import ClusterHosts, PodRunner, with_cluster_hosts
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "tools" / "versions.env"
 
@@ -48,25 +57,28 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_PRODUCT = "NVIDIA-A10G"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KUBERAY_NAMESPACE = "kuberay-watched"
+# Watched by KubeRay too; the pod runner runs the containers of pods here (real Ray).
+RAY_NAMESPACE = "kuberay-ray"
 APISERVER = "kube-apiserver"
 # The kinds the KubeRay operator watches (it exits if one is unknown). RayCronJob's controller is
 # behind a feature gate that is off, and each CRD costs the apiserver seconds of CPU to establish.
 KUBERAY_CRDS = ("rayclusters", "rayjobs", "rayservices")
 
 CRD_GROUP = "apiextensions.k8s.io"
-SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"
+SERVICE_CIDR = network.SERVICE_CIDR
+POD_CIDR = network.POD_CIDR
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # KWOK's own "fast" stages: nodes turn Ready and keep a lease; pods turn Running at once and
-# disappear when deleted (so namespace deletion and garbage collection complete).
+# disappear when deleted (so namespace deletion and garbage collection complete). The pod-ready stage is
+# split (:func:`kwok_pod_stages`): in RAY_NAMESPACE Ready comes from the pod runner's probes.
 KWOK_STAGES = (
     "kustomize/stage/node/fast/node-initialize.yaml",
     "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
-    "kustomize/stage/pod/fast/pod-ready.yaml",
     "kustomize/stage/pod/fast/pod-complete.yaml",
     "kustomize/stage/pod/fast/pod-delete.yaml",
 )
+KWOK_POD_READY_STAGE = "kustomize/stage/pod/fast/pod-ready.yaml"
 
 
 # mint_kubeconfig(namespace, service_account, *, expiration_seconds=3600) -> kubeconfig path
@@ -79,6 +91,54 @@ class PlaneError(RuntimeError):
 
 class ToolsMissing(PlaneError):
     """A binary or module directory that ``make tools`` produces is absent."""
+
+
+class NetworkUnavailable(PlaneError):
+    """The machine does not let the plane own its address ranges (root and network namespaces needed)."""
+
+
+# What every pod's "node" provides besides the container's env: Ray's object store is capped (by
+# default it takes 30 % of the machine's memory per node, and several Ray nodes share this machine).
+POD_NODE_ENV = {"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(100 * 1024 * 1024)}
+
+
+def write_pod_stages(tools: Tools, directory: Path, runner_namespace: str) -> list[Path]:
+    """KWOK's pod-ready stage, split by namespace.
+
+    Outside ``runner_namespace`` it is KWOK's own (pods turn Ready at once). Inside, pods get their
+    address and turn Running with Ready=False and containers waiting; the pod runner then starts the
+    containers, runs the readiness probes and writes Ready itself.
+    """
+    original = yaml.safe_load((tools.kwok_module / KWOK_POD_READY_STAGE).read_text())
+    elsewhere = json.loads(json.dumps(original))
+    elsewhere["spec"]["selector"]["matchExpressions"].append(
+        {"key": ".metadata.namespace", "operator": "NotIn", "values": [runner_namespace]}
+    )
+    here = json.loads(json.dumps(original))
+    here["metadata"]["name"] = "pod-start-for-runner"
+    here["spec"]["selector"]["matchExpressions"].append(
+        {"key": ".metadata.namespace", "operator": "In", "values": [runner_namespace]}
+    )
+    template = here["spec"]["next"]["statusTemplate"]
+    replacements = {
+        '  status: "True"\n  type: Ready\n': '  status: "False"\n  type: Ready\n',
+        '  status: "True"\n  type: ContainersReady\n': '  status: "False"\n  type: ContainersReady\n',
+        "  ready: true\n  restartCount: 0\n  state:\n    running:\n      startedAt: {{ $now | Quote }}\n": (
+            "  ready: false\n  restartCount: 0\n  state:\n    waiting:\n      reason: ContainerCreating\n"
+        ),
+    }
+    for old, new in replacements.items():
+        if template.count(old) < 1:
+            raise PlaneError(f"KWOK's pod-ready stage changed; cannot derive the runner's stage ({old!r})")
+        template = template.replace(old, new, 1)
+    here["spec"]["next"]["statusTemplate"] = template
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, stage in (("pod-ready.yaml", elsewhere), ("pod-start-for-runner.yaml", here)):
+        path = directory / name
+        path.write_text(yaml.safe_dump(stage, sort_keys=False))
+        paths.append(path)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +434,7 @@ class ControlPlane:
     tools: Tools
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="regserve-plane-")))
     kuberay_namespace: str = KUBERAY_NAMESPACE
+    ray_namespace: str = RAY_NAMESPACE
     crd_files: list[Path] = field(default_factory=lambda: sorted((REPO_ROOT / "crds").glob("*.yaml")))
     startup_timeout: float = 120.0
     components: dict[str, Component] = field(default_factory=dict)
@@ -384,6 +445,9 @@ class ControlPlane:
     scheduler_port: int = 0
     controller_manager_port: int = 0
     kuberay_probe_port: int = 0
+    runner: PodRunner | None = None
+    cluster_hosts: ClusterHosts | None = None
+    owns_network: bool = False
 
     # ---- public API
 
@@ -404,6 +468,7 @@ class ControlPlane:
         """Starts everything; on failure stops what started and raises :class:`PlaneError` with logs."""
         begin = time.monotonic()
         try:
+            self._timed("network", self._own_network)
             self._timed("certs", self._prepare)
             self._timed("etcd", self._start_etcd)
             self._timed("apiserver", self._start_apiserver)
@@ -411,6 +476,7 @@ class ControlPlane:
             self._timed("crds_nodes_namespace", self._seed_api)
             self._start_controller_manager_and_kuberay()
             self._timed("components_ready", self._wait_components)
+            self._start_runner()
         except BaseException as exc:
             logs = self.log_tails()
             self.stop(keep_logs=True)
@@ -422,6 +488,9 @@ class ControlPlane:
 
     def stop(self, keep_logs: bool = False) -> None:
         """Stops every component (TERM, then KILL after a grace period); removes the workdir unless kept."""
+        if self.runner is not None:
+            # Before the apiserver goes: the runner tears pods down itself, it needs no API for that.
+            self.runner.stop()
         running = [c for c in self.components.values() if c.alive()]
         for component in running:
             component.signal(signal.SIGTERM)
@@ -434,6 +503,9 @@ class ControlPlane:
             except subprocess.TimeoutExpired:
                 component.signal(signal.SIGKILL)
                 component.proc.wait(timeout=5)
+        if self.owns_network:
+            network.release()
+            self.owns_network = False
         if not keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -444,7 +516,15 @@ class ControlPlane:
         self.stop(keep_logs=exc[0] is not None)
 
     def dead_components(self) -> list[str]:
-        return [name for name, c in self.components.items() if not c.alive()]
+        dead = [name for name, c in self.components.items() if not c.alive()]
+        if self.runner is not None and not self.runner.alive():
+            dead.append("pod-runner")
+        return dead
+
+    @property
+    def hosts_file(self) -> Path:
+        """The hosts file with the cluster names (see :func:`podrunner.with_cluster_hosts`)."""
+        return self.hosts_path
 
     def check_alive(self) -> None:
         """Raises :class:`PlaneError` (with the dead component's log) if any component has exited."""
@@ -509,6 +589,8 @@ class ControlPlane:
         self.timings[name] = time.monotonic() - start
 
     def _tail_block(self, name: str, lines: int) -> str:
+        if name not in self.components:
+            return f"----- {name} exited"
         component = self.components[name]
         state = "running" if component.alive() else f"exited {component.proc and component.proc.returncode}"
         return f"----- {name} ({state}), last {lines} lines of {component.log} -----\n{component.tail(lines)}"
@@ -519,8 +601,33 @@ class ControlPlane:
         component.start()
         return component
 
+    def _own_network(self) -> None:
+        try:
+            network.acquire()
+        except network.NetworkUnavailable as exc:
+            raise NetworkUnavailable(str(exc)) from exc
+        self.owns_network = True
+
+    def _start_runner(self) -> None:
+        handler = logging.FileHandler(self.log_dir / "pod-runner.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+        runner_log = logging.getLogger("podrunner")
+        runner_log.addHandler(handler)
+        runner_log.setLevel(logging.INFO)
+        self.runner = PodRunner(
+            api_factory=self.api_client,
+            namespaces=(self.ray_namespace,),
+            nodes=(CPU_NODE, GPU_NODE),
+            workdir=self.workdir / "podrunner",
+            environment=lambda: serving_env.install(log=self.log_dir / "serving-env.log"),
+            hosts=self.cluster_hosts,
+            extra_env=POD_NODE_ENV,
+        ).start()
+
     def _prepare(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts_path.parent.mkdir(parents=True, exist_ok=True)
+        self.cluster_hosts = ClusterHosts(self.hosts_path)
         self.creds = make_credentials(self.workdir / "pki")
         self.server = f"https://127.0.0.1:{free_port()}"
         for user, token in self.creds.tokens.items():
@@ -610,6 +717,7 @@ class ControlPlane:
             ],
         )
         stages = [str(self.tools.kwok_module / stage) for stage in KWOK_STAGES]
+        stages += [str(p) for p in write_pod_stages(self.tools, self.workdir / "kwok", self.ray_namespace)]
         self._spawn(
             "kwok",
             [
@@ -618,7 +726,7 @@ class ControlPlane:
                 *(f"--config={stage}" for stage in stages),
                 "--manage-all-nodes=true",
                 f"--cidr={POD_CIDR}",
-                "--node-ip=10.240.0.1",
+                f"--node-ip={network.NODE_IP}",
             ],
         )
 
@@ -645,23 +753,30 @@ class ControlPlane:
         self.kuberay_probe_port = free_port()
         self._spawn(
             "kuberay-operator",
-            [
-                str(self.tools.kuberay),
-                f"--watch-namespace={self.kuberay_namespace}",
-                "--enable-leader-election=false",
-                "--metrics-addr=0",
-                f"--health-probe-bind-address=127.0.0.1:{self.kuberay_probe_port}",
-                "--log-stdout-encoder=console",
-            ],
+            # Its own /etc/hosts: KubeRay calls `<cluster>-head-svc.<ns>.svc.cluster.local`.
+            with_cluster_hosts(self._kuberay_argv(), self.hosts_path),
             env={"KUBECONFIG": self._kubeconfig_of("kuberay-operator")},
         )
+
+    @property
+    def hosts_path(self) -> Path:
+        return self.workdir / "podrunner" / "hosts"
+
+    def _kuberay_argv(self) -> list[str]:
+        return [
+            str(self.tools.kuberay),
+            f"--watch-namespace={self.kuberay_namespace},{self.ray_namespace}",
+            "--enable-leader-election=false",
+            "--metrics-addr=0",
+            f"--health-probe-bind-address=127.0.0.1:{self.kuberay_probe_port}",
+            "--log-stdout-encoder=console",
+        ]
 
     def _seed_api(self) -> None:
         with self.api_client() as api:
             core = client.CoreV1Api(api)
-            core.create_namespace(
-                client.V1Namespace(metadata=client.V1ObjectMeta(name=self.kuberay_namespace))
-            )
+            for namespace in (self.kuberay_namespace, self.ray_namespace):
+                core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
             for node in (cpu_node(), gpu_node()):
                 core.create_node(node)
             names = create_crds(api, self._crd_documents())

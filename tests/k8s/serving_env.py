@@ -2,9 +2,10 @@
 
 Installed the way the serving image installs it: the Dockerfile's own ``pip install`` line of the
 ``serving`` stage (same constraints, same extras), into a virtualenv cached under ``~/.cache`` and keyed
-by what decides its contents (Dockerfile, constraints.txt, pyproject.toml). A change that breaks the
-image's install therefore breaks the tests that use it. The image copies the working tree's code; the
-pods here import it from the working tree (``PYTHONPATH``), so a code change needs no reinstall.
+by what decides its contents (Dockerfile, constraints.txt, pyproject.toml's project table). A change
+that breaks the image's install therefore breaks the tests that use it. The image copies the working
+tree's code; the pods here import it from the working tree (``PYTHONPATH``), so a code change needs no
+reinstall.
 
 ``python -m tests.k8s.serving_env`` installs it (or reports it cached) and prints its path.
 """
@@ -13,17 +14,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-KEY_FILES = (DOCKERFILE, REPO_ROOT / "constraints.txt", REPO_ROOT / "pyproject.toml")
 PYTHON = os.environ.get("PYTHON", "python3.11")
 # What the image's check after the install asserts, run the same way here.
 SMOKE = "import ray, serving_app.app"
@@ -56,9 +58,14 @@ def cache_root() -> Path:
 
 
 def env_key() -> str:
-    digest = hashlib.sha256()
-    for path in KEY_FILES:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    """A hash of what decides the environment's contents: the constraints, the Dockerfile (its install
+    command and base versions) and the parts of pyproject.toml an install reads (not tool settings, which
+    change often and install nothing)."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    install_inputs = {"build-system": project.get("build-system"), "project": project.get("project")}
+    digest = hashlib.sha256(json.dumps(install_inputs, sort_keys=True).encode())
+    for path in (DOCKERFILE, REPO_ROOT / "constraints.txt"):
+        digest.update(b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -85,7 +92,18 @@ def install(log: Path | None = None) -> Path:
         if not ready(target):
             shutil.rmtree(target, ignore_errors=True)
             _build(target, log)
+            _prune(keep=target)
     return target
+
+
+def _prune(keep: Path) -> None:
+    """Environments of older inputs are dead weight (about 1.5 GB each)."""
+    for entry in keep.parent.iterdir():
+        if entry.name.split(".")[0] != keep.name:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _build(target: Path, log: Path | None) -> None:

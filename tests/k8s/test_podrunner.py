@@ -1,0 +1,167 @@
+"""The pod runner as a kubelet: plain pods (no Ray) in the runner's namespace, run for real.
+
+The containers are small shell programs from the machine; what is checked is what a kubelet does:
+address and namespace, environment from Secrets/ConfigMaps/fields, private /tmp, readiness from the
+probe, restarts of a failing container, teardown when the pod goes.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.k8s import network, plane
+from tests.k8s.operator_support import until
+
+pytestmark = pytest.mark.k8s
+
+SERVER = "cd /tmp && exec python3 -m http.server 8080 --bind 0.0.0.0"
+
+
+@pytest.fixture
+def pods(kube_plane: plane.ControlPlane, kube_api: client.ApiClient) -> Iterator[client.CoreV1Api]:
+    if kube_plane.runner is None:
+        pytest.fail("the plane has no pod runner", pytrace=False)
+    core = client.CoreV1Api(kube_api)
+    yield core
+    for pod in core.list_namespaced_pod(kube_plane.ray_namespace, label_selector="test=podrunner").items:
+        core.delete_namespaced_pod(pod.metadata.name, kube_plane.ray_namespace, grace_period_seconds=0)
+
+
+def _pod(name: str, script: str, **container: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"test": "podrunner", "app": name}},
+        "spec": {
+            "nodeName": plane.CPU_NODE,
+            "containers": [
+                {"name": "main", "image": "none", "command": ["sh", "-c"], "args": [script], **container}
+            ],
+        },
+    }
+
+
+def _read(core: client.CoreV1Api, namespace: str, name: str) -> Any:
+    return core.read_namespaced_pod(name, namespace)
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def test_pod_runs_in_its_own_namespace_with_resolved_env_and_probed_readiness(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    ns = kube_plane.ray_namespace
+    name = f"env-{uuid.uuid4().hex[:6]}"
+    pods.create_namespaced_secret(
+        ns,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name, labels={"test": "podrunner"}),
+            string_data={"FROM_SECRET": "s3cret", "TOKEN": "t0k"},
+        ),
+    )
+    pods.create_namespaced_config_map(
+        ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data={"mode": "blue"})
+    )
+    script = (
+        'printf "%s|%s|%s|%s|%s|%s" "$FROM_SECRET" "$TOKEN_REF" "$MODE" "$MY_IP" "$MY_NS" "$DERIVED"'
+        f" > /tmp/env.txt && touch /tmp/{name}.marker && " + SERVER
+    )
+    body = _pod(
+        name,
+        script,
+        envFrom=[{"secretRef": {"name": name}}],
+        env=[
+            {"name": "TOKEN_REF", "valueFrom": {"secretKeyRef": {"name": name, "key": "TOKEN"}}},
+            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": name, "key": "mode"}}},
+            {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "DERIVED", "value": "$(MODE)-x"},
+        ],
+        readinessProbe={"httpGet": {"path": "/env.txt", "port": 8080}, "periodSeconds": 1},
+    )
+    try:
+        pods.create_namespaced_pod(ns, body)
+        until("pod Ready from its probe", lambda: _ready(_read(pods, ns, name)), timeout=60)
+        pod = _read(pods, ns, name)
+        address = pod.status.pod_ip
+        assert address and address.startswith("10.244."), address
+        assert _get(f"http://{address}:8080/env.txt") == f"s3cret|t0k|blue|{address}|{ns}|blue-x"
+        (status,) = pod.status.container_statuses
+        assert status.ready and status.state.running is not None and status.restart_count == 0
+        # Its /tmp is its own: what it wrote there is not in the host's.
+        assert _get(f"http://{address}:8080/{name}.marker") == ""
+        assert not Path(f"/tmp/{name}.marker").exists()
+    finally:
+        pods.delete_namespaced_config_map(name, ns)
+        pods.delete_namespaced_secret(name, ns)
+
+
+def test_failing_command_is_restarted_and_reported_like_a_kubelet(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    ns = kube_plane.ray_namespace
+    name = f"crash-{uuid.uuid4().hex[:6]}"
+    pods.create_namespaced_pod(ns, _pod(name, "echo failing; exit 3"))
+
+    seen: list[Any] = []
+
+    def backing_off() -> bool:
+        statuses = _read(pods, ns, name).status.container_statuses or []
+        seen[:] = statuses
+        return bool(statuses) and statuses[0].restart_count >= 1 and statuses[0].state.waiting is not None
+
+    until("a restart reported, the container backing off", backing_off, timeout=60)
+    (status,) = seen
+    assert status.last_state.terminated.exit_code == 3
+    assert status.last_state.terminated.reason == "Error"
+    assert status.state.waiting.reason == "CrashLoopBackOff"
+    assert not status.ready
+
+
+def test_deleted_pod_leaves_no_process_or_namespace(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    ns = kube_plane.ray_namespace
+    runner = kube_plane.runner
+    assert runner is not None
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    pods.create_namespaced_pod(ns, _pod(name, "exec sleep 1000"))
+    uid = _read(pods, ns, name).metadata.uid
+    until(
+        "the runner runs it",
+        lambda: uid in runner.workers and bool(runner.workers[uid].containers),
+        timeout=60,
+    )
+    worker = runner.workers[uid]
+    netns = worker.sandbox.netns
+    until("its process running", lambda: bool(network.netns_pids(netns)), timeout=30)
+    pids = network.netns_pids(netns)
+    pods.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+
+    def gone() -> bool:
+        try:
+            _read(pods, ns, name)
+            return False
+        except ApiException as exc:
+            return exc.status == 404 and uid not in runner.workers and netns not in network.list_namespaces()
+
+    until("pod, worker and namespace gone", gone, timeout=60)
+    assert not [pid for pid in pids if network._alive(pid) and not network._zombie(pid)]

@@ -8,6 +8,7 @@ first, with field-level detail as `/serve` gives it.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import struct
@@ -264,26 +265,40 @@ def _bytes_elements(chunk: bytes, loc: list[str | int]) -> list[Any]:
 
 
 def scoring_input(request: InferRequest, schema: Schema | None) -> ScoringInput:
-    """The request's tensors as the scoring protocol's `inputs` (plus `params`), checked against the
+    """The request's tensors in the scoring protocol's form (plus `params`), checked against the
     signature's names, shapes and datatypes; types are then coerced and enforced by MLflow."""
     empty = [tensor.name for tensor in request.inputs if math.prod(tensor.shape) == 0]
     if empty:
         raise refuse(SCHEMA_MISMATCH, [problem(["inputs", empty[0]], "the tensor holds no values")])
-    inputs, rows = _scoring_inputs(request.inputs, schema)
-    payload: dict[str, Any] = {"inputs": inputs}
+    payload, rows = _scoring_payload(request.inputs, schema)
     if request.params:
         payload["params"] = request.params
     return ScoringInput(payload, rows)
 
 
-def _scoring_inputs(tensors: Sequence[Tensor], schema: Schema | None) -> tuple[Any, int]:
+def _scoring_payload(tensors: Sequence[Tensor], schema: Schema | None) -> tuple[dict[str, Any], int]:
     if schema is None:
-        return _free_inputs(tensors)
-    if schema.is_tensor_spec():
-        return _tensor_inputs(tensors, schema.inputs)
-    if not all(spec.name for spec in schema.inputs):
-        return _unnamed_columns(tensors, schema.inputs)
-    return _named_columns(tensors, schema.inputs)
+        inputs, rows = _free_inputs(tensors)
+    elif schema.is_tensor_spec():
+        inputs, rows = _tensor_inputs(tensors, schema.inputs)
+    else:
+        # Columns travel as a split frame: MLflow's columnar `inputs` form wants names and converts
+        # neither arrays, maps and objects nor base64 binary.
+        return _columns(tensors, schema.inputs)
+    return {"inputs": inputs}, rows
+
+
+def _columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[dict[str, Any], int]:
+    if all(spec.name for spec in specs):
+        columns, rows = _named_columns(tensors, specs)
+        frame = {"columns": list(columns), "data": _rows_of(list(columns.values()))}
+        return {"dataframe_split": frame}, rows
+    values, rows = _unnamed_columns(tensors, specs)
+    return {"dataframe_split": {"data": _rows_of(values)}}, rows
+
+
+def _rows_of(columns: list[list[Any]]) -> list[list[Any]]:
+    return [list(row) for row in zip(*columns, strict=True)]
 
 
 def _free_inputs(tensors: Sequence[Tensor]) -> tuple[Any, int]:
@@ -310,7 +325,7 @@ def _tensor_inputs(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[Any
     return {tensor.name: _nested(tensor) for tensor in chosen}, chosen[0].rows
 
 
-def _named_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[Any, int]:
+def _named_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[dict[str, list[Any]], int]:
     by_name = {tensor.name: tensor for tensor in tensors}
     findings = []
     for spec in specs:
@@ -329,7 +344,7 @@ def _named_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[Any
     return columns, chosen[0].rows
 
 
-def _unnamed_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[Any, int]:
+def _unnamed_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[list[list[Any]], int]:
     """Columns the signature leaves unnamed are taken by position, one tensor each."""
     if len(tensors) != len(specs):
         message = f"the model takes {len(specs)} unnamed columns, one tensor each; got {len(tensors)}"
@@ -337,7 +352,7 @@ def _unnamed_columns(tensors: Sequence[Tensor], specs: Sequence[Any]) -> tuple[A
     _check_all([_column_problem(tensor, spec.type) for tensor, spec in zip(tensors, specs, strict=True)])
     _check_all([_same_rows(tensors)])
     columns = [_column_values(tensor, spec.type) for tensor, spec in zip(tensors, specs, strict=True)]
-    return [list(row) for row in zip(*columns, strict=True)], tensors[0].rows
+    return columns, tensors[0].rows
 
 
 def _paired(tensors: Sequence[Tensor], specs: Sequence[ColSpec]) -> list[tuple[Tensor, ColSpec]]:
@@ -412,9 +427,10 @@ def _column_values(tensor: Tensor, column_type: Any) -> list[Any]:
 
 
 def _text_or_bytes(value: Any, leaf: Any, name: str) -> Any:
-    """BYTES elements as the column wants them: bytes for binary columns, text for the rest."""
+    """BYTES elements as the column wants them: binary columns take the raw bytes (JSON text as its
+    UTF-8), in the base64 a scoring-protocol frame carries them in; the rest take text."""
     if leaf == DataType.binary:
-        return value.encode() if isinstance(value, str) else value
+        return base64.b64encode(value.encode() if isinstance(value, str) else value).decode("ascii")
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")

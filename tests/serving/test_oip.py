@@ -50,6 +50,12 @@ def tensor(name: str, datatype: str, shape: list[int], data: Any) -> dict[str, A
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}
 
 
+def split(**columns: list[Any]) -> dict[str, Any]:
+    """Named columns as the scoring protocol's split frame."""
+    rows = [list(row) for row in zip(*columns.values(), strict=True)]
+    return {"dataframe_split": {"columns": list(columns), "data": rows}}
+
+
 def request(*inputs: dict[str, Any], **extra: Any) -> InferRequest:
     return decode_request(json.dumps({"inputs": list(inputs), **extra}).encode(), None)
 
@@ -409,41 +415,51 @@ ALL_COLUMNS = [
 @pytest.mark.parametrize(
     ("schema", "inputs", "payload", "rows"),
     [
-        (PHRASEBOOK, [tensor("prompt", "BYTES", [1], ["Hello"])], {"prompt": ["Hello"]}, 1),
-        (PHRASEBOOK, [tensor("prompt", "BYTES", [2, 1], [["a"], ["b"]])], {"prompt": ["a", "b"]}, 2),
-        (FEATURES, [tensor("input-0", "FP64", [1, 4], [1, 2, 3, 4])], [[1, 2, 3, 4]], 1),
-        (FEATURES, [tensor("any name", "FP32", [2, 4], list(range(8)))], [[0, 1, 2, 3], [4, 5, 6, 7]], 2),
+        (PHRASEBOOK, [tensor("prompt", "BYTES", [1], ["Hello"])], split(prompt=["Hello"]), 1),
+        (PHRASEBOOK, [tensor("prompt", "BYTES", [2, 1], [["a"], ["b"]])], split(prompt=["a", "b"]), 2),
+        (FEATURES, [tensor("input-0", "FP64", [1, 4], [1, 2, 3, 4])], {"inputs": [[1, 2, 3, 4]]}, 1),
+        (
+            FEATURES,
+            [tensor("any name", "FP32", [2, 4], list(range(8)))],
+            {"inputs": [[0, 1, 2, 3], [4, 5, 6, 7]]},
+            2,
+        ),
         (
             NAMED_TENSORS,
             [tensor("ids", "INT32", [1], [7]), tensor("pixels", "FP16", [1, 2], [0.5, 1])],
-            {"pixels": [[0.5, 1]], "ids": [7]},
+            {"inputs": {"pixels": [[0.5, 1]], "ids": [7]}},
             1,
         ),
         (
             UNNAMED_COLUMNS,
             [tensor("a", "FP64", [2], [1, 2]), tensor("b", "BYTES", [2], ["x", "y"])],
-            [[1, "x"], [2, "y"]],
+            {"dataframe_split": {"data": [[1, "x"], [2, "y"]]}},
             2,
         ),
-        (None, [tensor("x", "FP64", [2], [1, 2])], [1, 2], 2),
-        (None, [tensor("x", "FP64", [1], [1]), tensor("y", "BYTES", [1], ["a"])], {"x": [1], "y": ["a"]}, 1),
+        (None, [tensor("x", "FP64", [2], [1, 2])], {"inputs": [1, 2]}, 2),
+        (
+            None,
+            [tensor("x", "FP64", [1], [1]), tensor("y", "BYTES", [1], ["a"])],
+            {"inputs": {"x": [1], "y": ["a"]}},
+            1,
+        ),
         (
             COLUMNS,
             ALL_COLUMNS,
-            {
-                "i": [1, 2],
-                "l": [3, 4],
-                "f": [1.5, 2.5],
-                "d": [5, 6],
-                "b": [True, False],
-                "s": ["a", "b"],
-                "bin": [b"xy", b"z"],
-                "ts": ["2024-01-01T10:00:00", "2024-01-02T00:00:00"],
-                "arr": [[1, 2], [3, 4]],
-                "map": [{"k": 1.5}, {}],
-                "obj": [{"x": 1}, {"x": 2}],
-                "anything": [0.5, 1],
-            },
+            split(
+                i=[1, 2],
+                l=[3, 4],
+                f=[1.5, 2.5],
+                d=[5, 6],
+                b=[True, False],
+                s=["a", "b"],
+                bin=["eHk=", "eg=="],  # base64, as the scoring protocol carries binary
+                ts=["2024-01-01T10:00:00", "2024-01-02T00:00:00"],
+                arr=[[1, 2], [3, 4]],
+                map=[{"k": 1.5}, {}],
+                obj=[{"x": 1}, {"x": 2}],
+                anything=[0.5, 1],
+            ),
             2,
         ),
     ],
@@ -452,7 +468,7 @@ def test_tensors_become_scoring_inputs(
     schema: Schema | None, inputs: list[dict[str, Any]], payload: Any, rows: int
 ) -> None:
     scoring = scoring_input(request(*inputs), schema)
-    assert scoring.payload == {"inputs": payload}
+    assert scoring.payload == payload
     assert scoring.rows == rows
 
 
@@ -587,7 +603,7 @@ def test_binary_bytes_reach_text_columns_as_text_and_binary_columns_as_bytes() -
     body, header_length = triton_body([text, raw])
     schema = Schema([ColSpec(DataType.string, "s"), ColSpec(DataType.binary, "bin")])
     scoring = scoring_input(decode_request(body, header_length), schema)
-    assert scoring.payload == {"inputs": {"s": ["Grüße"], "bin": [b"\x00\xff"]}}
+    assert scoring.payload == split(s=["Grüße"], bin=["AP8="])
     bad = triton_input("s", np.array([b"\xff"], dtype=object), "BYTES", binary=True)
     body, header_length = triton_body([bad, raw])
     with pytest.raises(InvalidInput) as error:
@@ -617,6 +633,34 @@ AS_RECORDS = [
         },
     ),
     (FEATURES, [tensor("input-0", "FP64", [2, 4], list(range(8)))], {"inputs": [[0, 1, 2, 3], [4, 5, 6, 7]]}),
+    (
+        UNNAMED_COLUMNS,
+        [tensor("a", "FP32", [2], [1, 2]), tensor("b", "BYTES", [2], ["x", "y"])],
+        {"dataframe_records": [[1, "x"], [2, "y"]]},
+    ),
+    (
+        COLUMNS,
+        ALL_COLUMNS,
+        {
+            "dataframe_records": [
+                {
+                    **{"i": 1, "l": 3, "f": 1.5, "d": 5, "b": True, "s": "a", "bin": "eHk="},
+                    **{"ts": "2024-01-01T10:00:00", "arr": [1, 2], "map": {"k": 1.5}, "obj": {"x": 1}},
+                    "anything": 0.5,
+                },
+                {
+                    **{"i": 2, "l": 4, "f": 2.5, "d": 6, "b": False, "s": "b", "bin": "eg=="},
+                    **{"ts": "2024-01-02T00:00:00", "arr": [3, 4], "map": {}, "obj": {"x": 2}},
+                    "anything": 1,
+                },
+            ]
+        },
+    ),
+    (
+        NAMED_TENSORS,
+        [tensor("pixels", "FP32", [1, 2], [0.5, 1]), tensor("ids", "INT32", [1], [7])],
+        {"inputs": {"pixels": [[0.5, 1]], "ids": [7]}},
+    ),
 ]
 
 
@@ -635,6 +679,11 @@ def test_mlflow_parses_the_scoring_input_as_it_parses_invocations(
     theirs = mlflow_parse(json.dumps(scoring_body), schema)
     if isinstance(ours, pd.DataFrame):
         pd.testing.assert_frame_equal(ours, theirs)
+    elif isinstance(ours, dict):
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+            assert ours[name].dtype == theirs[name].dtype
     else:
         np.testing.assert_array_equal(ours, theirs)
         assert ours.dtype == theirs.dtype

@@ -1,6 +1,7 @@
-"""Serving throughput and latency: regserve vs `mlflow models serve` vs a bare Ray Serve deployment.
+"""Serving throughput and latency: regserve vs `mlflow models serve`, a bare Ray Serve deployment, MLServer.
 
     .venv/bin/python -m bench.serving [--rounds 2] [--duration 1.5] [--modes proxy,haproxy] [--models sklearn]
+        [--peers mlserver] [--no-thin]
 
 (run from the repository root).
 
@@ -12,6 +13,15 @@ extra hop's cost). `mlflow models serve` (uvicorn, one worker) runs beside it al
 round measures every target at c=1, 8, 32 in turn, so baseline and candidates see the same machine
 load. Load comes from `bench/loadgen.py` in its own process. Prints medians over rounds and ratios
 against the baseline; writes bench/results/serving.{json,md,png}.
+
+Peer (`--peers mlserver`, the default): MLServer 1.7.1 with the MLflow runtime (`bench/mlserver.py`, its
+own cached virtualenv), one server process per model and batching setting, on the same version's model
+directory downloaded from the registry: `/invocations` (MLflow's scoring protocol, the body every other
+`/invocations` target gets) and its Open Inference Protocol endpoint `/v2/models/<name>/infer`, each
+without and with adaptive batching (`max_batch_size` 32, `max_batch_time` 5 ms, like regserve's). Before
+measuring, it checks that MLServer's `/invocations` answers what `mlflow models serve` answers, and
+whether MLServer starts with `parallel_workers: 1` (recorded; the measured servers use 0). A second
+table gives regserve ÷ MLServer per model, concurrency and batching setting.
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
+from regserve_operator.local_ray import IngressMode
 from regserve_operator.sandbox.models import log_sklearn_classifier, log_tiny_translator
 
+from bench import peers as mlserver
 from bench.common import (
     RESULTS,
     MlflowModelsServe,
@@ -56,6 +69,7 @@ class ModelCase:
     invocations_body: Any  # the same record in MLflow's scoring protocol
     bare_body: Any
     batch_rows: list[Any]  # rows for the in-process predict limit
+    v2_body: Any = None  # the same record in the Open Inference Protocol
 
 
 @dataclass
@@ -73,7 +87,14 @@ def register(tracking_uri: str, workdir: Path, models: list[str]) -> list[ModelC
         row = [float(x) for x in samples[0]]
         cases.append(
             ModelCase(
-                "sklearn", "bench_sklearn", version, row, {"inputs": [row]}, {"inputs": [row]}, [row] * 32
+                "sklearn",
+                "bench_sklearn",
+                version,
+                row,
+                {"inputs": [row]},
+                {"inputs": [row]},
+                [row] * 32,
+                mlserver.v2_request("sklearn", row),
             )
         )
     if "t5" in models:
@@ -91,6 +112,7 @@ def register(tracking_uri: str, workdir: Path, models: list[str]) -> list[ModelC
                 {"dataframe_records": [record]},
                 {"records": [record]},
                 [record] * 32,
+                mlserver.v2_request("t5", record),
             )
         )
     return cases
@@ -141,16 +163,142 @@ def targets_for(case: ModelCase, cluster: RayCluster) -> list[Target]:
     ]
 
 
-def apps_for(case: ModelCase, tracking_uri: str) -> list[dict[str, Any]]:
+def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[dict[str, Any]]:
     uri = f"models:/{case.name}/{case.version}"
-    return [
+    apps = [
         regserve_app(f"rs-{case.key}", case.name, case.version, tracking_uri),
         regserve_app(f"rsb-{case.key}", case.name, case.version, tracking_uri, batch=32),
         bare_app(f"bare-{case.key}", uri),
         bare_app(f"bareb-{case.key}", uri, batch=32),
-        thin_app(f"thin-{case.key}", case.name, case.version),
-        thin_app(f"thinb-{case.key}", case.name, case.version, batch=32),
     ]
+    if thin:
+        apps += [
+            thin_app(f"thin-{case.key}", case.name, case.version),
+            thin_app(f"thinb-{case.key}", case.name, case.version, batch=32),
+        ]
+    return apps
+
+
+@dataclass
+class Peers:
+    """Peer servers beside the Ray cluster (MLServer), their targets per model, and what was checked."""
+
+    servers: list[mlserver.MLServer] = field(default_factory=list)
+    targets: dict[str, list[Target]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for peer in self.servers:
+            peer.stop()
+
+
+def download_model(case: ModelCase, tracking_uri: str, workdir: Path) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    dst = workdir / f"model-{case.key}"
+    dst.mkdir(parents=True, exist_ok=True)
+    uri = f"models:/{case.name}/{case.version}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def check_parallel_workers(bin_dir: Path, model_dir: Path, body: Any, workdir: Path) -> str:
+    """Does MLServer serve with `parallel_workers: 1` (inference in a worker process)? One request."""
+    peer = mlserver.MLServer(bin_dir, [mlserver.ModelSpec("pw", model_dir)], workdir, parallel_workers=1)
+    try:
+        peer.start(timeout=120)
+        response = httpx.post(f"{peer.url}/invocations", json=body, timeout=60)
+        outcome = f"started and answered HTTP {response.status_code}"
+    except (AssertionError, TimeoutError, httpx.HTTPError) as error:
+        outcome = f"failed: {str(error).splitlines()[0][:200]}"
+    finally:
+        tail = peer.log_tail(20000)
+        peer.stop()
+    marker = "There is no current event loop"
+    found = f"; its log says {marker!r} ({tail.count(marker)} times)" if marker in tail else ""
+    return f"MLServer {mlserver.VERSION} with parallel_workers 1: {outcome}{found}; log {peer.log}"
+
+
+def start_peers(cases: list[ModelCase], tracking_uri: str, workdir: Path, peers: Peers) -> None:
+    """One MLServer per model and batching setting, started together, on the registry's model directory."""
+    bin_dir = mlserver.ensure_venv(any(c.key == "t5" for c in cases), log=workdir / "mlserver-venv.log")
+    dirs = {case.key: download_model(case, tracking_uri, workdir) for case in cases}
+    first = cases[0]
+    peers.notes.append(check_parallel_workers(bin_dir, dirs[first.key], first.invocations_body, workdir))
+    print(peers.notes[-1], flush=True)
+    started = time.perf_counter()
+    pending = []
+    for case in cases:
+        for batch in (1, 32):
+            spec = mlserver.ModelSpec(case.key, dirs[case.key], batch, 0.005 if batch > 1 else 0.0)
+            peer = mlserver.MLServer(bin_dir, [spec], workdir)
+            peers.servers.append(peer)
+            peer.launch()
+            pending.append((case, batch, peer))
+    for case, batch, peer in pending:
+        peer.wait()
+        suffix = " batch" if batch > 1 else ""
+        targets = peers.targets.setdefault(case.key, [])
+        targets.append(
+            Target(
+                f"MLServer /invocations{suffix}", "mlserver", f"{peer.url}/invocations", case.invocations_body
+            )
+        )
+        v2 = Target(
+            f"MLServer v2{suffix}", "mlserver", f"{peer.url}/v2/models/{case.key}/infer", case.v2_body
+        )
+        answer = httpx.post(v2.url, json=v2.body, timeout=120)
+        if answer.status_code == 200:
+            targets.append(v2)
+        else:  # e.g. a model whose output its v2 codec cannot encode: say so, measure the rest
+            error = next((ln for ln in reversed(peer.log_tail(20000).splitlines()) if "Error" in ln), "")
+            peers.notes.append(
+                f"{case.key}: MLServer v2 answers HTTP {answer.status_code} ({error.strip()[:160]})"
+            )
+    print(f"{len(pending)} MLServer processes ready after {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def same_answers(plan: list[tuple[ModelCase, Target]], peers: Peers) -> None:
+    """MLServer's `/invocations` must answer what `mlflow models serve` answers (same body)."""
+    answers: dict[tuple[str, str], Any] = {}
+    for case, target in plan:
+        if target.label == "mlflow models serve" or target.label.startswith("MLServer /invocations"):
+            answers[(case.key, target.label)] = check(target.url, target.body).json()
+    for (key, label), answer in answers.items():
+        expected = answers[(key, "mlflow models serve")]
+        if answer != expected:
+            raise AssertionError(f"{label} on {key} answered {answer!r}, mlflow models serve {expected!r}")
+        if label != "mlflow models serve":
+            peers.notes.append(
+                f"{key}: {label} answers what mlflow models serve answers: {str(answer)[:120]}"
+            )
+
+
+def measure_round(
+    plan: list[tuple[ModelCase, Target]], mode: str, round_no: int, duration: float
+) -> list[dict[str, Any]]:
+    order = [(c, case, t) for c in CONCURRENCY for case, t in plan]
+    results = load_cells([cell(t.url, t.body, concurrency=c, duration_s=duration) for c, _case, t in order])
+    samples = []
+    for (concurrency, case, target), result in zip(order, results, strict=True):
+        samples.append(
+            {
+                "model": case.key,
+                "phase": mode,
+                "target": target.label,
+                "ingress": target.ingress,
+                "c": concurrency,
+                "round": round_no,
+                **result,
+            }
+        )
+        print(
+            f"  {case.key:7} c={concurrency:<2} {target.ingress:8} {target.label:28} "
+            f"{result['rps']:7.0f} req/s p50 {result['p50_ms']:6.1f} ms "
+            f"p99 {result['p99_ms']:6.1f} ms err {result['errors']}",
+            flush=True,
+        )
+    return samples
 
 
 def main() -> None:
@@ -159,14 +307,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1.5, help="seconds measured per cell")
     parser.add_argument("--modes", default="proxy,haproxy")
     parser.add_argument("--models", default="sklearn", help="sklearn,t5 (t5 needs ~4 GB more RAM)")
+    parser.add_argument("--peers", default="mlserver", help="mlserver, or '' for none")
+    parser.add_argument(
+        "--thin", action=argparse.BooleanOptionalAction, default=True, help="thin-ingress rows"
+    )
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    print(f"# serving benchmark, {stamp()}\n# load before: {uptime()}", flush=True)
+    before = uptime()
+    print(f"# serving benchmark, {stamp()}\n# load before: {before}", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="regserve-bench-serving-"))
     exit_cleanly_on_sigterm()
     server = start_mlflow(workdir / "mlflow")
     baselines: dict[str, MlflowModelsServe] = {}
+    peers = Peers()
     cluster: RayCluster | None = None
     samples: list[dict[str, Any]] = []
     limits: dict[str, dict[str, float]] = {}
@@ -178,61 +331,54 @@ def main() -> None:
             baselines[case.key] = MlflowModelsServe(
                 f"models:/{case.name}/{case.version}", server.url, workdir
             ).start()
-        for mode in modes:
-            cluster = RayCluster(mode, workdir).start()
-            apps = [app for case in cases for app in apps_for(case, server.url)]
+        if "mlserver" in args.peers.split(","):
+            start_peers(cases, server.url, workdir, peers)
+        for mode in args.modes.split(","):
+            cluster = RayCluster(cast(IngressMode, mode), workdir).start()
+            apps = [app for case in cases for app in apps_for(case, server.url, thin=args.thin)]
             started = time.perf_counter()
-            cluster.deploy(apps)
+            cluster.deploy(apps, timeout=900)  # a loaded 2-core box can need more than 300 s
             print(
                 f"[{mode}] {len(apps)} applications running after {time.perf_counter() - started:.0f} s",
                 flush=True,
             )
-            plan: list[tuple[ModelCase, Target]] = []
-            for case in cases:
-                baseline = Target(
-                    "mlflow models serve",
-                    "uvicorn",
-                    f"{baselines[case.key].url}/invocations",
-                    case.invocations_body,
-                )
-                plan += [(case, t) for t in [baseline, *targets_for(case, cluster)]]
+            plan = plan_for(cases, cluster, baselines, peers, thin=args.thin)
             for _case, target in plan:
                 check(target.url, target.body)
+            same_answers(plan, peers)
             load_cells([cell(t.url, t.body, concurrency=8, duration_s=0.5, warmup_s=0.2) for _c, t in plan])
             for round_no in range(args.rounds):
                 print(f"[{mode}] round {round_no + 1}/{args.rounds}; load: {uptime()}", flush=True)
-                order = [(c, case, t) for c in CONCURRENCY for case, t in plan]
-                results = load_cells(
-                    [cell(t.url, t.body, concurrency=c, duration_s=args.duration) for c, _case, t in order]
-                )
-                for (concurrency, case, target), result in zip(order, results, strict=True):
-                    samples.append(
-                        {
-                            "model": case.key,
-                            "phase": mode,
-                            "target": target.label,
-                            "ingress": target.ingress,
-                            "c": concurrency,
-                            "round": round_no,
-                            **result,
-                        }
-                    )
-                    print(
-                        f"  {case.key:7} c={concurrency:<2} {target.ingress:8} {target.label:28} "
-                        f"{result['rps']:7.0f} req/s p50 {result['p50_ms']:6.1f} ms "
-                        f"p99 {result['p99_ms']:6.1f} ms err {result['errors']}",
-                        flush=True,
-                    )
+                samples += measure_round(plan, mode, round_no, args.duration)
                 save_json("serving-partial", {"samples": samples, "limits": limits})
             cluster.stop()
             cluster = None
     finally:
         if cluster is not None:
             cluster.stop()
+        peers.stop()
         for serve_process in baselines.values():
             serve_process.stop()
         server.stop()
-    report(samples, limits, args)
+    report(samples, limits, args, before=before, notes=sorted(set(peers.notes)))
+
+
+def plan_for(
+    cases: list[ModelCase],
+    cluster: RayCluster,
+    baselines: dict[str, MlflowModelsServe],
+    peers: Peers,
+    *,
+    thin: bool,
+) -> list[tuple[ModelCase, Target]]:
+    plan: list[tuple[ModelCase, Target]] = []
+    for case in cases:
+        baseline = Target(
+            "mlflow models serve", "uvicorn", f"{baselines[case.key].url}/invocations", case.invocations_body
+        )
+        ray_targets = [t for t in targets_for(case, cluster) if thin or not t.ingress.endswith("+thin")]
+        plan += [(case, t) for t in [baseline, *ray_targets, *peers.targets.get(case.key, [])]]
+    return plan
 
 
 def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -258,7 +404,12 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def report(
-    samples: list[dict[str, Any]], limits: dict[str, dict[str, float]], args: argparse.Namespace
+    samples: list[dict[str, Any]],
+    limits: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    *,
+    before: str = "",
+    notes: list[str] | None = None,
 ) -> None:
     rows = summarise(samples)
     index = {(r["model"], r["phase"], r["target"], r["c"]): r for r in rows}
@@ -270,7 +421,7 @@ def report(
         table.append(
             [
                 r["model"],
-                r["phase"] if r["ingress"] != "uvicorn" else f"({r['phase']} run)",
+                r["phase"] if r["ingress"] not in ("uvicorn", "mlserver") else f"({r['phase']} run)",
                 r["target"],
                 r["ingress"],
                 r["c"],
@@ -288,6 +439,7 @@ def report(
         "req/s ÷ mlflow", "p50 ÷ mlflow", "req/s ÷ bare", "errors",
     ]  # fmt: skip
     text = markdown_table(headers, table)
+    peer_text = peer_table(index)
     limit_rows = [
         [
             k,
@@ -304,16 +456,57 @@ def report(
     header = (
         f"serving benchmark {stamp()}, rounds={args.rounds}, {args.duration} s per cell, "
         "medians over rounds\n"
-        f"load after: {uptime()}\n"
+        f"load before: {before}\nload after: {uptime()}\n" + "".join(f"- {note}\n" for note in notes or [])
     )
-    print("\n" + header + "\n" + text + "\n\nin-process predict limit\n\n" + limit_text)
-    save_json("serving", {"samples": samples, "rows": rows, "limits": limits})
-    (RESULTS / "serving.md").write_text(header + "\n" + text + "\n\n" + limit_text + "\n")
+    body = text + ("\n\nregserve ÷ MLServer (same run)\n\n" + peer_text if peer_text else "")
+    body += "\n\nin-process predict limit\n\n" + limit_text
+    print("\n" + header + "\n" + body)
+    save_json("serving", {"samples": samples, "rows": rows, "limits": limits, "notes": notes or []})
+    (RESULTS / "serving.md").write_text(header + "\n" + body + "\n")
     plot(rows)
 
 
+def peer_table(index: dict[tuple[str, str, str, int], dict[str, Any]]) -> str:
+    """Per model, Ray run, concurrency and batching: MLServer's numbers and regserve's ratios to them."""
+    nan = float("nan")
+    table = []
+    keys = sorted({(m, phase, c) for (m, phase, t, c) in index if t.startswith("MLServer")})
+    for model, phase, c in keys:
+        for suffix in ("", " batch"):
+
+            def get(label: str, field: str, m: str = model, p: str = phase, cc: int = c) -> float:
+                row = index.get((m, p, label, cc))
+                return float(row[field]) if row else nan
+
+            peer_rps, peer_p50 = (
+                get(f"MLServer /invocations{suffix}", "rps"),
+                get(f"MLServer /invocations{suffix}", "p50_ms"),
+            )
+            table.append(
+                [
+                    model, phase, c, "on" if suffix else "off", peer_rps, peer_p50,
+                    get(f"MLServer v2{suffix}", "rps"), get(f"MLServer v2{suffix}", "p50_ms"),
+                    get(f"regserve /invocations{suffix}", "rps"),
+                    get(f"regserve /invocations{suffix}", "p50_ms"),
+                    get(f"regserve /invocations{suffix}", "rps") / peer_rps,
+                    get(f"regserve /invocations{suffix}", "p50_ms") / peer_p50,
+                    get(f"regserve /serve{suffix}", "rps") / peer_rps,
+                    get(f"regserve /serve{suffix}", "p50_ms") / peer_p50,
+                    get(f"bare Ray Serve{suffix}", "rps") / peer_rps,
+                    get("mlflow models serve", "rps") / peer_rps,
+                ]
+            )  # fmt: skip
+    headers = [
+        "model", "Ray ingress", "c", "batching", "MLServer /invocations req/s", "p50 ms", "MLServer v2 req/s",
+        "v2 p50 ms", "regserve /invocations req/s", "p50 ms", "req/s ÷ MLServer", "p50 ÷ MLServer",
+        "regserve /serve req/s ÷ MLServer", "/serve p50 ÷ MLServer", "bare Ray Serve req/s ÷ MLServer",
+        "mlflow models serve req/s ÷ MLServer",
+    ]  # fmt: skip
+    return markdown_table(headers, table) if table else ""
+
+
 def _against_bare(target: str) -> bool:
-    return not target.startswith(("bare Ray", "mlflow"))
+    return not target.startswith(("bare Ray", "mlflow", "MLServer"))
 
 
 def plot(rows: list[dict[str, Any]]) -> None:

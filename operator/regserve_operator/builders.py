@@ -5,6 +5,9 @@ Invariants the rollout relies on:
   args into the code version and would restart every replica on any change.
 - The version travels only in the deployment's `user_config`, so a promotion changes `serveConfigV2`
   alone and KubeRay applies it to the running cluster (`reconfigure()` in place).
+- Replica autoscaling lives in the deployment's options (`autoscaling_config`), which Serve changes
+  in place; worker pod bounds are left out of the cluster hash, as KubeRay leaves them out of its
+  own, so neither makes a new RayCluster.
 - Credentials reach the pods by reference (`envFrom` the Secret the resource names, `secretKeyRef`
   for the endpoint token), never as literal values.
 """
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 
 from regserve_operator import spec as s
-from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize
+from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize, size_worker_bounds
 from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs, max_ongoing_requests
 
 # libyaml when present: serveConfigV2 is parsed and dumped on every reconcile (10x faster than pure Python).
@@ -36,8 +39,19 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "regserve.io/serving"
 LABEL_MODEL = "regserve.io/model"
 WORKER_GROUP = "serve"
-# Hash of the rayClusterConfig we last wrote: detects our own removals (e.g. a dropped nodeSelector),
-# which a subset comparison against the server's defaulted copy cannot see.
+# Fields of a worker group the autoscaler moves and KubeRay (v1.6.2,
+# GenerateHashWithoutReplicasAndWorkersToDelete) leaves out of the hash that decides on a new cluster.
+WORKER_BOUNDS_FIELDS = ("replicas", "minReplicas", "maxReplicas")
+# The autoscaler runs as a sidecar of the head pod: these are added to the head's own resources.
+AUTOSCALER_RESOURCES = {
+    "requests": {"cpu": "200m", "memory": "512Mi"},
+    "limits": {"cpu": "500m", "memory": "512Mi"},
+}
+# Worker pods idle this long are removed; Serve has already stopped their replicas by then.
+AUTOSCALER_IDLE_TIMEOUT_S = 60
+# Hash of the cluster shape we last wrote (rayClusterConfig without worker bounds): detects our own
+# removals (e.g. a dropped nodeSelector), which a subset comparison against the server's defaulted
+# copy cannot see.
 ANNOTATION_CLUSTER_HASH = "regserve.io/cluster-config-hash"
 
 
@@ -81,6 +95,26 @@ def app_args(spec: s.RegisteredModelServingSpec) -> dict[str, Any]:
     return AppArgs(**fields).model_dump(exclude_unset=True)
 
 
+def autoscaling_config(autoscaling: s.Autoscaling) -> dict[str, Any]:
+    """Ray Serve's `autoscaling_config` for the spec's `serving.autoscaling`."""
+    return {
+        "min_replicas": autoscaling.min_replicas,
+        "max_replicas": autoscaling.max_replicas,
+        "target_ongoing_requests": autoscaling.target_ongoing_requests,
+        "upscale_delay_s": autoscaling.upscale_delay_seconds,
+        "downscale_delay_s": autoscaling.downscale_delay_seconds,
+    }
+
+
+def replica_options(serving: s.Serving) -> dict[str, Any]:
+    """`num_replicas` for a fixed count, `autoscaling_config` otherwise: both are deployment options
+    Serve applies to the running deployment without restarting its replicas."""
+    if serving.autoscaling is not None:
+        return {"autoscaling_config": autoscaling_config(serving.autoscaling)}
+    fewest, _ = serving.replica_bounds()
+    return {"num_replicas": fewest}
+
+
 def build_serve_config(
     owner_name: str, spec: s.RegisteredModelServingSpec, version: str, size: ReplicaSize
 ) -> dict[str, Any]:
@@ -95,7 +129,7 @@ def build_serve_config(
                 "deployments": [
                     {
                         "name": DEPLOYMENT_NAME,
-                        "num_replicas": spec.serving.replicas,
+                        **replica_options(spec.serving),
                         "max_ongoing_requests": max_ongoing_requests(spec.serving.batching.max_batch_size),
                         "user_config": {"default_version": version},
                         "ray_actor_options": size.actor_options(),
@@ -205,9 +239,13 @@ def build_cluster_config(
         worker_pod["nodeSelector"] = dict(size.node_selector)
     if size.tolerations:
         worker_pod["tolerations"] = [dict(t) for t in size.tolerations]
-    replicas = spec.serving.replicas
-    return {
+    bounds = size_worker_bounds(size, *spec.serving.replica_bounds())
+    cluster: dict[str, Any] = {
         "rayVersion": spec.ray_service.ray_version or defaults.ray_version,
+        # Ray's own control plane (dashboard, jobs API, GCS) is open unless token authentication is on,
+        # and an open dashboard runs anyone's code on the cluster. KubeRay (>= 1.5.1, Ray >= 2.52) makes
+        # a Secret with a random token and gives it to every Ray container and to its own dashboard calls.
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {
             # Replicas go to the workers, whose pods are sized for them; the head runs Serve's controller.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
@@ -216,14 +254,34 @@ def build_cluster_config(
         "workerGroupSpecs": [
             {
                 "groupName": WORKER_GROUP,
-                "replicas": replicas,
-                "minReplicas": replicas,
-                "maxReplicas": replicas,
+                "replicas": bounds.fewest,
+                "minReplicas": bounds.fewest,
+                "maxReplicas": bounds.most,
                 "rayStartParams": {},
                 "template": {"spec": worker_pod},
             }
         ],
     }
+    if spec.serving.autoscaling is not None:
+        # Serve asks for replicas, the Ray autoscaler asks KubeRay for the pods to hold them. Fixed
+        # replica counts keep the sidecar off the head; switching between the two is a new cluster.
+        cluster["enableInTreeAutoscaling"] = True
+        cluster["autoscalerOptions"] = {
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_S,
+            "resources": {part: dict(values) for part, values in AUTOSCALER_RESOURCES.items()},
+        }
+    return cluster
+
+
+def cluster_shape(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The cluster config without worker bounds: what must not change for the RayCluster to stay."""
+    shape = dict(cluster)
+    shape["workerGroupSpecs"] = [
+        {key: value for key, value in group.items() if key not in WORKER_BOUNDS_FIELDS}
+        for group in cluster.get("workerGroupSpecs") or []
+    ]
+    return shape
 
 
 def build_rayservice(
@@ -241,7 +299,7 @@ def build_rayservice(
             "name": rayservice_name(owner.name),
             "namespace": owner.namespace,
             "labels": labels(owner, spec),
-            "annotations": {ANNOTATION_CLUSTER_HASH: config_hash(cluster)},
+            "annotations": {ANNOTATION_CLUSTER_HASH: config_hash(cluster_shape(cluster))},
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {

@@ -1,4 +1,4 @@
-"""`regserve dev -f rms.yaml`: the operator's reconcile against a Ray cluster on this machine.
+"""`regserve dev -f rms.yaml [-f more.yaml]`: the operator's reconcile against a Ray cluster on this machine.
 
 The same `reconcile()` the operator runs decides every rollout; the target is the local Ray
 dashboard instead of a RayService, statuses live in memory and Events are printed. A Ray cluster is
@@ -81,6 +81,18 @@ def load_resources(path: Path) -> list[Resource]:
         resources.append(Resource(Owner(name, namespace, f"local-{uuid.uuid4()}"), spec))
     if not resources:
         raise SystemExit(f"{path}: no {KIND} found")
+    return resources
+
+
+def load_resource_files(paths: Sequence[Path]) -> list[Resource]:
+    """Every RegisteredModelServing in the files, which share the local cluster; names must differ."""
+    resources = [resource for path in paths for resource in load_resources(path)]
+    seen: set[tuple[str, str]] = set()
+    for resource in resources:
+        key = (resource.owner.namespace, resource.owner.name)
+        if key in seen:
+            raise SystemExit(f"{key[0]}/{key[1]} is defined more than once")
+        seen.add(key)
     return resources
 
 
@@ -222,7 +234,12 @@ def main(argv: Sequence[str]) -> int:
         prog="regserve dev", description=__doc__.splitlines()[0] if __doc__ else ""
     )
     parser.add_argument(
-        "-f", "--file", type=Path, required=True, help="YAML with RegisteredModelServing resources"
+        "-f",
+        "--file",
+        type=Path,
+        action="append",
+        required=True,
+        help="YAML with RegisteredModelServing resources (repeatable: all share the local cluster)",
     )
     parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help="Ray dashboard URL (started if down)")
     parser.add_argument("--serve-port", type=int, default=8000)
@@ -231,7 +248,7 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    resources = load_resources(args.file)
+    resources = load_resource_files(args.file)
     session = make_session(
         resources, dashboard_url=args.dashboard, serve_port=args.serve_port, num_cpus=args.num_cpus
     )

@@ -2,7 +2,9 @@
 
 The order of preference matters for rollouts: a version change alone is a `serveConfigV2` patch,
 which KubeRay applies to the running cluster in place; only a changed cluster shape (image, memory,
-GPU, replicas) patches `rayClusterConfig`, which makes KubeRay bring up a new cluster.
+GPU) is a `patch_cluster`, which makes KubeRay bring up a new cluster. Worker pod bounds (replicas,
+minReplicas, maxReplicas) are patched too when they change, but KubeRay v1.6.2 leaves them out of
+the hash that decides on a new cluster, so such a patch stays in place (`patch_serve_config`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from regserve_operator.builders import ANNOTATION_CLUSTER_HASH, FAST_LOADER
+from regserve_operator.builders import ANNOTATION_CLUSTER_HASH, FAST_LOADER, cluster_shape
 
 Action = Literal["create", "patch_serve_config", "patch_cluster", "none", "conflict"]
 
@@ -54,15 +56,16 @@ def make_plan(desired: dict[str, Any], existing: dict[str, Any] | None) -> Plan:
     want, have = desired["spec"], existing.get("spec") or {}
     ops: list[dict[str, Any]] = []
     changes: list[str] = []
+    want_cluster, have_cluster = want["rayClusterConfig"], have.get("rayClusterConfig")
     cluster_changed = _annotation(existing, ANNOTATION_CLUSTER_HASH) != meta["annotations"][
         ANNOTATION_CLUSTER_HASH
-    ] or not is_subset(want["rayClusterConfig"], have.get("rayClusterConfig"))
-    if cluster_changed:
-        ops.append(_set("/spec/rayClusterConfig", want["rayClusterConfig"], have, "rayClusterConfig"))
+    ] or not is_subset(cluster_shape(want_cluster), _shape_of(have_cluster))
+    if cluster_changed or not is_subset(want_cluster, have_cluster):
+        ops.append(_set("/spec/rayClusterConfig", want_cluster, have, "rayClusterConfig"))
         ops.append(
             _set_annotation(existing, ANNOTATION_CLUSTER_HASH, meta["annotations"][ANNOTATION_CLUSTER_HASH])
         )
-        changes.append("rayClusterConfig")
+        changes.append("rayClusterConfig" if cluster_changed else "workerBounds")
     if _parse_yaml(want["serveConfigV2"]) != _parse_yaml(have.get("serveConfigV2")):
         ops.append(_set("/spec/serveConfigV2", want["serveConfigV2"], have, "serveConfigV2"))
         changes.append("serveConfigV2")
@@ -103,6 +106,10 @@ def is_subset(want: Any, have: Any) -> bool:
     if isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(have, str):
         return str(want) == have
     return bool(want == have)
+
+
+def _shape_of(cluster: Any) -> Any:
+    return cluster_shape(cluster) if isinstance(cluster, dict) else cluster
 
 
 def _set(path: str, value: Any, parent: dict[str, Any], key: str) -> dict[str, Any]:

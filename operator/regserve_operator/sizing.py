@@ -124,3 +124,52 @@ def size_replica(
         node_selector=selector,
         tolerations=tolerations,
     )
+
+
+# ------------------------------------------------------------------------------------- worker pods
+
+
+@dataclass(frozen=True)
+class WorkerBounds:
+    """How many worker pods KubeRay's autoscaler may run: `fewest` at idle, `most` at the replica cap."""
+
+    fewest: int
+    most: int
+
+
+def replicas_per_pod(
+    *,
+    pod_cpus: float,
+    pod_memory_bytes: int,
+    pod_gpus: int,
+    replica_cpus: float,
+    replica_memory_bytes: int,
+    replica_gpus: int,
+) -> int:
+    """How many replicas one worker pod holds: the scarcest of CPU, memory (after the pod's own
+    overhead) and GPUs decides. At least 1: a pod is always sized for one replica."""
+    fits = [math.floor(pod_cpus / replica_cpus + 1e-9)]
+    if replica_memory_bytes:
+        fits.append(max(0, pod_memory_bytes - POD_OVERHEAD) // replica_memory_bytes)
+    if replica_gpus:
+        fits.append(pod_gpus // replica_gpus)
+    return max(1, min(fits))
+
+
+def worker_bounds(min_replicas: int, max_replicas: int, per_pod: int) -> WorkerBounds:
+    """Worker pods for the replica bounds: enough pods for `min_replicas` to stay up (0 when the app
+    may scale to zero) and for `max_replicas` at peak, never more."""
+    return WorkerBounds(fewest=math.ceil(min_replicas / per_pod), most=math.ceil(max_replicas / per_pod))
+
+
+def size_worker_bounds(size: ReplicaSize, min_replicas: int, max_replicas: int) -> WorkerBounds:
+    """`worker_bounds` for worker pods shaped by `size` (one pod per replica as sized today)."""
+    per_pod = replicas_per_pod(
+        pod_cpus=size.pod_cpus,
+        pod_memory_bytes=size.pod_memory_bytes,
+        pod_gpus=size.gpus,
+        replica_cpus=size.cpus,
+        replica_memory_bytes=size.memory_bytes,
+        replica_gpus=size.gpus,
+    )
+    return worker_bounds(min_replicas, max_replicas, per_pod)

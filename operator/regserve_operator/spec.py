@@ -29,6 +29,11 @@ EXACTLY_ONE_SELECTOR = (
 )
 
 
+# CEL: a fixed replica count and autoscaling bounds cannot both be set.
+REPLICAS_XOR_AUTOSCALING = "!(has(self.replicas) && has(self.autoscaling))"
+MIN_NOT_ABOVE_MAX = "self.minReplicas <= self.maxReplicas"
+
+
 # Lets the API server fill nested defaults when the whole section is left out.
 _DEFAULT_EMPTY: dict[str, Any] = {"default": {}}
 
@@ -114,7 +119,44 @@ class Auth(_Model):
     token_secret_ref: SecretKeyRef
 
 
+class Autoscaling(_Model):
+    """Ray Serve replica autoscaling (the deployment's `autoscaling_config`); changes apply in place."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(MIN_NOT_ABOVE_MAX, "autoscaling.minReplicas must not exceed maxReplicas")
+    )
+
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        le=512,
+        description=(
+            "0 scales the application to no replicas when idle; the first request after that waits for a "
+            "replica to start and is then answered (both ingress modes)."
+        ),
+    )
+    max_replicas: int = Field(ge=1, le=512)
+    target_ongoing_requests: float = Field(
+        2.0, ge=0.1, le=1024, description="Requests in flight per replica that Serve scales towards."
+    )
+    upscale_delay_seconds: float = Field(30.0, ge=0, le=3600)
+    downscale_delay_seconds: float = Field(600.0, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Autoscaling:
+        # Same rule as the CEL one, for resources read from files (local mode).
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        return self
+
+
 class Serving(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            REPLICAS_XOR_AUTOSCALING, "set serving.replicas or serving.autoscaling, not both"
+        )
+    )
+
     route_prefix: str | None = Field(
         None,
         pattern=r"^/[A-Za-z0-9._~\-/]*$",
@@ -122,7 +164,13 @@ class Serving(_Model):
         description="HTTP route prefix of the application; defaults to /<metadata.name>.",
     )
     max_models_per_replica: int = Field(2, ge=1, le=64, description="Versions a replica may hold at once.")
-    replicas: int = Field(1, ge=1, le=512)
+    # No schema default: the API server would fill it in and the CEL rule could not tell it was unset.
+    replicas: int | None = Field(
+        None, ge=1, le=512, description="Fixed replica count; 1 when neither this nor autoscaling is set."
+    )
+    autoscaling: Autoscaling | None = Field(
+        None, description="Scale replicas with load instead of a fixed count (excludes `replicas`)."
+    )
     cpus_per_replica: float = Field(1.0, ge=0.05, le=256)
     batching: Batching = Field(default_factory=Batching, json_schema_extra=_DEFAULT_EMPTY)
     ingress_mode: Literal["proxy", "haproxy"] = Field(
@@ -136,6 +184,20 @@ class Serving(_Model):
     )
     auth: Auth | None = None
     hide_schema_in_errors: bool = Field(False, description="Omit field-level detail from 422 answers.")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> Serving:
+        # Same rule as the CEL one, for resources read from files (local mode).
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set serving.replicas or serving.autoscaling, not both")
+        return self
+
+    def replica_bounds(self) -> tuple[int, int]:
+        """(fewest, most) replicas Serve may run: equal for a fixed count."""
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas, self.autoscaling.max_replicas
+        fixed = self.replicas or 1
+        return fixed, fixed
 
 
 class Toleration(_Model):

@@ -60,6 +60,11 @@ def test_rayservice_shape() -> None:
     assert cluster["workerGroupSpecs"][0]["replicas"] == 1
 
 
+def test_ray_token_authentication_is_on() -> None:
+    cluster = _build(make_spec())["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+
+
 def test_version_lives_only_in_user_config() -> None:
     spec = make_spec()
     one, two = _build(spec, "3"), _build(spec, "4")
@@ -182,3 +187,132 @@ def test_long_model_name_label_is_valid() -> None:
     body = _build(make_spec(model={"name": "a/b c" + "x" * 80, "alias": "champion"}))
     value = body["metadata"]["labels"][b.LABEL_MODEL]
     assert len(value) <= 63 and all(c.isalnum() or c in "-_." for c in value)
+
+
+def _deployment(body: dict[str, Any]) -> dict[str, Any]:
+    (deployment,) = _app(body)["deployments"]
+    return deployment
+
+
+def _worker_group(body: dict[str, Any]) -> dict[str, Any]:
+    (group,) = body["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+@pytest.mark.parametrize(
+    ("serving", "replica_options"),
+    [
+        ({}, {"num_replicas": 1}),
+        ({"replicas": 3}, {"num_replicas": 3}),
+        (
+            {"autoscaling": {"maxReplicas": 8}},
+            {
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 8,
+                    "target_ongoing_requests": 2.0,
+                    "upscale_delay_s": 30.0,
+                    "downscale_delay_s": 600.0,
+                }
+            },
+        ),
+        (
+            {
+                "autoscaling": {
+                    "minReplicas": 0,
+                    "maxReplicas": 2,
+                    "targetOngoingRequests": 1,
+                    "upscaleDelaySeconds": 0.5,
+                    "downscaleDelaySeconds": 5,
+                }
+            },
+            {
+                "autoscaling_config": {
+                    "min_replicas": 0,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 1.0,
+                    "upscale_delay_s": 0.5,
+                    "downscale_delay_s": 5.0,
+                }
+            },
+        ),
+    ],
+)
+def test_replica_options(serving: dict[str, Any], replica_options: dict[str, Any]) -> None:
+    deployment = _deployment(_build(make_spec(serving=serving)))
+    assert {k: v for k, v in deployment.items() if k in ("num_replicas", "autoscaling_config")} == (
+        replica_options
+    )
+
+
+def test_ray_serve_accepts_the_autoscaling_config() -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    spec = make_spec(serving={"autoscaling": {"minReplicas": 0, "maxReplicas": 3}})
+    config = AutoscalingConfig(**_deployment(_build(spec))["autoscaling_config"])
+    assert (config.min_replicas, config.max_replicas) == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("serving", "worker_bounds", "autoscaler"),
+    [
+        ({}, (1, 1, 1), False),
+        ({"replicas": 4}, (4, 4, 4), False),
+        ({"autoscaling": {"minReplicas": 2, "maxReplicas": 8}}, (2, 2, 8), True),
+        ({"autoscaling": {"minReplicas": 0, "maxReplicas": 3}}, (0, 0, 3), True),
+        # Half a CPU per replica still needs a pod each: the pod's memory holds one replica.
+        ({"cpusPerReplica": 0.5, "autoscaling": {"maxReplicas": 4}}, (1, 1, 4), True),
+    ],
+)
+def test_worker_group_bounds_and_autoscaler(
+    serving: dict[str, Any], worker_bounds: tuple[int, int, int], autoscaler: bool
+) -> None:
+    cluster = _build(make_spec(serving=serving))["spec"]["rayClusterConfig"]
+    group = _worker_group({"spec": {"rayClusterConfig": cluster}})
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == worker_bounds
+    assert cluster.get("enableInTreeAutoscaling", False) is autoscaler
+    if autoscaler:
+        options = cluster["autoscalerOptions"]
+        assert options["resources"] == b.AUTOSCALER_RESOURCES
+        assert options["idleTimeoutSeconds"] == b.AUTOSCALER_IDLE_TIMEOUT_S
+    else:
+        assert "autoscalerOptions" not in cluster
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"autoscaling": {"maxReplicas": 2}}, {"autoscaling": {"maxReplicas": 8}}),
+        (
+            {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
+            {"autoscaling": {"minReplicas": 0, "maxReplicas": 4}},
+        ),
+        (
+            {"autoscaling": {"maxReplicas": 4, "targetOngoingRequests": 2}},
+            {"autoscaling": {"maxReplicas": 4, "targetOngoingRequests": 8, "downscaleDelaySeconds": 5}},
+        ),
+        ({"replicas": 1}, {"replicas": 5}),
+    ],
+)
+def test_autoscaling_changes_stay_in_place(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Neither the app's args (a change restarts every replica) nor the cluster shape (a change makes
+    KubeRay build a new RayCluster) move; only deployment options and worker bounds do."""
+    old, new = _build(make_spec(serving=before)), _build(make_spec(serving=after))
+    assert _app(old)["args"] == _app(new)["args"]
+    assert _deployment(old)["user_config"] == _deployment(new)["user_config"]
+    assert (
+        old["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
+        == new["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
+    )
+    assert b.cluster_shape(old["spec"]["rayClusterConfig"]) == b.cluster_shape(
+        new["spec"]["rayClusterConfig"]
+    )
+
+
+def test_turning_autoscaling_on_changes_the_cluster_shape() -> None:
+    fixed = _build(make_spec(serving={"replicas": 2}))
+    scaled = _build(make_spec(serving={"autoscaling": {"minReplicas": 2, "maxReplicas": 2}}))
+    assert (
+        fixed["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
+        != scaled["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
+    )

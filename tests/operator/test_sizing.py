@@ -3,7 +3,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from regserve_operator.sizing import RUNTIME_OVERHEAD, STEP, GiB, MiB, basis_of, round_up, size_replica
+from regserve_operator.sizing import (
+    RUNTIME_OVERHEAD,
+    STEP,
+    GiB,
+    MiB,
+    WorkerBounds,
+    basis_of,
+    replicas_per_pod,
+    round_up,
+    size_replica,
+    worker_bounds,
+)
 from regserve_operator.spec import Resources, Serving, Sizing
 
 S = Serving()
@@ -126,3 +137,48 @@ def test_actor_options_fit_in_the_pod() -> None:
 @pytest.mark.parametrize(("value", "expected"), [(0, STEP), (1, STEP), (STEP, STEP), (STEP + 1, 2 * STEP)])
 def test_round_up(value: int, expected: int) -> None:
     assert round_up(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("case", "pod", "replica", "per_pod"),
+    [
+        # (pod cpus, pod memory, pod gpus), (replica cpus, replica memory, replica gpus)
+        ("one replica sized pod", (1, 1 * GiB + 2 * GiB, 0), (1.0, 2 * GiB, 0), 1),
+        ("cpu decides", (4, 1 * GiB + 16 * GiB, 0), (1.0, 2 * GiB, 0), 4),
+        ("memory decides", (8, 1 * GiB + 4 * GiB, 0), (1.0, 2 * GiB, 0), 2),
+        ("fractional cpus", (1, 1 * GiB + 8 * GiB, 0), (0.25, 2 * GiB, 0), 4),
+        ("gpu decides", (8, 1 * GiB + 32 * GiB, 1), (1.0, 2 * GiB, 1), 1),
+        ("two gpus per pod", (8, 1 * GiB + 32 * GiB, 2), (1.0, 2 * GiB, 1), 2),
+        ("pod overhead counted", (4, 4 * GiB, 0), (1.0, 2 * GiB, 0), 1),
+        ("never below one", (1, 512 * MiB, 0), (2.0, 2 * GiB, 0), 1),
+    ],
+)
+def test_replicas_per_pod(
+    case: str, pod: tuple[int, int, int], replica: tuple[float, int, int], per_pod: int
+) -> None:
+    got = replicas_per_pod(
+        pod_cpus=pod[0],
+        pod_memory_bytes=pod[1],
+        pod_gpus=pod[2],
+        replica_cpus=replica[0],
+        replica_memory_bytes=replica[1],
+        replica_gpus=replica[2],
+    )
+    assert got == per_pod, case
+
+
+@pytest.mark.parametrize(
+    ("case", "min_replicas", "max_replicas", "per_pod", "bounds"),
+    [
+        ("fixed count", 3, 3, 1, WorkerBounds(3, 3)),
+        ("autoscaling, one per pod", 1, 8, 1, WorkerBounds(1, 8)),
+        ("scale to zero keeps no pod", 0, 4, 1, WorkerBounds(0, 4)),
+        ("packed pods round up", 3, 7, 2, WorkerBounds(2, 4)),
+        ("one pod holds all", 1, 4, 4, WorkerBounds(1, 1)),
+        ("zero to a partial pod", 0, 1, 4, WorkerBounds(0, 1)),
+    ],
+)
+def test_worker_bounds(
+    case: str, min_replicas: int, max_replicas: int, per_pod: int, bounds: WorkerBounds
+) -> None:
+    assert worker_bounds(min_replicas, max_replicas, per_pod) == bounds, case

@@ -75,6 +75,31 @@ def test_selector_rule_present() -> None:
     assert any("has(self.alias)" in r and "has(self.version)" in r for r in rules)
 
 
+def _serving_schema() -> dict[str, Any]:
+    spec = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    schema: dict[str, Any] = spec["properties"]["serving"]
+    return schema
+
+
+def test_autoscaling_rules_present() -> None:
+    serving = _serving_schema()
+    assert "default" not in serving["properties"]["replicas"], (
+        "a default would always trip the exclusion rule"
+    )
+    assert [v["rule"] for v in serving["x-kubernetes-validations"]] == [
+        "!(has(self.replicas) && has(self.autoscaling))"
+    ]
+    autoscaling = serving["properties"]["autoscaling"]
+    assert [v["rule"] for v in autoscaling["x-kubernetes-validations"]] == [
+        "self.minReplicas <= self.maxReplicas"
+    ]
+    assert autoscaling["required"] == ["maxReplicas"]
+    assert autoscaling["properties"]["minReplicas"] == {
+        **autoscaling["properties"]["minReplicas"],
+        "minimum": 0,
+    }
+
+
 def _with(**changes: Any) -> dict[str, Any]:
     body = yaml.safe_load(yaml.safe_dump(BASE))
     for dotted, value in changes.items():
@@ -111,6 +136,18 @@ def _with(**changes: Any) -> dict[str, Any]:
         ("multiplier below 1", _with(resources__memoryMultiplier=0.5), False),
         ("upgrade strategy enum", _with(rayService__upgradeStrategy={"type": "Rolling"}), False),
         ("typo refused", _with(serving__replica=2), False),
+        ("autoscaling", _with(serving__autoscaling={"minReplicas": 1, "maxReplicas": 8}), True),
+        ("scale to zero", _with(serving__autoscaling={"minReplicas": 0, "maxReplicas": 2}), True),
+        ("autoscaling needs maxReplicas", _with(serving__autoscaling={"minReplicas": 1}), False),
+        ("min above max", _with(serving__autoscaling={"minReplicas": 3, "maxReplicas": 2}), False),
+        ("default min above max", _with(serving__autoscaling={"maxReplicas": 0}), False),
+        (
+            "replicas and autoscaling",
+            _with(serving__replicas=2, serving__autoscaling={"minReplicas": 1, "maxReplicas": 2}),
+            False,
+        ),
+        ("negative min", _with(serving__autoscaling={"minReplicas": -1, "maxReplicas": 2}), False),
+        ("zero target", _with(serving__autoscaling={"maxReplicas": 2, "targetOngoingRequests": 0}), False),
     ],
 )
 def test_spec_validation(case: str, body: dict[str, Any], ok: bool) -> None:

@@ -1,0 +1,72 @@
+"""The CRD's cross-field rules (CEL) as the real API server applies them to RegisteredModelServings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+pytestmark = pytest.mark.k8s
+
+GROUP, VERSION, PLURAL = "regserve.io", "v1alpha1", "registeredmodelservings"
+
+
+def _resource(serving: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RegisteredModelServing",
+        "metadata": {"name": "cel"},
+        "spec": {
+            "model": {"name": "m", "alias": "champion"},
+            "registry": {"trackingUri": "http://mlflow:5000"},
+            "serving": serving,
+        },
+    }
+
+
+def _create(kube_api: client.ApiClient, namespace: str, serving: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, _resource(serving), dry_run="All"
+    )
+    return created
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        (
+            {"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
+            "set serving.replicas or serving.autoscaling, not both",
+        ),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 4}}, "minReplicas must not exceed maxReplicas"),
+        ({"autoscaling": {"minReplicas": 1}}, "maxReplicas: Required value"),
+    ],
+)
+def test_refused(
+    kube_api: client.ApiClient, kube_namespace: str, serving: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ApiException) as refused:
+        _create(kube_api, kube_namespace, serving)
+    assert refused.value.status == 422
+    assert message in str(refused.value.body)
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [
+        {},
+        {"replicas": 3},
+        {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+        {"autoscaling": {"maxReplicas": 8}},
+    ],
+)
+def test_accepted_without_an_implicit_replica_count(
+    kube_api: client.ApiClient, kube_namespace: str, serving: dict[str, Any]
+) -> None:
+    stored = _create(kube_api, kube_namespace, serving)["spec"]["serving"]
+    # The server fills defaults; a default `replicas` would make every autoscaling resource refused.
+    assert stored.get("replicas") == serving.get("replicas")
+    if "autoscaling" in serving:
+        assert stored["autoscaling"]["minReplicas"] == serving["autoscaling"].get("minReplicas", 1)

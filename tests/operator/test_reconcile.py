@@ -435,3 +435,29 @@ def test_probe_of_an_unreachable_app_is_unknown() -> None:
     from regserve_operator.sandbox.processes import free_port
 
     assert probe_app(f"http://127.0.0.1:{free_port()}/nothing") is None
+
+
+def test_promote_hold_promote_again_gates_against_what_serves() -> None:
+    """2 answers before it settles; 3 (incompatible) is held against 2; then 4 rolls out over 2, and a
+    failure of 4 restores 2, the version that answered — never the older 1."""
+    world = _running(_world())
+    world.deps.settle_seconds = 60
+    world.deps.probe = lambda url: AppReport(_serving(world))
+    world.server.aliases["champion"] = "2"
+    world.step()
+    world.target.set_app_status("RUNNING")
+    world.step(2)
+    assert world.status.rollout_version == "2"  # not settled yet
+    world.server.aliases["champion"] = "3"
+    world.registry.model_changed("translation_model")  # as a webhook delivery does
+    world.step(2)
+    assert world.status.last_good_version == "2" and _serving(world) == "2"
+    assert world.status.rejected is not None and world.status.rejected.version == "3"
+    world.server.aliases["champion"] = "4"
+    world.registry.model_changed("translation_model")
+    world.step(2)
+    assert _serving(world) == "4" and world.status.rejected is None
+    world.target.set_app_status("DEPLOY_FAILED", "boom")
+    world.step(61)
+    assert _serving(world) == "2" and world.status.rejected is not None
+    assert (world.status.rejected.version, world.status.rejected.cause) == ("4", "DeployFailed")

@@ -394,10 +394,12 @@ def run_probe(probe: Any, sandbox: Sandbox, env: dict[str, str], container: Any)
                 return 200 <= int(response.status) < 400
         except (urllib.error.URLError, OSError):
             return False
-    if probe.exec is not None:
+    # The generated client names the `exec` field `var_exec` (older versions: `_exec`).
+    exec_action = getattr(probe, "var_exec", None) or getattr(probe, "_exec", None)
+    if exec_action is not None:
         try:
             done = subprocess.run(
-                sandbox.argv(list(probe.exec.command)),
+                sandbox.argv(list(exec_action.command)),
                 env=env,
                 capture_output=True,
                 timeout=timeout + 1,
@@ -582,14 +584,15 @@ class PodWorker(threading.Thread):
         for init in self.pod.spec.init_containers or []:
             if not self._run_init(core, init, base_env):
                 return
+        runs = []
         for spec in self.pod.spec.containers:
             env = self._container_env(core, spec, base_env)
-            self.containers.append(ContainerRun(spec, env or {}, self.log_dir / f"{spec.name}.log"))
             if env is None:
-                self.containers[-1].waiting_reason = "CreateContainerConfigError"
+                return
+            runs.append(ContainerRun(spec, env, self.log_dir / f"{spec.name}.log"))
+        self.containers = runs
         for container in self.containers:
-            if container.waiting_reason != "CreateContainerConfigError":
-                container.start(self.sandbox)
+            container.start(self.sandbox)
         self._report()
         while not self.stop_event.wait(0.5):
             self._tend()
@@ -598,11 +601,21 @@ class PodWorker(threading.Thread):
     def _container_env(
         self, core: client.CoreV1Api, spec: Any, base: dict[str, str]
     ) -> dict[str, str] | None:
-        try:
-            return {**base, **resolve_env(core, self.pod, spec)}
-        except EnvError as exc:
-            log.warning("pod %s container %s: %s", self.name, spec.name, exc)
-            return None
+        """The container's environment; while a referenced Secret/ConfigMap/key is missing, the pod shows
+        CreateContainerConfigError and the lookup is retried, as a kubelet does (KubeRay creates the
+        auth-token Secret alongside the pods). None once the pod is going."""
+        while not self.stop_event.is_set():
+            try:
+                return {**base, **resolve_env(core, self.pod, spec)}
+            except EnvError as exc:
+                log.warning("pod %s container %s: %s", self.name, spec.name, exc)
+                waiting = ContainerRun(spec, {}, self.log_dir / f"{spec.name}.log")
+                waiting.waiting_reason, waiting.waiting_message = "CreateContainerConfigError", str(exc)
+                if spec.name in {c.name for c in self.pod.spec.containers}:
+                    self.containers = [waiting]
+                    self._report()
+                self.stop_event.wait(1.0)
+        return None
 
     def _run_init(self, core: client.CoreV1Api, spec: Any, base: dict[str, str]) -> bool:
         env = self._container_env(core, spec, base)

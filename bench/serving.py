@@ -251,10 +251,9 @@ def start_peers(cases: list[ModelCase], tracking_uri: str, workdir: Path, peers:
         if answer.status_code == 200:
             targets.append(v2)
         else:  # e.g. a model whose output its v2 codec cannot encode: say so, measure the rest
-            error = next((ln for ln in reversed(peer.log_tail(20000).splitlines()) if "Error" in ln), "")
-            peers.notes.append(
-                f"{case.key}: MLServer v2 answers HTTP {answer.status_code} ({error.strip()[:160]})"
-            )
+            lines = reversed(peer.log_tail(20000).splitlines())
+            error = next((ln.strip()[:160] for ln in lines if "Error" in ln), "") or f"see {peer.log}"
+            peers.notes.append(f"{case.key}: MLServer v2 answers HTTP {answer.status_code} ({error})")
     print(f"{len(pending)} MLServer processes ready after {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -666,6 +666,11 @@ class PodWorker(threading.Thread):
         container.waiting_message = f"back-off {delay:.0f}s restarting failed container={container.spec.name}"
         container.restart_at = time.monotonic() + delay
 
+    def _api_agrees(self, ready: bool) -> bool:
+        conditions = {c.type: c.status for c in (self.pod.status.conditions or [])}
+        want = "True" if ready else "False"
+        return conditions.get("Ready") == want and conditions.get("ContainersReady") == want
+
     def _restart_policy(self) -> str:
         return str(self.pod.spec.restart_policy or "Always")
 
@@ -685,7 +690,9 @@ class PodWorker(threading.Thread):
                 status["state"] = {"terminated": container.last_terminated}
                 status.pop("lastState", None)
         key = (ready, phase, repr(statuses))
-        if key == self.last_status:
+        # Also when the API shows something else: the node lifecycle controller marks pods NotReady when a
+        # (KWOK) node's heartbeat is late, and a kubelet's status manager writes its view back.
+        if key == self.last_status and self._api_agrees(ready):
             return
         flag = "True" if ready else "False"
         stamp = now()

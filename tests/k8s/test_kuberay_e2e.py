@@ -1,0 +1,375 @@
+"""Kubernetes end to end with real Ray: the operator, the real KubeRay and real Ray Serve behind the
+test plane's pods (tests/k8s/podrunner.py), answering real requests.
+
+One RegisteredModelServing is applied once and taken through its life by the tests in order (Ray starts
+once: on 2 cores a cluster costs about a minute). The operator runs as its own process, authenticated as
+its ServiceAccount with exactly the shipped RBAC, seeing cluster names through the plane's hosts file; the
+MLflow server listens on the host's address on the pod bridge, so the pods reach it as they would reach a
+tracking server in a cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kubernetes import client
+from mlflow import MlflowClient
+from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_phrasebook
+
+from tests.k8s import network, plane
+from tests.k8s.operator_support import (
+    Cluster,
+    OperatorProcess,
+    cond,
+    operator_account,
+    until,
+)
+from tests.k8s.podrunner import with_cluster_hosts
+
+pytestmark = [pytest.mark.k8s, pytest.mark.kuberay, pytest.mark.slow]
+
+NAME = "translator"
+MODEL = f"kuberay_{uuid.uuid4().hex[:6]}"
+SERVE_PORT = 8000
+# Cold Ray on 2 shared cores: head, worker, Serve controller, a replica loading a model.
+FIRST_SERVE_S = 420.0
+ROLLOUT_S = 240.0
+BENCH_NOTE = Path(__file__).resolve().parents[2] / "bench" / "README.md"
+
+
+@dataclass
+class Versions:
+    german: str
+    french: str
+    incompatible: str
+    broken: str
+
+
+@dataclass
+class Serving:
+    """The applied resource and what the tests learn about it on the way."""
+
+    cluster: Cluster
+    plane: plane.ControlPlane
+    mlflow: MlflowServer
+    operator: OperatorProcess
+    versions: Versions
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.cluster.namespace
+
+    def serve_address(self) -> str | None:
+        """What `<name>-serve-svc.<ns>.svc` resolves to now (the plane's cluster names)."""
+        assert self.plane.cluster_hosts is not None
+        return self.plane.cluster_hosts.entries.get(f"{NAME}-serve-svc.{self.namespace}.svc")
+
+    def url(self, path: str = "serve") -> str:
+        address = self.serve_address()
+        assert address, f"{NAME}-serve-svc has no ready endpoint; {self.diagnose()}"
+        return f"http://{address}:{SERVE_PORT}/{NAME}/{path}"
+
+    def ask(self, version: str | None = None, body: Any = None, timeout: float = 30) -> httpx.Response:
+        headers = {"serve-multiplexed-model-id": version} if version else {}
+        payload = {"prompt": "Hello"} if body is None else body
+        return httpx.post(self.url(), json=payload, headers=headers, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.cluster.rms(NAME).get("status") or {})
+
+    def rayclusters(self) -> list[dict[str, Any]]:
+        listing: Any = self.cluster.custom.list_namespaced_custom_object(
+            "ray.io", "v1", self.namespace, "rayclusters"
+        )
+        return list(listing["items"])
+
+    def serving(self, version: str) -> bool:
+        status = self.status()
+        ready = (cond({"status": status}, "Ready") or {}).get("status") == "True"
+        return status.get("servingVersion") == version and ready and not status.get("rolloutVersion")
+
+    def answers(self, text: str) -> bool:
+        if not self.serve_address():
+            return False
+        try:
+            response = self.ask(timeout=10)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.json() == [{"translation_text": text}]
+
+    def diagnose(self) -> str:
+        rs = self.cluster.rayservice(NAME) or {}
+        pods = self.cluster.core.list_namespaced_pod(self.namespace).items
+        lines = [
+            f"rms status: {self.status()}",
+            f"rayservice status: {rs.get('status')}",
+            *(
+                f"pod {p.metadata.name} ip={p.status.pod_ip} phase={p.status.phase} "
+                f"conditions={[(c.type, c.status) for c in p.status.conditions or []]} "
+                f"labels={p.metadata.labels}"
+                for p in pods
+            ),
+        ]
+        runner = self.plane.runner
+        if runner is not None:
+            for p in pods:
+                lines.append(runner.pod_logs(self.namespace, p.metadata.name)[-3000:])
+        lines.append(self.operator.output()[-3000:])
+        return "\n".join(lines)
+
+
+def _fail_or_skip_without_runner(kube_plane: plane.ControlPlane) -> None:
+    if kube_plane.runner is None:
+        pytest.fail("the plane has no pod runner", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def bridge_mlflow(
+    tmp_path_factory: pytest.TempPathFactory, kube_plane: plane.ControlPlane
+) -> Iterator[MlflowServer]:
+    """A real `mlflow server` on the host's address on the pod bridge: reachable from the pods."""
+    server = MlflowServer(root=tmp_path_factory.mktemp("mlflow-bridge"), host=network.BRIDGE_IP)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def serving(
+    kube_plane: plane.ControlPlane,
+    kube_api: client.ApiClient,
+    mint_kubeconfig: plane.MintKubeconfig,
+    bridge_mlflow: MlflowServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Serving]:
+    _fail_or_skip_without_runner(kube_plane)
+    namespace = kube_plane.ray_namespace
+    url = bridge_mlflow.url
+    versions = Versions(
+        german=log_phrasebook(url, MODEL, lang_to="de"),
+        french=log_phrasebook(url, MODEL, lang_to="fr"),
+        incompatible=log_phrasebook(url, MODEL, lang_to="de", input_label="text_to_translate"),
+        broken=log_phrasebook(url, MODEL, lang_to="de", fail_on_load=True),
+    )
+    MlflowClient(url).set_registered_model_alias(MODEL, "champion", versions.german)
+    cluster = Cluster(kube_api, namespace)
+    # The registry credentials reach the pods through envFrom (a Secret reference the runner resolves).
+    cluster.secret("mlflow-auth", {"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": "x"})
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    account = f"regserve-{uuid.uuid4().hex[:6]}"
+    with operator_account(kube_api, namespace, mint_kubeconfig, account) as kubeconfig:
+        process = OperatorProcess(
+            kubeconfig,
+            namespace,
+            log,
+            # The Serve Services' names resolve here (the plane's hosts file), as in a cluster, where "auto"
+            # would turn the rollout probe on.
+            env={"REGSERVE_PROBE_SERVING": "on"},
+            wrap=lambda argv: with_cluster_hosts(argv, kube_plane.hosts_path),
+        ).start()
+        try:
+            yield Serving(cluster, kube_plane, bridge_mlflow, process, versions)
+        finally:
+            with_rms = cluster.custom.list_namespaced_custom_object(
+                "regserve.io", "v1alpha1", namespace, "registeredmodelservings"
+            )
+            for item in with_rms["items"]:
+                cluster.custom.delete_namespaced_custom_object(
+                    "regserve.io", "v1alpha1", namespace, "registeredmodelservings", item["metadata"]["name"]
+                )
+            process.stop()
+            cluster.core.delete_namespaced_secret("mlflow-auth", namespace)
+
+
+def _spec(url: str) -> dict[str, Any]:
+    return {
+        "model": {"name": MODEL, "alias": "champion"},
+        "registry": {
+            "trackingUri": url,
+            "credentialsSecretRef": {"name": "mlflow-auth"},
+            "pollIntervalSeconds": 2,
+        },
+        "serving": {"cpusPerReplica": 0.5},
+        "rollout": {"deadlineSeconds": 240},
+    }
+
+
+def test_apply_brings_up_real_ray_and_the_seed_scenario_answers(serving: Serving) -> None:
+    started = time.monotonic()
+    serving.cluster.create_rms(NAME, _spec(serving.mlflow.url))
+    v = serving.versions
+    until(
+        "the first version serving through KubeRay",
+        lambda: serving.serving(v.german) and serving.answers("Hallo"),
+        timeout=FIRST_SERVE_S,
+    )
+    serving.facts["first_serve_s"] = time.monotonic() - started
+    print(f"apply → serving through KubeRay: {serving.facts['first_serve_s']:.0f} s")
+
+    rs = serving.cluster.rayservice(NAME)
+    assert rs is not None
+    apps = rs["status"]["activeServiceStatus"]["applicationStatuses"]
+    assert apps[NAME]["status"] == "RUNNING", apps
+    (raycluster,) = serving.rayclusters()
+    serving.facts["raycluster_uid"] = raycluster["metadata"]["uid"]
+
+    default = serving.ask()
+    assert default.status_code == 200, default.text
+    assert default.json() == [{"translation_text": "Hallo"}]
+    assert default.headers["x-model-version"] == v.german
+    pinned = serving.ask(v.french)
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json() == [{"translation_text": "Bonjour"}]
+    incompatible = serving.ask(v.incompatible)
+    assert incompatible.status_code == 409, incompatible.text
+    assert incompatible.json()["error"] == "incompatible_signature"
+    off_signature = serving.ask(body={"promt": "Hello"})
+    assert off_signature.status_code == 422, off_signature.text
+    assert off_signature.json()["error"] == "invalid_input"
+
+
+def test_rays_control_plane_refuses_requests_without_the_token(serving: Serving) -> None:
+    """Token authentication is on (authOptions): KubeRay deployed the app with the token, nobody else can."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    (raycluster,) = serving.rayclusters()
+    head = raycluster["status"]["head"]["podIP"]
+    dashboard = f"http://{head}:8265"
+    for path in ("/api/serve/applications/", "/api/jobs/"):
+        response = httpx.get(f"{dashboard}{path}", timeout=10)
+        assert response.status_code in (401, 403), (path, response.status_code, response.text[:300])
+    submitted = httpx.post(f"{dashboard}/api/jobs/", json={"entrypoint": "echo owned"}, timeout=10)
+    assert submitted.status_code in (401, 403), submitted.text[:300]
+    # The token KubeRay generated opens it: the refusal is the authentication, not a broken dashboard.
+    secret = serving.cluster.core.read_namespaced_secret(raycluster["metadata"]["name"], serving.namespace)
+    token = base64.b64decode(next(iter(secret.data.values()))).decode()
+    # The header KubeRay's dashboard client sends.
+    bearer = {"x-ray-authorization": f"Bearer {token}"}
+    allowed = httpx.get(f"{dashboard}/api/serve/applications/", headers=bearer, timeout=10)
+    assert allowed.status_code == 200, allowed.text[:300]
+    assert NAME in allowed.json()["applications"]
+
+
+class Client(threading.Thread):
+    """Asks the default version without pause; every answer is recorded."""
+
+    def __init__(self, serving: Serving) -> None:
+        super().__init__(daemon=True, name="e2e-client")
+        self.serving = serving
+        self.done = threading.Event()
+        self.answers: list[tuple[float, int, str]] = []
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self.done.is_set():
+                try:
+                    response = http.post(self.serving.url(), json={"prompt": "Hello"})
+                    self.answers.append((time.monotonic(), response.status_code, response.text))
+                except (httpx.HTTPError, AssertionError) as exc:
+                    self.answers.append((time.monotonic(), 0, repr(exc)))
+                time.sleep(0.05)
+
+    def failures(self) -> list[tuple[float, int, str]]:
+        return [a for a in self.answers if not 200 <= a[1] < 300]
+
+    def first(self, text: str) -> float | None:
+        return next((at for at, code, body in self.answers if code == 200 and text in body), None)
+
+
+def test_promotion_is_answered_by_the_new_version_without_a_failed_request(serving: Serving) -> None:
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    v = serving.versions
+    client_thread = Client(serving)
+    client_thread.start()
+    until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+    promoted = time.monotonic()
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", v.french)
+    until(
+        "the promoted version serving",
+        lambda: serving.serving(v.french) and client_thread.first("Bonjour") is not None,
+        timeout=ROLLOUT_S,
+    )
+    answered = client_thread.first("Bonjour")
+    assert answered is not None
+    # A few more answers after the switch, then stop.
+    count = len(client_thread.answers)
+    until("answers after the switch", lambda: len(client_thread.answers) >= count + 10, timeout=30)
+    client_thread.done.set()
+    client_thread.join(timeout=40)
+    promotion_s = answered - promoted
+    print(f"promotion → new version answering through KubeRay: {promotion_s:.1f} s")
+    serving.facts["promotion_s"] = promotion_s
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    (raycluster,) = serving.rayclusters()
+    assert raycluster["metadata"]["uid"] == serving.facts["raycluster_uid"], "promotion replaced the cluster"
+    assert serving.ask().json() == [{"translation_text": "Bonjour"}]
+
+
+def test_incompatible_version_is_held_and_the_old_one_answers(serving: Serving) -> None:
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    v = serving.versions
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", v.incompatible)
+    until(
+        "the incompatible version rejected",
+        lambda: (serving.status().get("rejected") or {}).get("version") == v.incompatible,
+        timeout=ROLLOUT_S,
+    )
+    status = serving.status()
+    assert status["servingVersion"] == v.french
+    compatible = cond({"status": status}, "SignatureCompatible")
+    assert compatible.get("status") == "False", status
+    assert serving.ask().json() == [{"translation_text": "Bonjour"}]
+
+
+def test_broken_artifacts_are_rolled_back(serving: Serving) -> None:
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    v = serving.versions
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", v.broken)
+    until(
+        "the broken version rolled back",
+        lambda: (
+            (serving.status().get("rejected") or {}).get("version") == v.broken and serving.serving(v.french)
+        ),
+        timeout=ROLLOUT_S,
+    )
+    assert serving.ask().json() == [{"translation_text": "Bonjour"}]
+    history = serving.status().get("history") or []
+    assert any(entry.get("version") == v.broken for entry in history), history
+
+
+def test_delete_removes_ray_pods_processes_and_namespaces(serving: Serving) -> None:
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    runner = serving.plane.runner
+    assert runner is not None
+    serving.cluster.custom.delete_namespaced_custom_object(
+        "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", NAME
+    )
+
+    def gone() -> bool:
+        pods = serving.cluster.core.list_namespaced_pod(serving.namespace).items
+        return (
+            serving.cluster.rayservice(NAME) is None
+            and not serving.rayclusters()
+            and not pods
+            and not runner.workers
+            and not network.list_namespaces(runner.netns_prefix)
+        )
+
+    until("RayService, RayCluster, pods, processes and namespaces gone", gone, timeout=120)

@@ -34,9 +34,11 @@ test: venv tools lint typecheck
 demo: venv
 	$(BIN)/regserve demo
 
-# Starts the test control plane for manual use; prints the kubeconfig path; Ctrl-C stops it.
+# Starts the test control plane for manual use, with real Ray behind the pods of namespace kuberay-ray,
+# an mlflow server holding a demo model and the operator; prints what to apply and curl (needs root).
+# Ctrl-C stops it. `python -m tests.k8s.plane` starts the bare control plane.
 plane: venv tools
-	$(BIN)/python -m tests.k8s.plane
+	$(BIN)/python -m tests.k8s.playground
 
 # Regenerates the chart's and deploy/'s copies of crds/ and the RBAC rules (a test fails on drift).
 chart-sync: venv

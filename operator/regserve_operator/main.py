@@ -84,7 +84,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
 
         target = KubeTarget(_api_client())
     deps = Deps(
-        registry=Registry(on_poll=metrics.record_poll),
+        registry=Registry(on_poll=metrics.record_poll, facts_cache_size=settings.facts_cache_size),
         target=target,
         defaults=BuildDefaults(image=settings.image, ray_version=settings.ray_version),
         image_pins=settings.image_pins,

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SEARCH_PATH = "/api/2.0/mlflow/registered-models/search"
 PAGE_SIZE = 1000
+# Versions whose facts are kept: above the versions resources carry, or passes re-read them (LRU thrash).
+FACTS_CACHE_SIZE = 4096
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 
@@ -188,7 +190,7 @@ class Registry:
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         fetch_facts: FactsFetcher | None = None,
-        facts_cache_size: int = 512,
+        facts_cache_size: int = FACTS_CACHE_SIZE,
         on_poll: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self._transport = transport

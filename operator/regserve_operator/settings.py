@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from regserve_operator.registry import FACTS_CACHE_SIZE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REGSERVE_", extra="ignore")
@@ -30,6 +32,13 @@ class Settings(BaseSettings):
         "auto",
         description="Confirm rollouts by asking the app's /healthz which default answers; auto: when "
         "running in a cluster (the Serve Services' names resolve only there).",
+    )
+    facts_cache_size: int = Field(
+        FACTS_CACHE_SIZE,
+        ge=16,
+        description="Registry versions whose facts (signature, size, flavors) are kept. Every pass reads "
+        "the facts of the version its resource carries: keep this above the number of versions in use, "
+        "or each pass costs an MLflow request per resource.",
     )
     image_pins: dict[str, str] = Field(
         default_factory=dict,

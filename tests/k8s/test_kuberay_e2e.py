@@ -23,6 +23,7 @@ import httpx
 import pytest
 from kubernetes import client
 from mlflow import MlflowClient
+from regserve_operator.builders import HAPROXY_ENV
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 
@@ -351,6 +352,49 @@ def test_broken_artifacts_are_rolled_back(serving: Serving) -> None:
     assert serving.ask().json() == [{"translation_text": "Bonjour"}]
     history = serving.status().get("history") or []
     assert any(entry.get("version") == v.broken for entry in history), history
+
+
+def test_proxy_ingress_mode_serves_through_kuberay(serving: Serving) -> None:
+    """The other ingress mode (Ray's Python proxy instead of HAProxy), on a cluster of its own."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    name = "proxied"
+    # The alias still names the broken version the previous test promoted: point it at a good one.
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", serving.versions.french)
+    spec = _spec(serving.mlflow.url)
+    spec["serving"]["ingressMode"] = "proxy"
+    serving.cluster.create_rms(name, spec)
+    hosts = serving.plane.cluster_hosts
+    assert hosts is not None
+
+    def answer() -> httpx.Response | None:
+        address = hosts.entries.get(f"{name}-serve-svc.{serving.namespace}.svc")
+        if not address:
+            return None
+        try:
+            return httpx.post(
+                f"http://{address}:{SERVE_PORT}/{name}/serve", json={"prompt": "Hello"}, timeout=10
+            )
+        except httpx.HTTPError:
+            return None
+
+    try:
+        until(
+            "the proxy-mode resource answering",
+            lambda: (r := answer()) is not None and r.status_code == 200,
+            timeout=FIRST_SERVE_S,
+        )
+        response = answer()
+        assert response is not None and response.json() == [{"translation_text": "Bonjour"}]
+        rs = serving.cluster.rayservice(name)
+        assert rs is not None
+        head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert HAPROXY_ENV not in {e["name"] for e in head.get("env", [])}
+    finally:
+        serving.cluster.custom.delete_namespaced_custom_object(
+            "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name
+        )
+    until("the proxy-mode RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120)
 
 
 def test_delete_removes_ray_pods_processes_and_namespaces(serving: Serving) -> None:

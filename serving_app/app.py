@@ -28,6 +28,7 @@ from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import parse_invocation
 from serving_app.metrics import ServingMetrics
 from serving_app.mlmodel import RegistryAuth
+from serving_app.oip.handlers import OipHandlers
 from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.service import ModelService, PredictJob
 
@@ -98,6 +99,7 @@ class ModelServer:
         auth = RegistryAuth.from_environment(os.environ)
         registry = ModelRegistry(args.model_name, tracking_uri, auth)
         self.service = ModelService(args, registry, self._load_pinned, self.metrics)
+        self.oip = OipHandlers(args, self.service, self._predict, lambda: sorted(self.pinned_versions))
         if args.default_version:
             await self.service.set_default(args.default_version)
 
@@ -144,6 +146,10 @@ class ModelServer:
     @api.post("/invocations", summary="MLflow scoring protocol")
     async def invocations(self, request: Request) -> Response:
         return await self._answer(request, "invocations", self._invocations)
+
+    @api.api_route("/v2{path:path}", methods=["GET", "POST"], summary="Open Inference Protocol (KServe v2)")
+    async def open_inference(self, request: Request, path: str) -> Response:
+        return await self.oip.answer(request, path, self._answer)
 
     @api.get("/healthz", summary="Liveness, readiness, the default version and a failed switch")
     async def healthz(self) -> Response:
@@ -199,7 +205,12 @@ class ModelServer:
         try:
             http.check_token(request, self.token)
             payload, version = await handler(request)
-            response = http.json_response(payload, headers={"X-Model-Version": version})
+            # A handler answering in another encoding (the Open Inference Protocol's binary tensors)
+            # hands back its own Response.
+            if isinstance(payload, Response):
+                response = payload
+            else:
+                response = http.json_response(payload, headers={"X-Model-Version": version})
         except ServingError as error:
             error = http.with_error_id(error)
             if not self.args.expose_schema_in_errors:

@@ -41,14 +41,22 @@ def parse_invocation(body: bytes, content_type: str, default: LoadedVersion) -> 
         return ParsedInvocation(data, None, _rows(data))
     if mime != "application/json":
         raise UnsupportedMediaType(f"/invocations takes application/json or text/csv, got {content_type!r}")
+    data, params = parse_scoring_json(body, default)
+    return ParsedInvocation(data, params, _rows(data))
+
+
+def parse_scoring_json(json_input: bytes | dict[str, Any], default: LoadedVersion) -> tuple[Any, Any]:
+    """A scoring-protocol JSON body (or the object it decodes to) as MLflow's scoring server parses
+    it, enforced against the default version's signature: `/invocations` and the Open Inference
+    Protocol's `infer` share it."""
+    input_schema = default.signature.inputs if default.signature else None
     try:
-        parsed = scoring_server._parse_json_data(body, default.model.metadata, input_schema)
+        parsed = scoring_server._parse_json_data(json_input, default.model.metadata, input_schema)
     except (RecursionError, ValueError) as error:  # nesting too deep for json, or not JSON at all
         raise MlflowException(
             f"the body is not valid JSON input: {type(error).__name__}", BAD_REQUEST
         ) from None
-    data, params = _enforce_signature(parsed.data, parsed.params, default)
-    return ParsedInvocation(data, params, _rows(data))
+    return _enforce_signature(parsed.data, parsed.params, default)
 
 
 def _enforce_signature(data: Any, params: dict[str, Any] | None, default: LoadedVersion) -> tuple[Any, Any]:

@@ -392,7 +392,8 @@ def test_operator_with_only_the_charts_rbac_reconciles_end_to_end(
             pytest.fail(f"{exc}\noperator output:\n{chart_operator.output()[-4000:]}", pytrace=False)
 
     until("RayService created for v1", lambda: carried() == v1)
-    assert resolved() == v1
+    # The status is written after the pass that created the RayService returns: wait for it too.
+    until("status.resolvedVersion is v1", lambda: resolved() == v1, timeout=30)
     rs = _custom(custom, "ray.io", release.namespace, "rayservices", name)
     assert rs["metadata"]["ownerReferences"][0]["kind"] == "RegisteredModelServing"
 

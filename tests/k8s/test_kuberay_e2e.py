@@ -36,6 +36,7 @@ from tests.k8s.operator_support import (
     until,
 )
 from tests.k8s.podrunner import with_cluster_hosts
+from tests.reliability.delaying_proxy import DelayingProxy
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kuberay, pytest.mark.slow]
 
@@ -65,6 +66,8 @@ class Serving:
     mlflow: MlflowServer
     operator: OperatorProcess
     versions: Versions
+    # The tracking URI the resource names: MLflow through a proxy the tests can close to the pods alone.
+    registry: DelayingProxy
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -149,11 +152,20 @@ def bridge_mlflow(
 
 
 @pytest.fixture(scope="module")
+def registry_gate(bridge_mlflow: MlflowServer) -> Iterator[DelayingProxy]:
+    """MLflow behind a proxy on the bridge: passes everything until told to answer the host alone."""
+    upstream = httpx.URL(bridge_mlflow.url)
+    with DelayingProxy(str(upstream.host), int(upstream.port or 80), listen_host=network.BRIDGE_IP) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
 def serving(
     kube_plane: plane.ControlPlane,
     kube_api: client.ApiClient,
     mint_kubeconfig: plane.MintKubeconfig,
     bridge_mlflow: MlflowServer,
+    registry_gate: DelayingProxy,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Serving]:
     _fail_or_skip_without_runner(kube_plane)
@@ -182,7 +194,7 @@ def serving(
             wrap=lambda argv: with_cluster_hosts(argv, kube_plane.hosts_path),
         ).start()
         try:
-            yield Serving(cluster, kube_plane, bridge_mlflow, process, versions)
+            yield Serving(cluster, kube_plane, bridge_mlflow, process, versions, registry_gate)
         finally:
             with_rms = cluster.custom.list_namespaced_custom_object(
                 "regserve.io", "v1alpha1", namespace, "registeredmodelservings"
@@ -210,7 +222,7 @@ def _spec(url: str) -> dict[str, Any]:
 
 def test_apply_brings_up_real_ray_and_the_seed_scenario_answers(serving: Serving) -> None:
     started = time.monotonic()
-    serving.cluster.create_rms(NAME, _spec(serving.mlflow.url))
+    serving.cluster.create_rms(NAME, _spec(serving.registry.url))
     v = serving.versions
     until(
         "the first version serving through KubeRay",
@@ -352,6 +364,41 @@ def test_broken_artifacts_are_rolled_back(serving: Serving) -> None:
     assert serving.ask().json() == [{"translation_text": "Bonjour"}]
     history = serving.status().get("history") or []
     assert any(entry.get("version") == v.broken for entry in history), history
+
+
+def test_rollout_cut_by_a_registry_outage_is_retried_and_completes(serving: Serving) -> None:
+    """The registry is gone for the pods (the operator still reads it): the replica cannot load the
+    promoted version, the app reports why, the operator rolls back with cause RegistryUnavailable and
+    retries with back-off; once the registry is back the version rolls out by itself."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    registry = MlflowClient(serving.mlflow.url)
+    # A version no replica has loaded yet: its switch needs the registry.
+    unseen = log_phrasebook(serving.mlflow.url, MODEL, lang_to="de")
+    serving.registry.set(only_from=network.BRIDGE_IP)
+    try:
+        registry.set_registered_model_alias(MODEL, "champion", unseen)
+
+        def waiting_for_the_registry() -> bool:
+            rejected = serving.status().get("rejected") or {}
+            return rejected.get("version") == unseen and rejected.get("cause") == "RegistryUnavailable"
+
+        until("the rollout rolled back for the registry outage", waiting_for_the_registry, timeout=ROLLOUT_S)
+        rejected = serving.status()["rejected"]
+        assert rejected["reason"] == "RolledBack" and "retried in" in rejected["message"], rejected
+        assert serving.registry.refused > 0
+        assert serving.ask().json() == [{"translation_text": "Bonjour"}]  # the old default answers
+    finally:
+        serving.registry.set()
+    until(
+        "the version serving once the registry is back",
+        lambda: serving.serving(unseen) and serving.answers("Hallo"),
+        timeout=ROLLOUT_S,
+    )
+    status = serving.status()
+    assert status.get("rejected") is None and status["lastGoodVersion"] == unseen, status
+    outcomes = [(e.get("version"), e.get("outcome")) for e in status.get("history") or []]
+    assert (unseen, "RolledBack") in outcomes and (unseen, "Serving") in outcomes, outcomes
 
 
 def test_proxy_ingress_mode_serves_through_kuberay(serving: Serving) -> None:

@@ -2,7 +2,9 @@
 
 It works below HTTP: every chunk a client sends (a request, for the small requests MLflow's clients
 make) waits `delay_s` before it goes upstream, and waits for as long as `stall` is set: the client's
-connect succeeds and then nothing comes back, which is what a hung server looks like.
+connect succeeds and then nothing comes back, which is what a hung server looks like. With `only_from`
+set, connections from any other address are closed at once: the server is gone for some clients (the
+serving pods) and there for others (the operator).
 Runs its own asyncio loop on a thread so synchronous tests can drive it.
 """
 
@@ -17,11 +19,14 @@ from regserve_operator.sandbox.processes import free_port
 
 
 class DelayingProxy:
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, listen_host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.listen_host = listen_host
         self.port = free_port()
         self.delay_s = 0.0
         self.stall = False
+        self.only_from: str | None = None
+        self.refused = 0
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -32,12 +37,12 @@ class DelayingProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     def __enter__(self) -> DelayingProxy:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, "127.0.0.1", self.port), self._loop
+            asyncio.start_server(self._accept, self.listen_host, self.port), self._loop
         ).result(10)
         return self
 
@@ -49,11 +54,11 @@ class DelayingProxy:
         self._thread.join(10)
         self._loop.close()
 
-    def set(self, *, delay_s: float = 0.0, stall: bool = False) -> None:
+    def set(self, *, delay_s: float = 0.0, stall: bool = False, only_from: str | None = None) -> None:
         """Change the behaviour for new connections (stalled ones are released when stall is cleared)."""
 
         def change() -> None:
-            self.delay_s, self.stall = delay_s, stall
+            self.delay_s, self.stall, self.only_from = delay_s, stall, only_from
             if stall:
                 self._release.clear()
             else:
@@ -73,6 +78,12 @@ class DelayingProxy:
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
         self.connections += 1
+        peer = (writer.get_extra_info("peername") or ("",))[0]
+        if self.only_from is not None and peer != self.only_from:
+            self.refused += 1
+            writer.close()
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             await asyncio.gather(self._pipe(reader, up_writer, hold=True), self._pipe(up_reader, writer))

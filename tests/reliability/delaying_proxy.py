@@ -31,6 +31,7 @@ class DelayingProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._peers: dict[asyncio.Task[None], str] = {}
         self._release = asyncio.Event()
         self._release.set()
         self._thread = threading.Thread(target=self._loop.run_forever, name="delaying-proxy", daemon=True)
@@ -59,6 +60,11 @@ class DelayingProxy:
 
         def change() -> None:
             self.delay_s, self.stall, self.only_from = delay_s, stall, only_from
+            if only_from is not None:
+                # Clients keep connections alive: gone means gone for those already open too.
+                for task, peer in list(self._peers.items()):
+                    if peer != only_from:
+                        task.cancel()
             if stall:
                 self._release.clear()
             else:
@@ -84,6 +90,7 @@ class DelayingProxy:
             writer.close()
             self._tasks.discard(task)  # type: ignore[arg-type]
             return
+        self._peers[task] = peer  # type: ignore[index]
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             await asyncio.gather(self._pipe(reader, up_writer, hold=True), self._pipe(up_reader, writer))
@@ -92,6 +99,7 @@ class DelayingProxy:
         finally:
             writer.close()
             self._tasks.discard(task)  # type: ignore[arg-type]
+            self._peers.pop(task, None)  # type: ignore[call-overload]
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool = False

@@ -198,6 +198,16 @@ class _Draft:
         except KeyError:
             raise _Missing(version) from None
 
+    def usable_facts(self, version: str) -> ModelFacts | None:
+        """Facts of a version the pass must have (the serving or carried one); None, reported as a
+        registry problem and retried, when the registry could not give them."""
+        facts = self.facts(version)
+        if isinstance(facts, ModelFacts):
+            return facts
+        error = facts if isinstance(facts, RegistryError) else RegistryError(facts.error)
+        self.registry_error(error, f"reading version {version}")
+        return None
+
     def registry_error(self, exc: RegistryError, what: str) -> None:
         if isinstance(exc, RegistryUnreachable):
             if self.cond(c.REGISTRY_REACHABLE, "False", "Unreachable", str(exc)):
@@ -391,10 +401,8 @@ def _gate(d: _Draft, resolved: str, current: str | None, attempt: int) -> str | 
     if isinstance(candidate, Unreadable):
         _hold_unreadable(d, resolved, current, candidate)
         return current
-    baseline = d.facts(current) if current else None
-    if isinstance(baseline, RegistryError | Unreadable):
-        error = baseline if isinstance(baseline, RegistryError) else RegistryError(baseline.error)
-        d.registry_error(error, f"reading version {current}")
+    baseline = d.usable_facts(current) if current else None
+    if current and baseline is None:
         return current
     allowed = d.spec.rollout.allow_incompatible_version == resolved
     diffs = [
@@ -452,10 +460,8 @@ def _hold_unreadable(d: _Draft, version: str, current: str | None, unreadable: U
 def _build(d: _Draft, version: str) -> None:
     """The RayService carrying `version`, the plan to get there, and the status that follows it."""
     st, spec = d.st, d.spec
-    facts = d.facts(version)
-    if not isinstance(facts, ModelFacts):
-        error = facts if isinstance(facts, RegistryError) else RegistryError(facts.error)
-        d.registry_error(error, f"reading version {version}")
+    facts = d.usable_facts(version)
+    if facts is None:
         return
     size = size_replica(
         model_size_bytes=facts.model_size_bytes,

@@ -33,6 +33,11 @@ EXACTLY_ONE_SELECTOR = (
 REPLICAS_XOR_AUTOSCALING = "!(has(self.replicas) && has(self.autoscaling))"
 MIN_NOT_ABOVE_MAX = "self.minReplicas <= self.maxReplicas"
 
+# CEL: canary steps strictly increasing (Kubernetes' list library: `isSorted` is non-decreasing, and
+# no value may appear twice).
+STEPS_INCREASING = "self.isSorted() && self.all(x, self.filter(y, y == x).size() == 1)"
+MAX_CANARY_STEPS = 10
+
 
 # Lets the API server fill nested defaults when the whole section is left out.
 _DEFAULT_EMPTY: dict[str, Any] = {"default": {}}
@@ -232,7 +237,74 @@ class RayServiceOverrides(_Model):
     image_pull_secrets: list[SecretRef] | None = None
 
 
+class Canary(_Model):
+    """Canary: each step sends its share of unpinned requests to the candidate, judged on the app's
+    per-version counters."""
+
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50],
+        min_length=1,
+        max_length=MAX_CANARY_STEPS,
+        description="Percent of unpinned requests the candidate answers at each step, strictly increasing.",
+        json_schema_extra={
+            "default": [10, 50],
+            "items": {"type": "integer", "minimum": 1, "maximum": 99},
+            **_cel(STEPS_INCREASING, "canary.steps must be strictly increasing"),
+        },
+    )
+    step_seconds: int = Field(60, ge=1, le=86400, description="Least time a step lasts.")
+    min_requests: int = Field(
+        20, ge=1, le=1_000_000, description="Least candidate requests before a step is judged."
+    )
+    max_error_rate: float = Field(
+        0.01, ge=0.0, le=1.0, description="Share of 5xx candidate answers above which it is rolled back."
+    )
+    max_latency_ratio: float = Field(
+        2.0, ge=1.0, le=100.0, description="Candidate p95 above this times the stable p95 → rolled back."
+    )
+
+    @model_validator(mode="after")
+    def _steps_increasing(self) -> Canary:
+        # Same rules as the CRD's, for resources read from files (local mode).
+        if any(not 1 <= x <= 99 for x in self.steps):
+            raise ValueError("canary.steps must lie within 1-99")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("canary.steps must be strictly increasing")
+        return self
+
+
+class Shadow(_Model):
+    """Shadow: a share of unpinned requests also goes to the candidate; answers are compared."""
+
+    percent: int = Field(100, ge=1, le=100, description="Share of unpinned requests mirrored.")
+    duration_seconds: int = Field(300, ge=1, le=86400, description="How long the candidate is shadowed.")
+    max_disagreement_rate: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Promote when the disagreement rate after durationSeconds is within this; unset: report only "
+            "(the default stays, the version is recorded with reason ShadowReported)."
+        ),
+    )
+
+
+RolloutPhase = Literal["SmokeTest", "Canary", "Shadow", "Switching"]
+
+
 class Rollout(_Model):
+    strategy: Literal["Immediate", "Canary", "Shadow"] = Field(
+        "Immediate", description="How traffic moves to a new version once it passed its gates."
+    )
+    smoke_test: bool = Field(
+        True,
+        description=(
+            "Before any traffic moves, the replicas load the candidate and predict its input example "
+            "(or a payload synthesized from its signature); a failure holds the version."
+        ),
+    )
+    canary: Canary = Field(default_factory=Canary, json_schema_extra=_DEFAULT_EMPTY)
+    shadow: Shadow = Field(default_factory=Shadow, json_schema_extra=_DEFAULT_EMPTY)
     allow_incompatible_version: str | None = Field(
         None,
         pattern=VERSION_PATTERN,

@@ -148,6 +148,24 @@ def _with(**changes: Any) -> dict[str, Any]:
         ),
         ("negative min", _with(serving__autoscaling={"minReplicas": -1, "maxReplicas": 2}), False),
         ("zero target", _with(serving__autoscaling={"maxReplicas": 2, "targetOngoingRequests": 0}), False),
+        ("canary", _with(rollout__strategy="Canary"), True),
+        (
+            "shadow gated",
+            _with(rollout__strategy="Shadow", rollout__shadow={"maxDisagreementRate": 0.05}),
+            True,
+        ),
+        ("strategy enum", _with(rollout__strategy="BlueGreen"), False),
+        ("steps increasing", _with(rollout__canary={"steps": [1, 5, 99]}), True),
+        ("steps decreasing", _with(rollout__canary={"steps": [50, 10]}), False),
+        ("steps repeated", _with(rollout__canary={"steps": [10, 10]}), False),
+        ("step 0", _with(rollout__canary={"steps": [0, 10]}), False),
+        ("step 100", _with(rollout__canary={"steps": [10, 100]}), False),
+        ("no steps", _with(rollout__canary={"steps": []}), False),
+        ("error rate above 1", _with(rollout__canary={"maxErrorRate": 1.5}), False),
+        ("latency ratio below 1", _with(rollout__canary={"maxLatencyRatio": 0.5}), False),
+        ("zero min requests", _with(rollout__canary={"minRequests": 0}), False),
+        ("shadow percent 0", _with(rollout__shadow={"percent": 0}), False),
+        ("disagreement rate negative", _with(rollout__shadow={"maxDisagreementRate": -0.1}), False),
     ],
 )
 def test_spec_validation(case: str, body: dict[str, Any], ok: bool) -> None:
@@ -164,6 +182,25 @@ def test_defaults_fill_in() -> None:
     assert spec.serving.max_models_per_replica == 2
     assert spec.registry.poll_interval_seconds == 30
     assert spec.paused is False
+    rollout = spec.rollout
+    assert (rollout.strategy, rollout.smoke_test) == ("Immediate", True)
+    assert rollout.canary.steps == [10, 50] and rollout.canary.step_seconds == 60
+    assert (rollout.canary.min_requests, rollout.canary.max_error_rate) == (20, 0.01)
+    assert rollout.canary.max_latency_ratio == 2.0
+    assert (rollout.shadow.percent, rollout.shadow.duration_seconds) == (100, 300)
+    assert rollout.shadow.max_disagreement_rate is None
+
+
+def test_canary_steps_rule_in_the_crd() -> None:
+    rollout = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]["rollout"]
+    steps = rollout["properties"]["canary"]["properties"]["steps"]
+    assert steps["items"] == {"type": "integer", "minimum": 1, "maximum": 99}
+    assert steps["default"] == [10, 50]
+    assert [v["rule"] for v in steps["x-kubernetes-validations"]] == [
+        "self.isSorted() && self.all(x, self.filter(y, y == x).size() == 1)"
+    ]
 
 
 @pytest.mark.parametrize(

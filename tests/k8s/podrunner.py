@@ -266,6 +266,23 @@ def field_value(pod: Any, path: str) -> str:
     raise EnvError(f"unsupported fieldRef {path}")
 
 
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def device_env(container: Any, node: str) -> dict[str, str]:
+    """What NVIDIA's device plugin adds to a container granted ``nvidia.com/gpu`` (its Allocate answer):
+    the devices it may use, by id. Ray itself learns the count from KubeRay's ``ray start --num-gpus``
+    (taken from the same limit); CUDA_VISIBLE_DEVICES is Ray's to set per worker, not the device plugin's.
+    The machine has no GPU: the ids name the fake node's devices."""
+    from kubernetes.utils import parse_quantity
+
+    limits = (container.resources.limits if container.resources else None) or {}
+    count = int(parse_quantity(limits.get(GPU_RESOURCE, "0")))
+    if count <= 0:
+        return {}
+    return {"NVIDIA_VISIBLE_DEVICES": ",".join(f"GPU-{node}-{index}" for index in range(count))}
+
+
 def resource_value(container: Any, resource: str, divisor: Any) -> str:
     from kubernetes.utils import parse_quantity
 
@@ -606,7 +623,11 @@ class PodWorker(threading.Thread):
         auth-token Secret alongside the pods). None once the pod is going."""
         while not self.stop_event.is_set():
             try:
-                return {**base, **resolve_env(core, self.pod, spec)}
+                return {
+                    **base,
+                    **device_env(spec, self.pod.spec.node_name),
+                    **resolve_env(core, self.pod, spec),
+                }
             except EnvError as exc:
                 log.warning("pod %s container %s: %s", self.name, spec.name, exc)
                 waiting = ContainerRun(spec, {}, self.log_dir / f"{spec.name}.log")

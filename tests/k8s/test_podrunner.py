@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.k8s import network, plane
 from tests.k8s.operator_support import until
+from tests.k8s.podrunner import device_env
 
 pytestmark = pytest.mark.k8s
 
@@ -165,3 +166,70 @@ def test_deleted_pod_leaves_no_process_or_namespace(
 
     until("pod, worker and namespace gone", gone, timeout=60)
     assert not [pid for pid in pids if network._alive(pid) and not network._zombie(pid)]
+
+
+def test_pods_deleted_while_starting_leave_nothing_behind(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    """One pod waits for a Secret that does not exist (CreateContainerConfigError), one for an init
+    container that never finishes: both deleted before their containers run, both torn down."""
+    ns = kube_plane.ray_namespace
+    runner = kube_plane.runner
+    assert runner is not None
+    suffix = uuid.uuid4().hex[:6]
+    missing = _pod(f"nosecret-{suffix}", SERVER, envFrom=[{"secretRef": {"name": f"absent-{suffix}"}}])
+    initing = _pod(f"initing-{suffix}", SERVER)
+    initing["spec"]["initContainers"] = [
+        {"name": "wait", "image": "none", "command": ["sh", "-c", "exec sleep 1000"]}
+    ]
+    uids = {}
+    for body in (missing, initing):
+        pods.create_namespaced_pod(ns, body)
+        uids[body["metadata"]["name"]] = _read(pods, ns, body["metadata"]["name"]).metadata.uid
+
+    def config_error() -> bool:
+        statuses = _read(pods, ns, missing["metadata"]["name"]).status.container_statuses or []
+        return any(
+            s.state.waiting is not None and s.state.waiting.reason == "CreateContainerConfigError"
+            for s in statuses
+        )
+
+    until("the missing Secret reported", config_error, timeout=60)
+    init_uid = uids[initing["metadata"]["name"]]
+    until(
+        "the init container running",
+        lambda: (
+            init_uid in runner.workers and bool(network.netns_pids(runner.workers[init_uid].sandbox.netns))
+        ),
+        timeout=60,
+    )
+    netns = {uid: runner.workers[uid].sandbox.netns for uid in uids.values()}
+    pids = network.netns_pids(netns[init_uid])
+    assert not _read(pods, ns, initing["metadata"]["name"]).status.container_statuses[0].ready
+    for name in uids:
+        pods.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+
+    def gone() -> bool:
+        present = {p.metadata.uid for p in pods.list_namespaced_pod(ns).items}
+        namespaces = set(network.list_namespaces(runner.netns_prefix))
+        return all(uid not in present and uid not in runner.workers for uid in uids.values()) and not (
+            namespaces & set(netns.values())
+        )
+
+    until("both pods, their workers and namespaces gone", gone, timeout=60)
+    assert not [pid for pid in pids if network._alive(pid) and not network._zombie(pid)]
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (None, {}),
+        ({"cpu": "1", "memory": "1Gi"}, {}),
+        ({"nvidia.com/gpu": "0"}, {}),
+        ({"nvidia.com/gpu": "1"}, {"NVIDIA_VISIBLE_DEVICES": "GPU-node-0"}),
+        ({"nvidia.com/gpu": "2", "cpu": "1"}, {"NVIDIA_VISIBLE_DEVICES": "GPU-node-0,GPU-node-1"}),
+    ],
+)
+def test_device_env_names_the_granted_gpus(limits: dict[str, str] | None, expected: dict[str, str]) -> None:
+    container = client.V1Container(name="c", resources=client.V1ResourceRequirements(limits=limits))
+    assert device_env(container, "node") == expected

@@ -1,5 +1,6 @@
-"""The one question the operator asks the serving application: which default answers, and why the
-last switch failed.
+"""The questions the operator asks the serving application: which default answers, and why the last
+switch failed (`/healthz`); and, while a candidate is smoke-tested, canaried or shadowed, how each
+version fared (`/rollout`, docs/rollouts.md), parsed into typed figures decisions are made on.
 
 KubeRay reports an application RUNNING once Ray Serve has applied its config. A promotion is an
 in-place `reconfigure()`: when the new version fails to load there, the app keeps its old default
@@ -13,9 +14,9 @@ never a message, so it leaks nothing a health check should not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -81,3 +82,140 @@ def _switch_failure(raw: Any) -> SwitchFailure | None:
     except (TypeError, ValueError):
         at = 0.0
     return SwitchFailure(version=str(raw["version"]), code=str(raw.get("code") or ""), at=at)
+
+
+# ------------------------------------------------------------------------------------ GET /rollout
+
+SmokeState = Literal["pending", "passed", "failed"]
+RolloutMode = Literal["smoke", "canary", "shadow"]
+
+
+@dataclass(frozen=True)
+class VersionFigures:
+    """One version's counters for the current generation, summed over every replica."""
+
+    requests: int = 0
+    errors: int = 0  # 5xx answers
+    p95_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class SmokeReport:
+    state: SmokeState
+    replicas_passed: int = 0
+    replicas_failed: int = 0
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    compared: int = 0
+    disagreements: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutReport:
+    """The app's `GET /rollout`: what it does with the candidate and how each version fared."""
+
+    generation: int | None
+    candidate: str | None
+    mode: RolloutMode | None
+    percent: int
+    replicas: int
+    smoke: SmokeReport
+    versions: Mapping[str, VersionFigures]
+    shadow: ShadowFigures
+
+    def figures(self, version: str | None) -> VersionFigures:
+        return self.versions.get(version or "", VersionFigures())
+
+
+RolloutProbe = Callable[[str], RolloutReport | None]
+
+
+def probe_rollout(url: str, *, client: httpx.Client | None = None) -> RolloutReport | None:
+    """The app's rollout report; None when it cannot be asked or answers with something else (an app
+    without the route): the caller then promotes nothing."""
+    try:
+        getter = client.get if client is not None else httpx.get
+        response = getter(f"{url.rstrip('/')}/rollout", timeout=TIMEOUT_S)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        return parse_rollout(response.json())
+    except ValueError:
+        return None
+
+
+def parse_rollout(body: Any) -> RolloutReport | None:
+    """`/rollout`'s body as a RolloutReport (pure); None when it is not one."""
+    if not isinstance(body, dict):
+        return None
+    try:
+        smoke_raw = body.get("smoke") or {}
+        shadow_raw = body.get("shadow") or {}
+        versions_raw = body.get("versions") or {}
+        if (
+            not isinstance(smoke_raw, dict)
+            or not isinstance(shadow_raw, dict)
+            or not isinstance(versions_raw, dict)
+        ):
+            return None
+        return RolloutReport(
+            generation=_opt_int(body.get("generation")),
+            candidate=None if body.get("candidate") is None else str(body["candidate"]),
+            mode=_one_of(body.get("mode"), ("smoke", "canary", "shadow")),  # type: ignore[arg-type]
+            percent=int(body.get("percent") or 0),
+            replicas=int(body.get("replicas") or 0),
+            smoke=SmokeReport(
+                state=_one_of(smoke_raw.get("state"), ("pending", "passed", "failed")) or "pending",  # type: ignore[arg-type]
+                replicas_passed=int(smoke_raw.get("replicas_passed") or 0),
+                replicas_failed=int(smoke_raw.get("replicas_failed") or 0),
+                code=_opt_str(smoke_raw.get("code")),
+                message=_opt_str(smoke_raw.get("message")),
+            ),
+            versions={str(v): _version_figures(f) for v, f in versions_raw.items()},
+            shadow=ShadowFigures(
+                compared=int(shadow_raw.get("compared") or 0),
+                disagreements=int(shadow_raw.get("disagreements") or 0),
+                errors=int(shadow_raw.get("errors") or 0),
+                p95_ms=_opt_float(shadow_raw.get("p95_ms")),
+            ),
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+def _version_figures(raw: Any) -> VersionFigures:
+    if not isinstance(raw, dict):
+        raise ValueError("version figures must be an object")
+    return VersionFigures(
+        requests=int(raw.get("requests") or 0),
+        errors=int(raw.get("errors") or 0),
+        p95_ms=_opt_float(raw.get("p95_ms")),
+    )
+
+
+def _one_of(value: Any, allowed: tuple[str, ...]) -> str | None:
+    return value if isinstance(value, str) and value in allowed else None
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)[:500]

@@ -7,8 +7,9 @@ The default version therefore travels in `user_config`, which Ray applies in pla
 from __future__ import annotations
 
 import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # A registry version number as MLflow prints it (bounded: a client-sent version string stays short).
 VERSION_PATTERN = r"^[1-9][0-9]{0,9}$"
@@ -64,15 +65,66 @@ class AppArgs(BaseModel):
         return self.max_batch_size > 1
 
 
+def _version_as_text(value: object) -> object:
+    # YAML writers turn "3" into 3; a registry version is text.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+RolloutMode = Literal["smoke", "canary", "shadow"]
+# An HTTP header name (RFC 9110 token), bounded.
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
+
+
+class Candidate(BaseModel):
+    """A version being rolled out next to the default (docs/rollouts.md): smoke-tested on every
+    replica, then answering (canary) or shadowing (shadow) `percent`% of unpinned requests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    mode: RolloutMode
+    percent: int = Field(default=0, ge=0, le=100)
+    generation: int = Field(ge=0)
+    sticky_header: str | None = Field(default=None, pattern=HEADER_NAME_PATTERN)
+
+    _as_text = field_validator("version", mode="before")(_version_as_text)
+
+
 class UserConfig(BaseModel):
     """The in-place part of the application's configuration."""
 
     model_config = ConfigDict(extra="ignore")
 
     default_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
+    candidate: Candidate | None = None
 
-    @field_validator("default_version", mode="before")
-    @classmethod
-    def _version_as_text(cls, value: object) -> object:
-        # YAML writers turn "3" into 3; a registry version is text.
-        return str(value) if isinstance(value, int) else value
+    _as_text = field_validator("default_version", mode="before")(_version_as_text)
+
+    @model_validator(mode="after")
+    def _candidate_is_not_the_default(self) -> UserConfig:
+        if self.candidate is not None and self.candidate.version == self.default_version:
+            raise ValueError(f"candidate.version {self.candidate.version} is the default version itself")
+        return self
+
+
+def parse_user_config(raw: dict[str, Any] | None) -> tuple[UserConfig, str | None]:
+    """`user_config` as the replica applies it: a broken `candidate` never takes the default down.
+
+    Returns the config (without the candidate when the candidate part is invalid) and the
+    candidate's validation error, if any; an invalid default version still raises."""
+    try:
+        return UserConfig.model_validate(raw or {}), None
+    except ValidationError as error:
+        if not raw or "candidate" not in raw:
+            raise
+        without = {key: value for key, value in raw.items() if key != "candidate"}
+        config = UserConfig.model_validate(without)  # raises when the rest is wrong too
+        return config, _candidate_errors(error)
+
+
+def _candidate_errors(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "candidate"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid candidate: " + "; ".join(parts)

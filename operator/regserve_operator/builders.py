@@ -116,9 +116,17 @@ def replica_options(serving: s.Serving) -> dict[str, Any]:
 
 
 def build_serve_config(
-    owner_name: str, spec: s.RegisteredModelServingSpec, version: str, size: ReplicaSize
+    owner_name: str,
+    spec: s.RegisteredModelServingSpec,
+    version: str,
+    size: ReplicaSize,
+    candidate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Serve config (what `serve deploy` takes): one application, version in user_config only."""
+    """The Serve config (what `serve deploy` takes): one application, version in user_config only; a
+    candidate being smoke-tested, canaried or shadowed travels there too (docs/rollouts.md)."""
+    user_config: dict[str, Any] = {"default_version": version}
+    if candidate is not None:
+        user_config["candidate"] = candidate
     return {
         "applications": [
             {
@@ -131,7 +139,7 @@ def build_serve_config(
                         "name": DEPLOYMENT_NAME,
                         **replica_options(spec.serving),
                         "max_ongoing_requests": max_ongoing_requests(spec.serving.batching.max_batch_size),
-                        "user_config": {"default_version": version},
+                        "user_config": user_config,
                         "ray_actor_options": size.actor_options(),
                     }
                 ],
@@ -290,6 +298,7 @@ def build_rayservice(
     version: str,
     size: ReplicaSize,
     defaults: BuildDefaults,
+    candidate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cluster = build_cluster_config(spec, size, defaults)
     body: dict[str, Any] = {
@@ -303,7 +312,9 @@ def build_rayservice(
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {
-            "serveConfigV2": serve_config_yaml(build_serve_config(owner.name, spec, version, size)),
+            "serveConfigV2": serve_config_yaml(
+                build_serve_config(owner.name, spec, version, size, candidate)
+            ),
             "rayClusterConfig": cluster,
         },
     }
@@ -323,16 +334,28 @@ def rayservice_name(owner_name: str) -> str:
 
 def serving_version_of(rayservice: dict[str, Any]) -> str | None:
     """The default version a RayService's serveConfigV2 carries (None when unreadable)."""
+    version = user_config_of(rayservice).get("default_version")
+    return None if version is None else str(version)
+
+
+def candidate_of(rayservice: dict[str, Any]) -> dict[str, Any] | None:
+    """The candidate a RayService's serveConfigV2 carries, as written (None: none)."""
+    candidate = user_config_of(rayservice).get("candidate")
+    return candidate if isinstance(candidate, dict) else None
+
+
+def user_config_of(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """The deployment's user_config in a RayService's serveConfigV2 ({} when unreadable)."""
     text = (rayservice.get("spec") or {}).get("serveConfigV2")
     if not text:
-        return None
+        return {}
     try:
         config = yaml.load(text, Loader=FAST_LOADER)
         for app in config.get("applications", []):
             for deployment in app.get("deployments", []):
                 if deployment.get("name") == DEPLOYMENT_NAME:
-                    version = (deployment.get("user_config") or {}).get("default_version")
-                    return None if version is None else str(version)
+                    user_config = deployment.get("user_config") or {}
+                    return user_config if isinstance(user_config, dict) else {}
     except (yaml.YAMLError, AttributeError):
-        return None
-    return None
+        return {}
+    return {}

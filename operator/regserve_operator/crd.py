@@ -86,6 +86,8 @@ PRINTER_COLUMNS = [
     {"name": "Selector", "type": "string", "jsonPath": ".status.selector"},
     {"name": "Serving", "type": "string", "jsonPath": ".status.servingVersion"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Rollout", "type": "string", "jsonPath": ".status.rolloutPhase"},
+    {"name": "Weight", "type": "integer", "jsonPath": ".status.rolloutWeight", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from regserve_operator import conditions as c
+from regserve_operator import progressive as p
 from regserve_operator import rollout as r
 from regserve_operator.builders import (
     BuildDefaults,
@@ -40,13 +41,16 @@ from regserve_operator.builders import (
 )
 from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
-from regserve_operator.probe import AppReport
+from regserve_operator.probe import AppReport, RolloutReport
 from regserve_operator.requirements import check_requirements
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import (
+    Figures,
     HistoryEntry,
     RegisteredModelServingSpec,
     RegisteredModelServingStatus,
+    ShadowStatus,
+    StageRecord,
     VersionRecord,
 )
 from serving_app.compat import compare_signatures
@@ -54,6 +58,7 @@ from serving_app.compat import compare_signatures
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 10
+MAX_STAGE_RECORDS = 16  # canary steps are at most 10, plus the smoke test, a shadow and the switch
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Observation:
     resolved: str | RegistryError | None = None  # the selector's version, or why it is unknown
     facts: Mapping[str, FactsResult] = field(default_factory=dict)
     app: AppReport | None = None  # what the app reported (asked only while a rollout is judged)
+    rollout: RolloutReport | None = None  # the app's /rollout (asked only while a candidate is on)
 
     def with_facts(self, version: str, result: FactsResult) -> Observation:
         return replace(self, facts={**self.facts, version: result})
@@ -91,6 +97,9 @@ class Inputs:
     defaults: BuildDefaults
     image_pins: Mapping[str, str] = field(default_factory=dict)
     settle_seconds: float = 10.0
+    # The app's /rollout can be asked (REGSERVE_PROBE_SERVING): without it no candidate could ever get a
+    # verdict, so the smoke test, canary and shadow are skipped (with a warning) rather than timing out.
+    judges_candidates: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,17 @@ def decide(inputs: Inputs, observed: Observation) -> Outcome | NeedFacts:
 def wants_app_report(status: RegisteredModelServingStatus, existing: dict[str, Any] | None, app: str) -> bool:
     """Ask the app only while a rollout is judged and Ray runs the application."""
     return bool(status.rollout_version) and c.read_service_state(existing, app).running
+
+
+def wants_rollout_report(
+    status: RegisteredModelServingStatus, existing: dict[str, Any] | None, app: str
+) -> bool:
+    """Ask the app's /rollout only while a candidate is smoke-tested, canaried or shadowed."""
+    return in_candidate_phase(status) and c.read_service_state(existing, app).running
+
+
+def in_candidate_phase(status: RegisteredModelServingStatus) -> bool:
+    return bool(status.rollout_version) and status.rollout_phase in p.CANDIDATE_PHASES
 
 
 # ----------------------------------------------------------------------------------------- the draft
@@ -219,12 +239,34 @@ class _Draft:
         self.out.retry = True
 
     def clear_rollout(self) -> None:
-        self.st.rollout_version = self.st.rollout_started_at = None
-        self.st.rollout_attempt = None
+        st = self.st
+        st.rollout_version = st.rollout_started_at = None
+        st.rollout_attempt = None
+        # The stages' figures stay as the record of the last rollout; the generation never goes back.
+        st.rollout_phase = st.rollout_step = st.rollout_weight = st.rollout_stage_started_at = None
 
     def start_rollout(self, version: str, attempt: int) -> None:
         self.st.rollout_version, self.st.rollout_started_at = version, iso(self.now)
         self.st.rollout_attempt = attempt
+        self.st.rollout_stages = None
+        self.out.in_flight = True
+
+    def enter_stage(self, stage: p.Stage) -> None:
+        """Move the rollout to `stage`: a new generation, so the app's counters start from zero."""
+        st = self.st
+        st.rollout_phase, st.rollout_step = stage.phase, stage.step
+        st.rollout_weight = p.weight(self.spec.rollout, stage)
+        st.rollout_stage_started_at = iso(self.now)
+        st.rollout_generation = (st.rollout_generation or 0) + 1
+        if stage.phase == "Switching":
+            st.rollout_started_at = iso(self.now)  # the switch is judged (and timed) from here
+        record = StageRecord(
+            phase=stage.phase,
+            weight=st.rollout_weight,
+            generation=st.rollout_generation,
+            started_at=iso(self.now),
+        )
+        st.rollout_stages = [*(st.rollout_stages or []), record][-MAX_STAGE_RECORDS:]
         self.out.in_flight = True
 
 
@@ -245,7 +287,9 @@ def _decide(d: _Draft) -> Outcome:
     carried = serving_version_of(observed.existing) if observed.existing else None
     resolved = _take_resolution(d)
     check = _rollout_check(d, svc, carried)
-    if check is not None:
+    if check is not None and in_candidate_phase(d.st):
+        _judge_stage(d, check.version)
+    elif check is not None:
         _judge(d, check)
     want = _choose(d, resolved, carried, _rollout_check(d, svc, carried))
     if want is not None:
@@ -291,6 +335,125 @@ def _judge(d: _Draft, check: r.RolloutCheck) -> None:
         _roll_back(d, check.version, verdict)
     else:
         d.out.in_flight = True
+
+
+def _judge_stage(d: _Draft, version: str) -> None:
+    """A candidate being smoke-tested, canaried or shadowed: judged on the app's figures of this
+    stage's generation. A registry outage freezes it (no verdict on missing facts); a selector that no
+    longer resolves (the candidate or its alias deleted) rolls it back."""
+    st, resolved = d.st, d.observed.resolved
+    d.out.in_flight = True
+    if isinstance(resolved, RegistryUnreachable):
+        return
+    if isinstance(resolved, RegistryError):
+        _roll_back(d, version, r.Failed("CandidateDeleted", f"the selector no longer resolves: {resolved}"))
+        return
+    stage = p.Stage(st.rollout_phase or "SmokeTest", st.rollout_step)
+    started = parse_iso(st.rollout_stage_started_at) or d.now
+    check = p.StageCheck(
+        stage=stage,
+        candidate=version,
+        stable=st.last_good_version,
+        generation=st.rollout_generation or 0,
+        elapsed_s=(d.now - started).total_seconds(),
+        deadline_s=d.spec.rollout.deadline_seconds,
+        report=d.observed.rollout,
+    )
+    verdict = p.judge_stage(d.spec.rollout, check)
+    _record_figures(d, check, verdict)
+    if isinstance(verdict, p.Pass) and not d.spec.paused:
+        _advance(d, version, p.next_stage(d.spec.rollout, stage), verdict.message)
+    elif isinstance(verdict, p.Held):
+        _hold_smoke_failed(d, version, verdict.message)
+    elif isinstance(verdict, p.Fail):
+        _roll_back(d, version, r.Failed(verdict.cause, verdict.message))
+    elif isinstance(verdict, p.Report):
+        _report_shadow(d, version, verdict.message)
+
+
+def _record_figures(d: _Draft, check: p.StageCheck, verdict: p.StageVerdict) -> None:
+    """The current stage's figures as last reported, and its verdict, in status."""
+    stages = d.st.rollout_stages or []
+    if not stages or stages[-1].generation != check.generation:
+        return
+    record, report = stages[-1], check.report
+    if report is not None and report.generation == check.generation and report.candidate == check.candidate:
+        stable, candidate, shadow = (
+            report.figures(check.stable),
+            report.figures(check.candidate),
+            report.shadow,
+        )
+        record.stable = Figures(requests=stable.requests, errors=stable.errors, p95_ms=stable.p95_ms)
+        record.candidate = Figures(
+            requests=candidate.requests, errors=candidate.errors, p95_ms=candidate.p95_ms
+        )
+        if check.stage.phase == "Shadow":
+            record.shadow = ShadowStatus(
+                compared=shadow.compared,
+                disagreements=shadow.disagreements,
+                errors=shadow.errors,
+                p95_ms=shadow.p95_ms,
+            )
+    if isinstance(verdict, p.Pass) and not d.spec.paused:
+        record.verdict = "Passed"
+    elif isinstance(verdict, p.Fail | p.Held):
+        record.verdict = "Failed"
+    elif isinstance(verdict, p.Report):
+        record.verdict = "Reported"
+    record.message = verdict.message[:512]
+
+
+def _advance(d: _Draft, version: str, stage: p.Stage, figures: str) -> None:
+    d.enter_stage(stage)
+    _announce(d, version, stage, figures)
+
+
+def _announce(d: _Draft, version: str, stage: p.Stage, why: str = "") -> None:
+    """One Event per phase change (a canary step is one)."""
+    weight = d.st.rollout_weight or 0
+    after = f" ({why})" if why else ""
+    if stage.phase == "SmokeTest":
+        d.event("Normal", "SmokeTest", f"version {version}: smoke test on every replica, no traffic yet")
+    elif stage.phase == "Canary":
+        steps = len(d.spec.rollout.canary.steps)
+        d.event(
+            "Normal",
+            "CanaryStep",
+            f"version {version} answers {weight}% of unpinned requests "
+            f"(step {(stage.step or 0) + 1} of {steps}){after}",
+        )
+    elif stage.phase == "Shadow":
+        d.event("Normal", "Shadow", f"version {version} shadows {weight}% of unpinned requests{after}")
+    else:
+        d.event("Normal", "Switching", f"version {version} becomes the default{after}")
+
+
+def _hold_smoke_failed(d: _Draft, version: str, message: str) -> None:
+    d.st.rejected = VersionRecord(
+        version=version, reason="SmokeTestFailed", message=message[:1024], at=iso(d.now)
+    )
+    d.clear_rollout()
+    d.history(version, "Held", message)
+    good = d.st.last_good_version
+    d.event("Warning", "SmokeTestFailed", f"version {version} held back, {good} keeps serving: {message}")
+    d.out.results.append("held")
+
+
+def _report_shadow(d: _Draft, version: str, figures: str) -> None:
+    """Shadow without a threshold: the figures are the outcome; the default stays and the candidate
+    is dropped (not shadowed forever). Tried again when the spec stops asking for a report only."""
+    message = f"shadowed, not promoted (shadow.maxDisagreementRate unset): {figures}"
+    d.st.rejected = VersionRecord(
+        version=version, reason="ShadowReported", message=message[:1024], at=iso(d.now)
+    )
+    d.clear_rollout()
+    d.history(version, "Held", message)
+    d.event("Normal", "ShadowReported", f"version {version} {message}")
+    d.out.results.append("held")
+
+
+def _report_only(spec: RegisteredModelServingSpec) -> bool:
+    return spec.rollout.strategy == "Shadow" and spec.rollout.shadow.max_disagreement_rate is None
 
 
 def _succeed(d: _Draft, version: str, elapsed_s: float, how: str) -> None:
@@ -357,7 +520,9 @@ def _choose(d: _Draft, resolved: str | None, carried: str | None, check: r.Rollo
             f"selector no longer points at {rejected.version}",
         )
     carried = _supersede(d, resolved, carried, check)
-    current = st.rollout_version or st.last_good_version or carried
+    # While a candidate is smoke-tested, canaried or shadowed the stable version stays the default.
+    rolling = None if in_candidate_phase(st) else st.rollout_version
+    current = rolling or st.last_good_version or carried
     if st.rollout_version or resolved is None or resolved == current:
         if (
             resolved is not None
@@ -380,6 +545,9 @@ def _attempt(d: _Draft, resolved: str) -> int | None:
     rejected = st.rejected
     allowed = d.spec.rollout.allow_incompatible_version == resolved
     if rejected is None or rejected.version != resolved or allowed:
+        return 1
+    if rejected.reason == "ShadowReported" and not _report_only(d.spec):
+        st.rejected = None  # the spec now asks for more than a report: shadow (or roll out) again
         return 1
     wait = r.retry_wait_s(rejected, d.now, parse_iso(rejected.at))
     if wait is None:
@@ -420,13 +588,28 @@ def _gate(d: _Draft, resolved: str, current: str | None, attempt: int) -> str | 
     if st.rejected and st.rejected.version == resolved:
         st.rejected = None  # explicitly allowed
     d.start_rollout(resolved, attempt)
+    stage = p.first_stage(d.spec.rollout, has_stable=current is not None and d.inputs.judges_candidates)
+    if (
+        current is not None
+        and not d.inputs.judges_candidates
+        and p.first_stage(d.spec.rollout, True) != stage
+    ):
+        d.event(
+            "Warning",
+            "RolloutUnjudged",
+            f"version {resolved}: the app cannot be asked (REGSERVE_PROBE_SERVING off), so its smoke test "
+            f"and {d.spec.rollout.strategy} stages are skipped",
+        )
+    d.enter_stage(stage)
     d.event(
         "Normal",
         "RolloutStarted",
         f"rolling out version {resolved}" + (f" (was {current})" if current else ""),
     )
+    if stage.phase != "Switching":
+        _announce(d, resolved, stage)
     d.out.results.append("started")
-    return resolved
+    return resolved if stage.phase == "Switching" else current
 
 
 def _hold_incompatible(d: _Draft, version: str, current: str | None, diffs: list[str]) -> None:
@@ -464,13 +647,13 @@ def _build(d: _Draft, version: str) -> None:
     if facts is None:
         return
     size = size_replica(
-        model_size_bytes=facts.model_size_bytes,
+        model_size_bytes=_sized_for(facts.model_size_bytes, _candidate_size(d)),
         flavors=facts.flavors,
         serving=spec.serving,
         resources=spec.resources,
         previous=st.sizing,
     )
-    desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults)
+    desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults, _candidate(d))
     plan = make_plan(desired, d.observed.existing)
     d.out.plan = plan
     if plan.action == "conflict":
@@ -490,6 +673,33 @@ def _build(d: _Draft, version: str) -> None:
     st.model_size_bytes = facts.model_size_bytes
     st.sizing = size.to_status()
     _check_requirements(d, version, facts)
+
+
+def _candidate(d: _Draft) -> dict[str, Any] | None:
+    """`user_config.candidate` for the stage the rollout is in (None: no candidate)."""
+    st = d.st
+    mode = p.candidate_mode(st.rollout_phase) if st.rollout_version else None
+    if mode is None:
+        return None
+    return {
+        "version": st.rollout_version,
+        "mode": mode,
+        "percent": st.rollout_weight or 0,
+        "generation": st.rollout_generation or 0,
+    }
+
+
+def _candidate_size(d: _Draft) -> int | None:
+    """A candidate is loaded beside the stable version: replicas are sized for the bigger of the two."""
+    version = d.st.rollout_version if in_candidate_phase(d.st) else None
+    facts = d.facts(version) if version else None
+    return facts.model_size_bytes if isinstance(facts, ModelFacts) else None
+
+
+def _sized_for(stable: int | None, candidate: int | None) -> int | None:
+    if candidate is None:
+        return stable
+    return candidate if stable is None else max(stable, candidate)
 
 
 def _check_requirements(d: _Draft, version: str, facts: ModelFacts) -> None:
@@ -515,7 +725,7 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
         if wrote or (deploying and _recently_changed(d, c.READY)):
             d.out.in_flight = True
     if st.rollout_version:
-        d.cond(c.ROLLOUT_IN_PROGRESS, "True", "RollingOut", f"version {st.rollout_version}")
+        d.cond(c.ROLLOUT_IN_PROGRESS, "True", "RollingOut", _progress_text(d))
     elif svc is not None and svc.upgrading:
         # KubeRay is bringing up a new cluster (a shape change): mirrored from the RayService.
         d.cond(c.ROLLOUT_IN_PROGRESS, "True", "NewCluster", "KubeRay is preparing a new RayCluster")
@@ -524,6 +734,16 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
     st.observed_generation = d.inputs.generation
     st.revision = (st.revision or 0) + 1
     return d.out
+
+
+def _progress_text(d: _Draft) -> str:
+    st = d.st
+    text = f"version {st.rollout_version}"
+    if st.rollout_phase in p.CANDIDATE_PHASES:
+        text += f": {st.rollout_phase} at {st.rollout_weight or 0}%"
+        if d.spec.paused:
+            text += " (paused)"
+    return text
 
 
 def _recently_changed(d: _Draft, condition_type: str) -> bool:

@@ -30,7 +30,7 @@ from regserve_operator.builders import BuildDefaults, Owner
 from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
 from regserve_operator.local_ray import LocalCluster, ensure_ray, wanted_ingress_mode
-from regserve_operator.probe import probe_app
+from regserve_operator.probe import probe_app, probe_rollout
 from regserve_operator.reconcile import Deps
 from regserve_operator.registry import Registry
 from regserve_operator.sandbox.processes import free_port
@@ -221,6 +221,7 @@ def make_session(
         defaults=BuildDefaults(image=f"rayproject/ray:{ray.__version__}-py311", ray_version=ray.__version__),
         settle_seconds=settle_seconds,
         probe=probe_app,
+        rollout_probe=probe_rollout,
     )
     reporter = Reporter(out=out)
     driver = Driver(deps, on_event=reporter.event, tick_seconds=0.5)

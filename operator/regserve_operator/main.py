@@ -90,6 +90,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
         image_pins=settings.image_pins,
         settle_seconds=settings.settle_seconds,
         probe=probe.probe_app if settings.probes_serving else None,
+        rollout_probe=probe.probe_rollout if settings.probes_serving else None,
     )
     return State(settings, deps)
 

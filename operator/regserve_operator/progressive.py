@@ -26,7 +26,7 @@ from regserve_operator.probe import RolloutReport, ShadowFigures, VersionFigures
 from regserve_operator.spec import Canary, Rollout, RolloutPhase, Shadow
 
 CandidateMode = Literal["smoke", "canary", "shadow"]
-StageFailure = Literal["SmokeTestFailed", "CanaryFailed", "ShadowDisagreement", "Timeout"]
+RollbackCause = Literal["CanaryFailed", "ShadowDisagreement", "Timeout"]
 
 CANDIDATE_PHASES: frozenset[RolloutPhase] = frozenset({"SmokeTest", "Canary", "Shadow"})
 
@@ -98,7 +98,16 @@ class Pass:
 
 @dataclass(frozen=True)
 class Fail:
-    cause: StageFailure
+    """Roll back to the stable version."""
+
+    cause: RollbackCause
+    message: str
+
+
+@dataclass(frozen=True)
+class Held:
+    """The candidate failed its smoke test: held, no request was ever answered by it."""
+
     message: str
 
 
@@ -109,7 +118,7 @@ class Report:
     message: str
 
 
-StageVerdict = Wait | Pass | Fail | Report
+StageVerdict = Wait | Pass | Fail | Held | Report
 
 
 @dataclass(frozen=True)
@@ -153,8 +162,7 @@ def smoke_verdict(report: RolloutReport, candidate: str, elapsed_s: float, deadl
     smoke = report.smoke
     if smoke.state == "failed":
         code = f" ({smoke.code})" if smoke.code else ""
-        return Fail(
-            "SmokeTestFailed",
+        return Held(
             f"version {candidate} failed its smoke test on {smoke.replicas_failed} of {report.replicas} "
             f"replicas{code}: {smoke.message or 'no message'}",
         )

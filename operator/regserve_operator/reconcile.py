@@ -31,6 +31,7 @@ from regserve_operator.decide import (
     decide,
     next_delay,
     wants_app_report,
+    wants_rollout_report,
 )
 from regserve_operator.ports import (
     Credentials,
@@ -40,14 +41,15 @@ from regserve_operator.ports import (
     Target,
     TargetConflict,
 )
-from regserve_operator.probe import Probe
+from regserve_operator.probe import Probe, RolloutProbe
 from regserve_operator.schedule import Key, Scheduler
 from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
 
 log = logging.getLogger(__name__)
 
-# Facts a pass may need: the selector's version, the serving one it is gated against, the one carried.
-MAX_FACT_READS = 4
+# Facts a pass may need: the selector's version, the serving one it is gated against, the one carried,
+# the candidate beside it.
+MAX_FACT_READS = 5
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Deps:
     image_pins: Mapping[str, str] = field(default_factory=dict)
     settle_seconds: float = 10.0
     probe: Probe | None = None  # asks the app what it answers with (None: go by Ray's status alone)
+    # asks the app how the candidate fares (None: a candidate never gets a verdict, so never promoted)
+    rollout_probe: RolloutProbe | None = None
 
 
 def reconcile(
@@ -68,7 +72,17 @@ def reconcile(
     deps: Deps,
     now: datetime,
 ) -> Outcome:
-    inputs = Inputs(owner, generation, spec, status, now, deps.defaults, deps.image_pins, deps.settle_seconds)
+    inputs = Inputs(
+        owner,
+        generation,
+        spec,
+        status,
+        now,
+        deps.defaults,
+        deps.image_pins,
+        deps.settle_seconds,
+        judges_candidates=deps.rollout_probe is not None,
+    )
     observed, credentials = gather(owner, spec, status, deps)
     for _ in range(MAX_FACT_READS + 1):
         decision = decide(inputs, observed)
@@ -100,10 +114,13 @@ def gather(
         )
     except RegistryError as exc:
         resolved = exc
-    app = None
+    app = report = None
     if deps.probe is not None and wants_app_report(status, existing, owner.name):
         app = deps.probe(url)
-    return Observation(url=url, existing=existing, resolved=resolved, app=app), credentials
+    if deps.rollout_probe is not None and wants_rollout_report(status, existing, owner.name):
+        report = deps.rollout_probe(url)
+    observed = Observation(url=url, existing=existing, resolved=resolved, app=app, rollout=report)
+    return observed, credentials
 
 
 def read_facts(

@@ -345,24 +345,68 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
-FailureCause = Literal["RegistryUnavailable", "LoadFailed", "DeployFailed", "Timeout"]
+FailureCause = Literal[
+    "RegistryUnavailable",
+    "LoadFailed",
+    "DeployFailed",
+    "Timeout",
+    "CanaryFailed",
+    "ShadowDisagreement",
+    "CandidateDeleted",
+]
 """Why a rollout failed. RegistryUnavailable: the serving side could not reach the registry to load
 the version (not the version's fault: retried with back-off). LoadFailed: the app reported the
 version's load as failed. DeployFailed: Ray Serve reported the application failed. Timeout: not
-serving within `rollout.deadlineSeconds`."""
+serving within `rollout.deadlineSeconds` (or no report of a stage within it). CanaryFailed: the
+candidate's error share or p95 latency over the canary's limits. ShadowDisagreement: its answers
+disagreed with the stable version's beyond `shadow.maxDisagreementRate`. CandidateDeleted: the
+selector stopped resolving (the version or its alias deleted) while it was canaried or shadowed."""
 
 
 class VersionRecord(_Model):
     """A version that was held back or rolled back; not retried until the selector moves."""
 
     version: str
-    reason: Literal["Incompatible", "Unreadable", "RolledBack"]
+    # SmokeTestFailed: the candidate failed its input example before any traffic moved (held).
+    # ShadowReported: shadowed without maxDisagreementRate: the figures are in `message`, the default
+    # stayed; tried again when the spec no longer asks for a report-only shadow.
+    reason: Literal["Incompatible", "Unreadable", "RolledBack", "SmokeTestFailed", "ShadowReported"]
     # Why a rolled-back version failed; retries and back-off read this, never `message`.
     cause: FailureCause | None = None
     attempts: int | None = None  # rollouts of this version that failed in a row
     message: str = ""
     differences: list[str] | None = None
     at: str | None = None
+
+
+class Figures(_Model):
+    """One version's counters over a stage, summed over every replica (from the app's /rollout)."""
+
+    requests: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+
+
+class ShadowStatus(_Model):
+    compared: int = 0
+    disagreements: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+
+
+class StageRecord(_Model):
+    """One stage of the rollout in `rolloutVersion` (a canary step, the smoke test, the shadow) and its
+    figures as last reported."""
+
+    phase: RolloutPhase
+    weight: int = 0
+    generation: int = 0
+    started_at: str
+    verdict: Literal["Running", "Passed", "Failed", "Reported"] = "Running"
+    stable: Figures | None = None
+    candidate: Figures | None = None
+    shadow: ShadowStatus | None = None
+    message: str = ""
 
 
 class HistoryEntry(_Model):
@@ -393,6 +437,14 @@ class RegisteredModelServingStatus(_Model):
     rollout_started_at: str | None = None
     rollout_version: str | None = None
     rollout_attempt: int | None = None  # 1 for a first rollout of `rollout_version`, n for its n-th retry
+    # Progressive delivery (progressive.py): where the rollout of `rollout_version` is. An operator
+    # restarted mid-canary resumes from these.
+    rollout_phase: RolloutPhase | None = None
+    rollout_step: int | None = None  # the canary step (0-based)
+    rollout_weight: int | None = None  # percent of unpinned requests the candidate answers (or shadows)
+    rollout_stage_started_at: str | None = None
+    rollout_generation: int | None = None  # user_config.candidate.generation last written (never reset)
+    rollout_stages: list[StageRecord] | None = None
     history: list[HistoryEntry] | None = None
     conditions: list[Condition] | None = None
     observed_generation: int | None = None

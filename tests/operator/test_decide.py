@@ -109,8 +109,15 @@ class Case:
     in_flight: bool | None = None
 
 
+def _spec(overrides: dict[str, Any]) -> Any:
+    """The tables below pin the rules of an Immediate rollout without the smoke test (the gate, the
+    switch and its judgement); test_decide_rollouts.py has the smoke test, canary and shadow."""
+    rollout = {"smokeTest": False, **overrides.get("rollout", {})}
+    return make_spec(**{**overrides, "rollout": rollout})
+
+
 def _decide(case: Case, facts: dict[str, Any] | None = None) -> Outcome:
-    inputs = Inputs(OWNER, 1, make_spec(**case.spec), case.status, NOW, DEFAULTS, settle_seconds=5)
+    inputs = Inputs(OWNER, 1, _spec(case.spec), case.status, NOW, DEFAULTS, settle_seconds=5)
     observed = Observation(
         url=URL, existing=case.existing, resolved=case.resolved, facts=facts or FACTS, app=case.app
     )
@@ -498,7 +505,7 @@ def test_decide(case: Case) -> None:
 
 def test_needs_the_facts_it_was_not_given() -> None:
     case = Case("promotion", _status(), "2", _rayservice("1"))
-    inputs = Inputs(OWNER, 1, make_spec(), case.status, NOW, DEFAULTS, settle_seconds=5)
+    inputs = Inputs(OWNER, 1, _spec({}), case.status, NOW, DEFAULTS, settle_seconds=5)
     observed = Observation(url=URL, existing=case.existing, resolved="2", facts={"1": FACTS["1"]})
     assert decide(inputs, observed) == NeedFacts("2")
 

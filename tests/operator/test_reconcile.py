@@ -88,7 +88,8 @@ def test_compatible_promotion_patches_serve_config_only() -> None:
     assert out.plan is not None and out.plan.action == "patch_serve_config"
     assert _serving(world) == "2"
     assert world.rayservice()["spec"]["rayClusterConfig"] == cluster_before
-    assert world.events == [("Normal", "RolloutStarted")]
+    # No app probe in this world: the default smoke test is skipped with a warning.
+    assert world.events == [("Warning", "RolloutUnjudged"), ("Normal", "RolloutStarted")]
     world.target.set_app_status("RUNNING")
     world.step(6)
     assert world.status.last_good_version == "2"
@@ -149,13 +150,21 @@ def test_failed_rollout_rolls_back_without_retry() -> None:
     assert _serving(world) == "1"
     assert world.status.rejected is not None and world.status.rejected.reason == "RolledBack"
     assert "load error" in world.status.rejected.message
-    assert world.events == [("Normal", "RolloutStarted"), ("Warning", "RolledBack")]
+    assert world.events == [
+        ("Warning", "RolloutUnjudged"),
+        ("Normal", "RolloutStarted"),
+        ("Warning", "RolledBack"),
+    ]
     world.target.set_app_status("RUNNING")
     world.target.applied.clear()
     for _ in range(3):
         world.step()
     assert world.target.applied == [] and _serving(world) == "1"
-    assert world.events == [("Normal", "RolloutStarted"), ("Warning", "RolledBack")]
+    assert world.events == [
+        ("Warning", "RolloutUnjudged"),
+        ("Normal", "RolloutStarted"),
+        ("Warning", "RolledBack"),
+    ]
 
 
 def test_rollout_deadline() -> None:

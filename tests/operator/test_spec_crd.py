@@ -63,6 +63,8 @@ def test_names_and_columns() -> None:
         "Selector",
         "Serving",
         "Ready",
+        "Rollout",
+        "Weight",
         "Age",
     ]
 

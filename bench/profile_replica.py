@@ -175,11 +175,17 @@ def main() -> None:
                 bare_app("prof-bare", f"models:/bench_profile/{version}"),
             ]
         )
+        # label → (application whose replica is sampled, url, body)
         targets = {
-            "prof-rs": (f"{cluster.serve_url}/prof-rs/serve", row),
-            "prof-bare": (f"{cluster.serve_url}/prof-bare", {"inputs": [row]}),
+            "prof-rs /serve": ("prof-rs", f"{cluster.serve_url}/prof-rs/serve", row),
+            "prof-rs /invocations": (
+                "prof-rs",
+                f"{cluster.serve_url}/prof-rs/invocations",
+                {"inputs": [row]},
+            ),
+            "prof-bare": ("prof-bare", f"{cluster.serve_url}/prof-bare", {"inputs": [row]}),
         }
-        for app, (url, body) in targets.items():
+        for label, (app, url, body) in targets.items():
             check(url, body)
             result: dict[str, object] = {}
             driver = threading.Thread(
@@ -188,7 +194,8 @@ def main() -> None:
                 )
             )
             driver.start()
-            stacks = profile(replica_pid(app), args.seconds, RESULTS / f"profile-{app}.txt")
+            stem = label.replace(" /", "-")
+            stacks = profile(replica_pid(app), args.seconds, RESULTS / f"profile-{stem}.txt")
             driver.join()
             total = sum(stacks.values()) or 1
             buckets: collections.Counter[str] = collections.Counter()
@@ -197,20 +204,27 @@ def main() -> None:
                 buckets[bucket_of(stack)] += count
                 for frame in set(stack.split(";")):
                     frames[frame] += count
-            summary[app] = {name: buckets[name] / total * 100 for name, _ in BUCKETS}
-            summary[app]["samples"] = total
-            tops[app] = frames.most_common(25)
-            print(f"{app}: {result.get('rps', 0):.0f} req/s p50 {result.get('p50_ms', 0):.2f} ms", flush=True)
+            summary[label] = {name: buckets[name] / total * 100 for name, _ in BUCKETS}
+            summary[label]["samples"] = total
+            summary[label]["rps"] = float(result.get("rps", 0))  # type: ignore[arg-type]
+            summary[label]["p50_ms"] = float(result.get("p50_ms", 0))  # type: ignore[arg-type]
+            tops[label] = frames.most_common(40)
+            print(
+                f"{label}: {result.get('rps', 0):.0f} req/s p50 {result.get('p50_ms', 0):.2f} ms", flush=True
+            )
     finally:
         if cluster is not None:
             cluster.stop()
         server.stop()
     names = [name for name, _ in BUCKETS]
-    rows = [[app, int(values["samples"]), *[values[n] for n in names]] for app, values in summary.items()]
-    text = markdown_table(["replica", "samples", *[f"% {n}" for n in names]], rows)
+    rows = [
+        [label, values["rps"], values["p50_ms"], int(values["samples"]), *[values[n] for n in names]]
+        for label, values in summary.items()
+    ]
+    text = markdown_table(["target", "req/s", "p50 ms", "samples", *[f"% {n}" for n in names]], rows)
     print("\n" + text)
-    for app, top in tops.items():
-        print(f"\ntop inclusive frames, {app}:")
+    for label, top in tops.items():
+        print(f"\ntop inclusive frames, {label}:")
         for frame, count in top:
             print(f"  {count:6}  {frame[:150]}")
     (RESULTS / "profile.md").write_text(text + "\n")

@@ -251,7 +251,10 @@ class ModelServer:
         loaded = await self.service.resolve(http.requested_version(request))
         try:
             parsed = parse_invocation(
-                body, request.headers.get("content-type", "application/json"), default.loaded
+                body,
+                request.headers.get("content-type", "application/json"),
+                default.loaded,
+                default.api.fast_plan,
             )
         except MlflowException as error:
             message = (

@@ -18,6 +18,8 @@ from mlflow.types.schema import AnyType, Array, DataType, Map, Object, ParamSche
 from pydantic import ConfigDict, TypeAdapter
 from typing_extensions import TypedDict
 
+from serving_app.fastparse import FastPlan, plan_for
+
 _COLUMN_TYPES: dict[DataType, Any] = {
     DataType.boolean: bool,
     DataType.integer: int,
@@ -55,6 +57,7 @@ class ApiSchema:
     params_adapter: TypeAdapter[Any] | None
     params_defaults: dict[str, Any]
     input_shape: InputShape
+    fast_plan: FastPlan | None = None  # `/invocations` bodies parsed without MLflow's parser
 
     def request_json_schema(self) -> dict[str, Any]:
         return self.request_adapter.json_schema(ref_template="#/components/schemas/{model}")
@@ -81,6 +84,7 @@ def build_api_schema(signature: ModelSignature | None, *, title: str = "Model") 
         params_adapter=TypeAdapter(params_type) if params_type is not None else None,
         params_defaults=defaults,
         input_shape=shape,
+        fast_plan=plan_for(signature),
     )
 
 

@@ -13,6 +13,7 @@ SELECTOR_RESOLVED = "SelectorResolved"
 SIGNATURE_COMPATIBLE = "SignatureCompatible"
 ROLLOUT_IN_PROGRESS = "RolloutInProgress"
 REQUIREMENTS_MATCH = "RequirementsMatch"
+REGISTRY_TAGS_WRITTEN = "RegistryTagsWritten"  # the deployment state tags on the model versions
 
 Status = Literal["True", "False", "Unknown"]
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from regserve_operator import conditions as c
 from regserve_operator import progressive as p
 from regserve_operator import rollout as r
+from regserve_operator import tags as t
 from regserve_operator.builders import (
     BuildDefaults,
     Owner,
@@ -124,6 +125,8 @@ class Outcome:
     results: list[RolloutResult] = field(default_factory=list)
     promotion_latency_s: float | None = None
     requeue_after_s: float | None = None  # a retry is due then (e.g. after a registry outage)
+    # Deployment state tags to write to the registry (`status.registryTags` already holds the result).
+    tag_writes: list[t.TagWrite] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -731,9 +734,19 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
         d.cond(c.ROLLOUT_IN_PROGRESS, "True", "NewCluster", "KubeRay is preparing a new RayCluster")
     else:
         d.cond(c.ROLLOUT_IN_PROGRESS, "False", "Idle", "")
+    _plan_tags(d)
     st.observed_generation = d.inputs.generation
     st.revision = (st.revision or 0) + 1
     return d.out
+
+
+def _plan_tags(d: _Draft) -> None:
+    """The registry's deployment state tags follow the decided status (written by act)."""
+    if d.observed.credentials_problem is not None:
+        return
+    desired = t.desired_tags(d.st, d.st.url)
+    d.out.tag_writes = t.tag_writes(d.st.registry_tags or {}, desired)
+    d.st.registry_tags = desired or None
 
 
 def _progress_text(d: _Draft) -> str:

@@ -32,6 +32,10 @@ class NotFound(RegistryError):
     """The registry answered: no such model, alias, stage or version."""
 
 
+class RegistryRefused(RegistryError):
+    """The registry refused a write (401/403: read-only credentials)."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Environment-style keys from a Secret. Values are kept out of repr and logs."""
@@ -91,6 +95,19 @@ class RegistryPort(Protocol):
 
     def model_changed(self, model_name: str) -> None:
         """A webhook said `model_name` changed: the next resolve must not answer from a stale snapshot."""
+        ...
+
+    def set_version_tag(
+        self,
+        tracking_uri: str,
+        credentials: Credentials,
+        name: str,
+        version: str,
+        key: str,
+        value: str | None,
+    ) -> None:
+        """Set (or, with None, delete) a model version's tag. A version that is gone counts as done.
+        Raise RegistryRefused (401/403) or RegistryUnreachable."""
         ...
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from regserve_operator import conditions as c
 from regserve_operator.builders import BuildDefaults, Owner, rayservice_name, route_prefix
 from regserve_operator.decide import (
     Event,
@@ -29,6 +30,7 @@ from regserve_operator.decide import (
     Outcome,
     Unreadable,
     decide,
+    iso,
     next_delay,
     wants_app_report,
     wants_rollout_report,
@@ -44,6 +46,7 @@ from regserve_operator.ports import (
 from regserve_operator.probe import Probe, RolloutProbe
 from regserve_operator.schedule import Key, Scheduler
 from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
+from regserve_operator.tags import tag_key
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def reconcile(
     for _ in range(MAX_FACT_READS + 1):
         decision = decide(inputs, observed)
         if not isinstance(decision, NeedFacts):
-            return act(decision, inputs, deps)
+            return act(decision, inputs, deps, credentials)
         observed = observed.with_facts(
             decision.version, read_facts(deps, spec, credentials, decision.version)
         )
@@ -134,18 +137,65 @@ def read_facts(
         return Unreadable(f"{type(exc).__name__}: {exc}")
 
 
-def act(decision: Outcome, inputs: Inputs, deps: Deps) -> Outcome:
+def act(decision: Outcome, inputs: Inputs, deps: Deps, credentials: Credentials | None = None) -> Outcome:
     plan = decision.plan
-    if plan is None or not plan.writes or plan.action == "conflict":
-        return decision
-    try:
-        deps.target.apply(plan)
-    except TargetConflict as exc:
-        # Someone else wrote in between: nothing failed, so look again at the next tick rather than
-        # backing off as after an error.
-        log.info("%s/%s: %s; deciding again", inputs.owner.namespace, inputs.owner.name, exc)
-        return Outcome(status=inputs.status, in_flight=True)
+    if plan is not None and plan.writes and plan.action != "conflict":
+        try:
+            deps.target.apply(plan)
+        except TargetConflict as exc:
+            # Someone else wrote in between: nothing failed, so look again at the next tick rather than
+            # backing off as after an error.
+            log.info("%s/%s: %s; deciding again", inputs.owner.namespace, inputs.owner.name, exc)
+            return Outcome(status=inputs.status, in_flight=True)
+    if decision.tag_writes:
+        write_tags(decision, inputs, deps, credentials or Credentials())
     return decision
+
+
+def write_tags(decision: Outcome, inputs: Inputs, deps: Deps, credentials: Credentials) -> None:
+    """Write the deployment state tags the decision planned. A registry that refuses (read-only
+    credentials) or cannot be reached gets a condition and one warning; the tags it did not take stay
+    out of `status.registryTags`, so a later pass writes them. A rollout never waits on them."""
+    spec, owner, st = inputs.spec, inputs.owner, decision.status
+    key = tag_key(owner.namespace, owner.name)
+    written = dict(st.registry_tags or {})
+    previous = dict(inputs.status.registry_tags or {})
+    problem: str | None = None
+    for write in decision.tag_writes:
+        try:
+            deps.registry.set_version_tag(
+                spec.registry.tracking_uri, credentials, spec.model.name, write.version, key, write.value
+            )
+        except RegistryError as exc:
+            problem = problem or str(exc)
+            _undo(written, previous, write.version)
+    st.registry_tags = written or None
+    before = c.get_condition(inputs.status.conditions, c.REGISTRY_TAGS_WRITTEN)
+    status: c.Status = "True" if problem is None else "False"
+    reason = "Written" if problem is None else "WriteFailed"
+    st.conditions = c.set_condition(
+        st.conditions,
+        c.REGISTRY_TAGS_WRITTEN,
+        status,
+        reason,
+        problem or "",
+        now=iso(inputs.now),
+        generation=inputs.generation,
+    )
+    if problem is None:
+        return
+    if before is None or before.status != "False":
+        decision.events.append(
+            Event("Warning", "RegistryTagsNotWritten", f"deployment state tags not written: {problem}")
+        )
+
+
+def _undo(written: dict[str, str], previous: Mapping[str, str], version: str) -> None:
+    """Back to what the registry holds for `version` (as far as we know) after a failed write."""
+    if version in previous:
+        written[version] = previous[version]
+    else:
+        written.pop(version, None)
 
 
 def reconcile_pass(
@@ -185,4 +235,4 @@ def reconcile_pass(
     return outcome
 
 
-__all__ = ["Deps", "act", "gather", "read_facts", "reconcile", "reconcile_pass"]
+__all__ = ["Deps", "act", "gather", "read_facts", "reconcile", "reconcile_pass", "write_tags"]

@@ -31,13 +31,16 @@ from typing import Any
 
 import httpx
 
-from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryUnreachable
+from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryRefused, RegistryUnreachable
 from regserve_operator.spec import ModelSelector
 from serving_app import mlmodel, mlmodel_client
 
 log = logging.getLogger(__name__)
 
 SEARCH_PATH = "/api/2.0/mlflow/registered-models/search"
+SET_TAG_PATH = "/api/2.0/mlflow/model-versions/set-tag"
+DELETE_TAG_PATH = "/api/2.0/mlflow/model-versions/delete-tag"
+TAG_TIMEOUT_S = 5.0
 PAGE_SIZE = 1000
 # Versions whose facts are kept: above the versions resources carry, or passes re-read them (LRU thrash).
 FACTS_CACHE_SIZE = 4096
@@ -244,6 +247,34 @@ class Registry:
                 self._facts.popitem(last=False)
         return facts
 
+    def set_version_tag(
+        self,
+        tracking_uri: str,
+        credentials: Credentials,
+        name: str,
+        version: str,
+        key: str,
+        value: str | None,
+    ) -> None:
+        """A model version's tag over MLflow's REST API, with the credentials every other request uses."""
+        body = {"name": name, "version": version, "key": key}
+        with credentials.registry_auth.client(tracking_uri, self._transport) as client:
+            try:
+                if value is None:
+                    response = client.request("DELETE", DELETE_TAG_PATH, json=body, timeout=TAG_TIMEOUT_S)
+                else:
+                    response = client.post(SET_TAG_PATH, json={**body, "value": value}, timeout=TAG_TIMEOUT_S)
+            except httpx.HTTPError as exc:
+                raise RegistryUnreachable(f"{tracking_uri}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise RegistryRefused(
+                f"{tracking_uri}: tag write on {name}/{version} refused (HTTP {response.status_code})"
+            )
+        if response.status_code == 404 or _does_not_exist(response):
+            return  # the version (or the tag) is gone: nothing left to tag
+        if response.status_code != 200:
+            raise RegistryUnreachable(f"{tracking_uri}: tag write answered HTTP {response.status_code}")
+
     def model_changed(self, model_name: str) -> None:
         """A webhook said `model_name` changed somewhere: refetch the snapshots that know it.
 
@@ -253,6 +284,14 @@ class Registry:
             pollers = list(self._pollers.values())
         for poller in pollers:
             poller.invalidate()
+
+
+def _does_not_exist(response: httpx.Response) -> bool:
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("error_code") == "RESOURCE_DOES_NOT_EXIST"
 
 
 # ------------------------------------------------------------------------------------ MLmodel facts

@@ -445,6 +445,8 @@ class RegisteredModelServingStatus(_Model):
     rollout_stage_started_at: str | None = None
     rollout_generation: int | None = None  # user_config.candidate.generation last written (never reset)
     rollout_stages: list[StageRecord] | None = None
+    # The deployment state tags (tags.py) as last written to the registry: version → value.
+    registry_tags: dict[str, str] | None = None
     history: list[HistoryEntry] | None = None
     conditions: list[Condition] | None = None
     observed_generation: int | None = None

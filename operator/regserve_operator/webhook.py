@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from regserve_operator.tags import is_own_tag_event
+
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -105,8 +107,12 @@ def verify(
         payload = json.loads(body)
         event = f"{payload['entity']}.{payload['action']}"
         name = payload["data"]["name"]
-    except (ValueError, KeyError, TypeError):
+        key = payload["data"].get("key")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return Verdict(True, "accepted (unrecognised payload)")
+    if is_own_tag_event(event, key):
+        # Our own deployment state tag: writing it must not wake us (no model_name: nothing woken).
+        return Verdict(True, "accepted (own tag write)", event=event)
     return Verdict(True, "accepted", model_name=str(name), event=event)
 
 

@@ -8,6 +8,8 @@ No `from __future__ import annotations` here: FastAPI must see the route paramet
 through Ray's class-based view, and Ray the builder's `AppArgs` annotation.
 """
 
+import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -22,15 +24,30 @@ from ray import serve
 from ray.serve import Application
 
 from serving_app import http
-from serving_app.config import DEPLOYMENT_NAME, AppArgs, UserConfig, max_ongoing_requests
+from serving_app.board import BoardClient
+from serving_app.config import (
+    DEPLOYMENT_NAME,
+    AppArgs,
+    candidate_generation,
+    max_ongoing_requests,
+    parse_user_config,
+)
 from serving_app.convert import normalise_records, records_to_model_input
+from serving_app.counters import ReplicaCounters, rollout_report
 from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import parse_invocation
 from serving_app.metrics import ServingMetrics
 from serving_app.mlmodel import RegistryAuth
 from serving_app.oip.handlers import OipHandlers
 from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
+from serving_app.replica_rollout import ReplicaRollout
+from serving_app.rollout import RequestRollout
 from serving_app.service import ModelService, PredictJob
+
+logger = logging.getLogger("ray.serve")
+
+# Routes that predict: the ones a rollout assigns and counts.
+PREDICT_ROUTES = frozenset({"serve", "invocations", "v2_infer"})
 
 
 def build_app(args: AppArgs) -> Application:
@@ -69,6 +86,15 @@ def _multiplexed(
     return serve.multiplexed(max_num_models_per_replica=slots)(load_pinned)
 
 
+def _replica_identity() -> tuple[str, str]:
+    """(application name, replica id); outside a Serve replica (tests) a stand-in."""
+    try:
+        context = serve.get_replica_context()
+        return context.app_name, context.replica_id.unique_id
+    except Exception:
+        return "local", f"pid-{os.getpid()}"
+
+
 def _auth_token(args: AppArgs) -> str | None:
     if args.auth_token_env is None:
         return None
@@ -100,15 +126,28 @@ class ModelServer:
         registry = ModelRegistry(args.model_name, tracking_uri, auth)
         self.service = ModelService(args, registry, self._load_pinned, self.metrics)
         self.oip = OipHandlers(args, self.service, self._predict, lambda: sorted(self.pinned_versions))
+        app_name, replica_id = _replica_identity()
+        self.counters = ReplicaCounters(replica_id)
+        self.rollout = ReplicaRollout(self.service, self.counters, self.metrics)
+        self.board = BoardClient(app_name, self.counters)
+        self._board_pusher = asyncio.get_running_loop().create_task(self.board.run())
         if args.default_version:
             await self.service.set_default(args.default_version)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = UserConfig.model_validate(user_config or {})
+        config, candidate_error = parse_user_config(user_config)
         version = config.default_version or self.args.default_version
         if version is None:
             raise ValueError("no default version: set args.default_version or user_config.default_version")
         await self.service.set_default(version)
+        # After the default: a candidate never holds up (or fails) the default's switch.
+        await self.rollout.apply(
+            config.candidate, candidate_error, error_generation=candidate_generation(user_config)
+        )
+        try:
+            await self.board.push()  # the smoke result, without waiting for the next push
+        except Exception as error:
+            logger.warning("rollout board push failed: %s", error)
 
     async def _load_into_lru(self, version: str) -> LoadedVersion:
         loaded = await self.service.load_for_multiplexer(version)
@@ -128,6 +167,9 @@ class ModelServer:
         return await self.service.predict_many(jobs)
 
     async def _predict(self, job: PredictJob) -> list[Any]:
+        return await self.rollout.predict(job, self._predict_stable)
+
+    async def _predict_stable(self, job: PredictJob) -> list[Any]:
         # Batch only when others are waiting: a lone request must not sit out the batch timeout.
         if self.args.batching and self.service.in_flight > 1:
             result = await self._predict_batched(job)
@@ -154,6 +196,16 @@ class ModelServer:
     @api.get("/healthz", summary="Liveness, readiness, the default version and a failed switch")
     async def healthz(self) -> Response:
         return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
+
+    @api.get("/rollout", summary="The rollout's figures summed over every replica (docs/rollouts.md)")
+    async def rollout_report(self) -> Response:
+        # Open like /healthz: figures and stable codes only (the operator reads it).
+        try:
+            report = await self.board.report()
+        except Exception as error:
+            logger.warning("rollout board unavailable, answering this replica's figures: %s", error)
+            report = {**rollout_report([self.counters.snapshot()]), "partial": True}
+        return http.json_response(report)
 
     @api.get("/metadata", summary="Model, default version, signature and loaded versions")
     async def metadata(self, request: Request) -> Response:
@@ -201,6 +253,7 @@ class ModelServer:
     ) -> Response:
         started = time.perf_counter()
         version = "none"
+        state = self._assign(request, route)
         self.service.in_flight += 1
         try:
             http.check_token(request, self.token)
@@ -220,6 +273,8 @@ class ModelServer:
             response = http.internal_error(error)
         finally:
             self.service.in_flight -= 1
+        if state is not None:
+            self._finish(state, response, started)
         self.metrics.requests.inc(
             tags={"route": route, "version": version, "status": str(response.status_code)}
         )
@@ -227,6 +282,22 @@ class ModelServer:
             (time.perf_counter() - started) * 1000, tags={"route": route, "version": version}
         )
         return response
+
+    def _assign(self, request: Request, route: str) -> RequestRollout | None:
+        """The request's part in a rollout (prediction routes only), visible to `service.resolve`
+        through the request's own context."""
+        if route not in PREDICT_ROUTES:
+            return None
+        state = self.rollout.begin(
+            pinned=http.requested_version(request) is not None, sticky=request.headers.get
+        )
+        self.service.request_rollout.set(state)
+        return state
+
+    def _finish(self, state: RequestRollout, response: Response, started: float) -> None:
+        if state.version is not None and "X-Model-Version" not in response.headers:
+            response.headers["X-Model-Version"] = state.version  # errors name the version too
+        self.rollout.finish(state, response.status_code, (time.perf_counter() - started) * 1000)
 
     async def _serve_records(self, request: Request) -> tuple[Any, str]:
         http.require_json(request)

@@ -24,6 +24,8 @@ PUSH_INTERVAL_S = 0.5  # a changed snapshot is pushed within this
 KEEPALIVE_S = 2.0  # an unchanged one this often, so the board can tell live replicas from gone ones
 STALE_AFTER_S = 6.0  # snapshots older than this are of replicas that are gone
 CALL_TIMEOUT_S = 5.0
+# Next to Serve's own actors; the name carries the application's.
+BOARD_NAMESPACE = "serve"
 
 
 def board_name(app_name: str) -> str:
@@ -66,7 +68,9 @@ class BoardClient:
     def _board(self) -> Any:
         if self._handle is None:
             actor = ray.remote(num_cpus=0, max_restarts=0)(RolloutBoard)
-            self._handle = actor.options(name=self.name, get_if_exists=True, lifetime=None).remote()
+            self._handle = actor.options(
+                name=self.name, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime=None
+            ).remote()
         return self._handle
 
     async def _call(self, method: str, *args: Any) -> Any:

@@ -128,3 +128,11 @@ def _candidate_errors(error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "candidate"
         parts.append(f"{where}: {item['msg']}")
     return "invalid candidate: " + "; ".join(parts)
+
+
+def candidate_generation(raw: dict[str, Any] | None) -> int | None:
+    """The generation a (possibly invalid) candidate was written with: the report of a refused
+    candidate carries it, so the operator sees its write was taken."""
+    candidate = (raw or {}).get("candidate")
+    generation = candidate.get("generation") if isinstance(candidate, dict) else None
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else None

@@ -6,7 +6,7 @@ app knows: answers by version and status, default switches, evictions and batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 _LATENCY_BUCKETS_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -31,6 +31,12 @@ class ServingMetrics:
     evictions: Counter
     default_switches: Counter
     batch_size: Histogram
+    # Rollouts (docs/rollouts.md): `phase` is the candidate's mode (smoke, canary, shadow) or "none".
+    # (defaults: metrics built by hand, e.g. in tests, need not name them)
+    version_requests: Counter = field(default_factory=lambda: _Null())
+    version_latency: Histogram = field(default_factory=lambda: _Null())
+    shadow_comparisons: Counter = field(default_factory=lambda: _Null())
+    shadow_latency: Histogram = field(default_factory=lambda: _Null())
 
     @classmethod
     def create(cls) -> ServingMetrics:
@@ -73,13 +79,36 @@ class ServingMetrics:
                 boundaries=_BATCH_BUCKETS,
                 tag_keys=("version",),
             ),
+            version_requests=_counter(
+                "regserve_version_requests",
+                description="Prediction requests by answering version, rollout phase and outcome "
+                "(ok, client_error, server_error).",
+                tag_keys=("version", "phase", "outcome"),
+            ),
+            version_latency=_histogram(
+                "regserve_version_latency_ms",
+                description="Time to answer a prediction request, by answering version and rollout phase.",
+                boundaries=_LATENCY_BUCKETS_MS,
+                tag_keys=("version", "phase"),
+            ),
+            shadow_comparisons=_counter(
+                "regserve_shadow_comparisons",
+                description="Shadow requests to the candidate by outcome (agree, disagree, error, dropped).",
+                tag_keys=("version", "outcome"),
+            ),
+            shadow_latency=_histogram(
+                "regserve_shadow_latency_ms",
+                description="The candidate's predict time on shadow requests.",
+                boundaries=_LATENCY_BUCKETS_MS,
+                tag_keys=("version",),
+            ),
         )
 
     @classmethod
     def discard(cls) -> ServingMetrics:
         """Metrics that record nothing, for running the service outside a Ray replica."""
         null = _Null()
-        return cls(null, null, null, null, null, null, null)
+        return cls(null, null, null, null, null, null, null, null, null, null, null)  # one per series
 
 
 def _counter(name: str, *, description: str, tag_keys: tuple[str, ...]) -> Counter:

@@ -7,6 +7,7 @@ multiplexed LRU and hands this class a loader for pinned versions.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from serving_app.errors import (
 )
 from serving_app.metrics import ServingMetrics
 from serving_app.registry import LoadedVersion, ModelRegistry, VersionFacts
+from serving_app.rollout import RequestRollout
 from serving_app.schema import ApiSchema, build_api_schema
 
 logger = logging.getLogger("ray.serve")
@@ -104,6 +106,14 @@ class ModelService:
         # Keyed by (version, default fingerprint): a verdict holds only against the default it was made for.
         self._verdicts: LruDict[tuple[str, str], list[SignatureDifference]] = LruDict(VERDICTS_CACHE_SIZE)
         self.last_switch_failure: SwitchFailure | None = None
+        # The rollout's candidate (docs/rollouts.md), held outside Ray's LRU like the default: a
+        # pinned request for another version never evicts it, and the switch to it is not a load.
+        self.candidate: LoadedVersion | None = None
+        # What the request being answered was assigned (the deployment sets it per request; each
+        # request runs in its own task, so its own context). Per service: no module state.
+        self.request_rollout: contextvars.ContextVar[RequestRollout | None] = contextvars.ContextVar(
+            f"regserve_request_rollout_{id(self)}", default=None
+        )
         self.in_flight = 0
         self.model_calls = 0
         self.largest_batch = 0
@@ -125,8 +135,11 @@ class ModelService:
         async with self._switch_lock:
             if self._default is not None and self._default.version == version:
                 return
+            held = (
+                self.candidate if self.candidate is not None and self.candidate.version == version else None
+            )
             try:
-                loaded = await self._load_and_count(version)
+                loaded = held or await self._load_and_count(version)
                 api = await asyncio.to_thread(_api_schema_for, loaded)
             except ServingError as error:
                 self.last_switch_failure = SwitchFailure(version, error.message, time.time(), error.code)
@@ -135,6 +148,8 @@ class ModelService:
                     raise
                 logger.error("default stays %s: version %s failed: %s", self._default.version, version, error)
                 return
+            if held is not None:
+                self.candidate = None  # promoted: the default now, no longer a candidate
             previous = self._default
             self._default = DefaultVersion(
                 loaded, api, signature_fingerprint(_mlmodel_form(loaded.signature))
@@ -155,6 +170,19 @@ class ModelService:
         self.metrics.load_latency.observe((time.perf_counter() - started) * 1000, tags={"version": version})
         return loaded
 
+    async def hold_candidate(self, version: str) -> LoadedVersion:
+        """Load `version` as the candidate (or keep the one held); errors are the caller's to record."""
+        async with self._switch_lock:
+            if self.candidate is not None and self.candidate.version == version:
+                return self.candidate
+            self.candidate = None
+            loaded = await self._load_and_count(version)
+            self.candidate = loaded
+            return loaded
+
+    def drop_candidate(self) -> None:
+        self.candidate = None
+
     async def load_for_multiplexer(self, version: str) -> LoadedVersion:
         """The body of the deployment's `@serve.multiplexed` loader."""
         loaded = await self._load_and_count(version)
@@ -165,9 +193,23 @@ class ModelService:
     # ----------------------------------------------------------------------------------- versions
 
     async def resolve(self, requested: str | None) -> LoadedVersion:
-        """The loaded model that answers a request naming `requested` (None: the default)."""
+        """The loaded model that answers a request naming `requested` (None: the default, or the
+        candidate when the request was assigned to the canary)."""
+        loaded = await self._resolve(requested)
+        state = self.request_rollout.get()
+        if state is not None:
+            state.version = loaded.version
+            state.pinned = bool(requested)
+        return loaded
+
+    async def _resolve(self, requested: str | None) -> LoadedVersion:
         default = self.default
-        if not requested or requested == default.version:
+        if not requested:
+            state = self.request_rollout.get()
+            if state is not None and state.decision.candidate and self.candidate is not None:
+                return self.candidate
+            return default.loaded
+        if requested == default.version:
             return default.loaded
         if not is_version_number(requested):
             raise InvalidVersion(f"version must be a registry version number, got {requested!r}")
@@ -184,6 +226,8 @@ class ModelService:
                         for d in differences
                     ],
                 )
+            if self.candidate is not None and self.candidate.version == requested:
+                return self.candidate  # pinned requests are unaffected by a rollout: it is loaded already
             return await self._load_pinned(requested)
         finally:
             # Refused, or already in the LRU: the download (if any was left) is not needed.
@@ -271,7 +315,9 @@ class ModelService:
             "model_name": self.args.model_name,
             "default_version": default.version if default else None,
             "signature": _signature_json(default.loaded.signature) if default else None,
-            "loaded_versions": sorted({*loaded_versions, *([default.version] if default else [])}, key=int),
+            "loaded_versions": sorted(
+                {*loaded_versions, *(held.version for held in (default, self.candidate) if held)}, key=int
+            ),
             "max_models_per_replica": self.args.max_models_per_replica,
             "batching": {
                 "max_batch_size": self.args.max_batch_size,

@@ -1,0 +1,160 @@
+"""A replica's part in a rollout (docs/rollouts.md): applying `user_config.candidate` (load and smoke
+test the candidate), assigning each prediction request, counting answers per version, and sending
+shadow requests after the stable answer. The decisions are `serving_app.rollout`'s pure functions."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from serving_app.config import Candidate
+from serving_app.counters import ReplicaCounters, RolloutKey, ShadowOutcome, SmokeResult
+from serving_app.errors import ServingError
+from serving_app.metrics import ServingMetrics
+from serving_app.mlmodel import models_uri
+from serving_app.registry import LoadedVersion
+from serving_app.rollout import RequestRollout, ShadowInput, decide
+from serving_app.service import ModelService, PredictJob
+from serving_app.shadow import ShadowRunner, answers_agree
+from serving_app.smoke import run_smoke
+
+logger = logging.getLogger("ray.serve")
+
+Predict = Callable[[PredictJob], Awaitable[list[Any]]]
+
+
+class ReplicaRollout:
+    def __init__(
+        self,
+        service: ModelService,
+        counters: ReplicaCounters,
+        metrics: ServingMetrics,
+        *,
+        shadows: ShadowRunner | None = None,
+    ) -> None:
+        self.service = service
+        self.counters = counters
+        self.metrics = metrics
+        self.shadows = shadows or ShadowRunner()
+        self.candidate: Candidate | None = None
+        self._smoke: SmokeResult | None = None  # the held candidate's result on this replica
+        self._random = random.Random()
+
+    @property
+    def phase(self) -> str:
+        return self.candidate.mode if self.candidate is not None else "none"
+
+    def smoke_passed(self) -> bool:
+        return self._smoke is not None and self._smoke.state == "passed"
+
+    # ------------------------------------------------------------------------------ reconfigure
+
+    async def apply(
+        self, candidate: Candidate | None, error: str | None = None, *, error_generation: int | None = None
+    ) -> None:
+        """Take the candidate `user_config` names (or the error that refused it, with the generation
+        it was written with). Never raises: outcomes are recorded."""
+        if candidate is not None:
+            key = RolloutKey(candidate.generation, candidate.version, candidate.mode, candidate.percent)
+        else:
+            key = RolloutKey(generation=error_generation if error is not None else None)
+        self.counters.start(key, time.time())
+        if candidate is not None and self.service.ready and candidate.version == self.service.default.version:
+            error = f"invalid candidate: version {candidate.version} is the default version itself"
+        if error is not None or candidate is None:
+            self._drop()
+            if error is not None:
+                self.counters.record_smoke(SmokeResult.failed("", "invalid_candidate", error))
+            return
+        if self._smoke is None or self._smoke.version != candidate.version:
+            self._drop()  # another version: no traffic to anything until this one passed here
+        if not self.smoke_passed():
+            self._smoke = await self._smoke_test(candidate.version)
+            if not self.smoke_passed():
+                self.service.drop_candidate()  # held back: nothing may answer with it
+                logger.error("candidate %s failed its smoke test: %s", candidate.version, self._smoke.message)
+        self.candidate = candidate
+        self.counters.record_smoke(self._smoke)
+
+    def _drop(self) -> None:
+        self.candidate = None
+        self._smoke = None
+        self.service.drop_candidate()
+
+    async def _smoke_test(self, version: str) -> SmokeResult:
+        try:
+            loaded = await self.service.hold_candidate(version)
+        except ServingError as error:
+            return SmokeResult.failed(version, error.code, error.message)
+        except Exception as error:  # never let the candidate fail reconfigure()
+            return SmokeResult.failed(version, "version_load_failed", f"{type(error).__name__}: {error}")
+        return await run_smoke(loaded, models_uri(self.service.args.model_name, version))
+
+    # ---------------------------------------------------------------------------------- requests
+
+    def begin(self, *, pinned: bool, sticky: Callable[[str], str | None]) -> RequestRollout:
+        """The assignment of one prediction request (`sticky` reads a request header)."""
+        candidate = self.candidate
+        if candidate is None:
+            return RequestRollout()
+        value = sticky(candidate.sticky_header) if candidate.sticky_header else None
+        return RequestRollout(
+            decide(
+                candidate,
+                smoke_passed=self.smoke_passed(),
+                pinned=pinned,
+                draw=self._random.random(),
+                sticky=value,
+            )
+        )
+
+    async def predict(self, job: PredictJob, predict: Predict) -> list[Any]:
+        """`predict(job)`, keeping a copy of the input for the candidate when the request is shadowed."""
+        state = self.service.request_rollout.get()
+        if state is None or not state.decision.shadow or state.pinned:
+            return await predict(job)
+        kept = copy.deepcopy(job.model_input)  # the model may change its input in place
+        answer = await predict(job)
+        state.shadow_input = ShadowInput(kept, job.rows, job.params, answer)
+        return answer
+
+    def finish(self, state: RequestRollout, status: int, latency_ms: float) -> None:
+        """Count the answer for the version that gave it; then start its shadow request, if any."""
+        version = state.version
+        if version is None:
+            return  # refused before a version was chosen (auth, bad version header): nobody's answer
+        self.counters.record_request(version, status, latency_ms)
+        outcome = "ok" if status < 400 else "client_error" if status < 500 else "server_error"
+        tags = {"version": version, "phase": self.phase}
+        self.metrics.version_requests.inc(tags={**tags, "outcome": outcome})
+        self.metrics.version_latency.observe(latency_ms, tags=tags)
+        candidate = self.service.candidate
+        if state.shadow_input is None or status != 200 or candidate is None:
+            return
+        shadow_input = state.shadow_input
+        if not self.shadows.submit(lambda: self._compare(candidate, shadow_input)):
+            self._count_shadow(candidate.version, "dropped", 0.0)
+
+    async def _compare(self, candidate: LoadedVersion, shadow: ShadowInput) -> None:
+        started = time.perf_counter()
+        try:
+            job = PredictJob(candidate, shadow.model_input, shadow.rows, shadow.params)
+            result: Any = (await self.service.predict_many([job]))[0]
+        except Exception as error:
+            result = error
+        latency_ms = (time.perf_counter() - started) * 1000
+        if isinstance(result, BaseException):
+            outcome: ShadowOutcome = "error"
+        else:
+            outcome = "agree" if answers_agree(shadow.stable_answer, result) else "disagree"
+        self._count_shadow(candidate.version, outcome, latency_ms)
+
+    def _count_shadow(self, version: str, outcome: ShadowOutcome, latency_ms: float) -> None:
+        self.counters.record_shadow(outcome, latency_ms)
+        self.metrics.shadow_comparisons.inc(tags={"version": version, "outcome": outcome})
+        if outcome != "dropped":
+            self.metrics.shadow_latency.observe(latency_ms, tags={"version": version})

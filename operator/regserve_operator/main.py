@@ -165,6 +165,7 @@ def wake(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
 @kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, optional=True)
 def forget(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _state(memo).scheduler.forget((namespace or "", name))
+    metrics.forget_rollout(namespace or "", name)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})
@@ -231,6 +232,7 @@ def handle(
         return
     _write_status(patch, raw_status, s.status_to_wire(outcome.status))
     _record(outcome)
+    metrics.record_rollout(namespace, name, outcome.status.rollout_phase, outcome.status.rollout_weight)
 
 
 def _write_status(patch: Any, old: dict[str, Any], new: dict[str, Any]) -> None:

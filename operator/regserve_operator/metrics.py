@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+import contextlib
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter("regserve_reconciles_total", "Reconcile passes by result", ["result"])
 ROLLOUTS = Counter("regserve_rollouts_total", "Rollout transitions by outcome", ["outcome"])
@@ -14,6 +16,32 @@ PROMOTION_LATENCY = Histogram(
 POLL_LATENCY = Histogram("regserve_registry_poll_seconds", "Duration of one registry poll pass", ["server"])
 POLL_ERRORS = Counter("regserve_registry_poll_errors_total", "Failed registry poll passes", ["server"])
 WEBHOOK_DELIVERIES = Counter("regserve_webhook_deliveries_total", "Webhook deliveries by result", ["result"])
+# Phases of a rollout (spec.RolloutPhase) plus Idle: exactly one is 1 per resource.
+PHASES = ("Idle", "SmokeTest", "Canary", "Shadow", "Switching")
+ROLLOUT_PHASE = Gauge(
+    "regserve_rollout_phase", "1 for the phase the resource's rollout is in", ["namespace", "name", "phase"]
+)
+ROLLOUT_WEIGHT = Gauge(
+    "regserve_rollout_weight_percent",
+    "Percent of unpinned requests the candidate answers (canary) or shadows (shadow); 0 without one",
+    ["namespace", "name"],
+)
+
+
+def record_rollout(namespace: str, name: str, phase: str | None, weight: int | None) -> None:
+    current = phase or "Idle"
+    for each in PHASES:
+        ROLLOUT_PHASE.labels(namespace, name, each).set(1.0 if each == current else 0.0)
+    ROLLOUT_WEIGHT.labels(namespace, name).set(float(weight or 0) if phase else 0.0)
+
+
+def forget_rollout(namespace: str, name: str) -> None:
+    """A deleted resource's series go with it."""
+    for each in PHASES:
+        with contextlib.suppress(KeyError):
+            ROLLOUT_PHASE.remove(namespace, name, each)
+    with contextlib.suppress(KeyError):
+        ROLLOUT_WEIGHT.remove(namespace, name)
 
 
 def record_poll(server: str, seconds: float, ok: bool) -> None:

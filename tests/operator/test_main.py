@@ -116,6 +116,31 @@ def test_metrics_count_reconciles_and_rollouts(world_state: Any) -> None:
     assert after == (before[0] + 1, before[1] + 1)
 
 
+def test_rollout_phase_and_weight_gauges() -> None:
+    from prometheus_client import REGISTRY
+    from regserve_operator import metrics
+
+    def phase(name: str) -> list[str]:
+        return [
+            p
+            for p in metrics.PHASES
+            if REGISTRY.get_sample_value(
+                "regserve_rollout_phase", {"namespace": "g", "name": name, "phase": p}
+            )
+        ]
+
+    def weight(name: str) -> float | None:
+        return REGISTRY.get_sample_value("regserve_rollout_weight_percent", {"namespace": "g", "name": name})
+
+    metrics.record_rollout("g", "a", "Canary", 10)
+    metrics.record_rollout("g", "b", None, None)
+    assert (phase("a"), weight("a"), phase("b"), weight("b")) == (["Canary"], 10.0, ["Idle"], 0.0)
+    metrics.record_rollout("g", "a", "Switching", 100)
+    assert (phase("a"), weight("a")) == (["Switching"], 100.0)
+    metrics.forget_rollout("g", "a")
+    assert (phase("a"), weight("a")) == ([], None)
+
+
 @pytest.mark.parametrize(
     "message, kept",
     [

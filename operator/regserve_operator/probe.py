@@ -22,6 +22,7 @@ import httpx
 
 TIMEOUT_S = 2.0
 REGISTRY_UNAVAILABLE_CODE = "registry_unavailable"  # serving_app's error code for an unreachable registry
+INVALID_CANDIDATE_CODE = "invalid_candidate"  # the app refused user_config.candidate itself
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class RolloutReport:
     smoke: SmokeReport
     versions: Mapping[str, VersionFigures]
     shadow: ShadowFigures
+    partial: bool = False  # one replica's own figures (the app's board was unreachable): never promote on it
 
     def figures(self, version: str | None) -> VersionFigures:
         return self.versions.get(version or "", VersionFigures())
@@ -190,6 +192,7 @@ def parse_rollout(body: Any) -> RolloutReport | None:
                 errors=int(shadow_raw.get("errors") or 0),
                 p95_ms=_opt_float(shadow_raw.get("p95_ms")),
             ),
+            partial=body.get("partial") is True,
         )
     except (TypeError, ValueError):
         return None

@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from regserve_operator.probe import RolloutReport, ShadowFigures, VersionFigures
+from regserve_operator.probe import INVALID_CANDIDATE_CODE, RolloutReport, ShadowFigures, VersionFigures
 from regserve_operator.spec import Canary, Rollout, RolloutPhase, Shadow
 
 CandidateMode = Literal["smoke", "canary", "shadow"]
-RollbackCause = Literal["CanaryFailed", "ShadowDisagreement", "Timeout"]
+RollbackCause = Literal["CanaryFailed", "ShadowDisagreement", "Timeout", "DeployFailed"]
 
 CANDIDATE_PHASES: frozenset[RolloutPhase] = frozenset({"SmokeTest", "Canary", "Shadow"})
 
@@ -134,6 +134,9 @@ class StageCheck:
 
 def judge_stage(rollout: Rollout, check: StageCheck) -> StageVerdict:
     report = check.report
+    refused = _refused_candidate(check)
+    if refused is not None:
+        return refused
     if report is None or report.generation != check.generation or report.candidate != check.candidate:
         if check.elapsed_s > check.deadline_s:
             seen = "no report" if report is None else f"generation {report.generation}"
@@ -143,6 +146,8 @@ def judge_stage(rollout: Rollout, check: StageCheck) -> StageVerdict:
                 f"{check.deadline_s:.0f}s ({seen})",
             )
         return Wait(f"waiting for the app to report generation {check.generation}")
+    if report.partial:
+        return Wait("the app reported one replica's figures only (partial): no verdict on them")
     phase = check.stage.phase
     if phase == "SmokeTest":
         return smoke_verdict(report, check.candidate, check.elapsed_s, check.deadline_s)
@@ -156,6 +161,17 @@ def judge_stage(rollout: Rollout, check: StageCheck) -> StageVerdict:
     if phase == "Shadow":
         return shadow_verdict(rollout.shadow, report.shadow, check.elapsed_s)
     return Wait("switching")
+
+
+def _refused_candidate(check: StageCheck) -> Fail | None:
+    """The app refused this generation's `user_config.candidate` as invalid: not the version's fault,
+    but nothing can be judged either, so it is rolled back at once rather than timing out."""
+    report = check.report
+    if report is None or report.generation != check.generation or report.candidate is not None:
+        return None
+    if report.smoke.state != "failed" or report.smoke.code != INVALID_CANDIDATE_CODE:
+        return None
+    return Fail("DeployFailed", f"the app refused the candidate: {report.smoke.message or 'invalid'}")
 
 
 def smoke_verdict(report: RolloutReport, candidate: str, elapsed_s: float, deadline_s: float) -> StageVerdict:

@@ -3,7 +3,7 @@ typed parse of the app's `/rollout` report (probe.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -153,6 +153,26 @@ VERDICTS = [
     ),
     VerdictCase("no report past the deadline: timeout", p.Stage("Canary", 0), None, 700, p.Fail, "Timeout"),
     VerdictCase("smoke pending", p.Stage("SmokeTest"), _report(smoke="pending"), 3, p.Wait),
+    VerdictCase(
+        "the app refused the candidate config: rolled back at once",
+        p.Stage("Canary", 0),
+        replace(
+            _report(smoke="failed", message="candidate.percent: too big"),
+            candidate=None,
+            smoke=SmokeReport("failed", code="invalid_candidate", message="candidate.percent: too big"),
+        ),
+        3,
+        p.Fail,
+        "DeployFailed",
+        says="candidate.percent: too big",
+    ),
+    VerdictCase(
+        "partial figures (one replica): no verdict, even a passing one",
+        p.Stage("Canary", 0),
+        replace(_report(stable=GOOD_STABLE, cand=VersionFigures(50, 0, 9.0)), partial=True),
+        120,
+        p.Wait,
+    ),
     VerdictCase(
         "smoke pending past the deadline",
         p.Stage("SmokeTest"),
@@ -331,6 +351,12 @@ def test_parse_rollout(name: str, body: Any, ok: bool) -> None:
         )
         assert report.figures("3").error_rate == pytest.approx(1 / 21)
         assert report.figures("9") == VersionFigures()
+
+
+def test_partial_report() -> None:
+    report = parse_rollout({**REPORT_BODY, "partial": True})
+    assert report is not None and report.partial
+    assert parse_rollout(REPORT_BODY).partial is False  # type: ignore[union-attr]
 
 
 def test_unknown_smoke_state_reads_as_pending() -> None:

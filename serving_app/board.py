@@ -1,10 +1,14 @@
-"""The application's rollout board: a small named Ray actor that holds each replica's latest counters
-snapshot, so `GET /rollout` (answered by whichever replica the proxy picks) sums every replica.
+"""The rollout board: one small named Ray actor per Ray cluster holding each replica's latest counters
+snapshot per application, so `GET /rollout` (answered by whichever replica the proxy picks) sums
+every replica of its application.
 
-Replicas push snapshots in the background (`BoardClient.run`), never per request. The actor is created
-by the first replica that needs it (`get_if_exists`, so concurrent creations meet on one actor) and is
-owned by it: it goes away with the application; if its owner goes first, the next push creates it
-again and every live replica's next push (full cumulative snapshots) restores the figures.
+Replicas push snapshots in the background (`BoardClient.run`), never per request. A replica starts
+pushing when it is given a candidate (or asked for `/rollout`) and keeps pushing from then on, so an
+application that never rolls anything out costs the cluster nothing, and one board serves every
+application of a shared cluster. The actor is created by the first replica that needs it
+(`get_if_exists`: concurrent creations meet on one actor) and is owned by it; if the owner goes
+away, the next push creates it again and every live replica's next push (full cumulative snapshots)
+restores the figures.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import ray
 
-from serving_app.counters import ReplicaCounters, ReplicaSnapshot, rollout_report
+from serving_app.counters import ReplicaCounters, ReplicaSnapshot, RolloutKey, rollout_report
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,12 +28,9 @@ PUSH_INTERVAL_S = 0.5  # a changed snapshot is pushed within this
 KEEPALIVE_S = 2.0  # an unchanged one this often, so the board can tell live replicas from gone ones
 STALE_AFTER_S = 6.0  # snapshots older than this are of replicas that are gone
 CALL_TIMEOUT_S = 5.0
-# Next to Serve's own actors; the name carries the application's.
+# Next to Serve's own actors.
 BOARD_NAMESPACE = "serve"
-
-
-def board_name(app_name: str) -> str:
-    return f"regserve-rollout-board:{app_name}"
+BOARD_NAME = "regserve-rollout-board"
 
 
 class RolloutBoard:
@@ -37,31 +38,35 @@ class RolloutBoard:
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S) -> None:
         self._stale_after_s = stale_after_s
-        self._snapshots: dict[str, tuple[float, ReplicaSnapshot]] = {}
+        self._snapshots: dict[str, dict[str, tuple[float, ReplicaSnapshot]]] = {}
 
-    def push(self, snapshot: ReplicaSnapshot) -> None:
-        self._snapshots[snapshot.replica] = (time.monotonic(), snapshot)
+    def push(self, app: str, snapshot: ReplicaSnapshot) -> None:
+        self._snapshots.setdefault(app, {})[snapshot.replica] = (time.monotonic(), snapshot)
 
-    def forget(self, replica: str) -> None:
-        self._snapshots.pop(replica, None)
+    def forget(self, app: str, replica: str) -> None:
+        self._snapshots.get(app, {}).pop(replica, None)
 
-    def snapshots(self) -> list[ReplicaSnapshot]:
+    def snapshots(self, app: str) -> list[ReplicaSnapshot]:
         cutoff = time.monotonic() - self._stale_after_s
-        for replica in [r for r, (at, _) in self._snapshots.items() if at < cutoff]:
-            del self._snapshots[replica]
-        return [snapshot for _, snapshot in self._snapshots.values()]
+        replicas = self._snapshots.get(app, {})
+        for replica in [r for r, (at, _) in replicas.items() if at < cutoff]:
+            del replicas[replica]
+        if not replicas:
+            self._snapshots.pop(app, None)
+        return [snapshot for _, snapshot in replicas.values()]
 
-    def report(self) -> dict[str, Any]:
-        return rollout_report(self.snapshots())
+    def report(self, app: str) -> dict[str, Any]:
+        return rollout_report(self.snapshots(app))
 
 
 class BoardClient:
-    """A replica's side: pushes its counters and reads the summed report."""
+    """A replica's side: pushes its counters and reads its application's summed report."""
 
     def __init__(self, app_name: str, counters: ReplicaCounters) -> None:
-        self.name = board_name(app_name)
+        self.app = app_name
         self.counters = counters
         self._handle: Any = None
+        self._engaged = False  # pushing: a rollout reached this replica, or /rollout was asked here
         self._pushed_changes = -1
         self._pushed_at = 0.0
 
@@ -69,7 +74,7 @@ class BoardClient:
         if self._handle is None:
             actor = ray.remote(num_cpus=0, max_restarts=0)(RolloutBoard)
             self._handle = actor.options(
-                name=self.name, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime=None
+                name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime=None
             ).remote()
         return self._handle
 
@@ -81,13 +86,17 @@ class BoardClient:
             raise
 
     async def push(self) -> None:
+        self._engaged = self._engaged or self.counters.key != RolloutKey()
+        if not self._engaged:
+            return
         changes = self.counters.changes
-        await self._call("push", self.counters.snapshot())
+        await self._call("push", self.app, self.counters.snapshot())
         self._pushed_changes, self._pushed_at = changes, time.monotonic()
 
     async def report(self) -> dict[str, Any]:
+        self._engaged = True
         await self.push()  # this replica's latest figures, then everyone's
-        return dict(await self._call("report"))
+        return dict(await self._call("report", self.app))
 
     async def run(self) -> None:
         """Push when the counters moved (at most every PUSH_INTERVAL_S), else every KEEPALIVE_S."""
@@ -99,6 +108,3 @@ class BoardClient:
                     await self.push()
                 except Exception as error:  # the board is best effort: serving never depends on it
                     logger.warning("rollout board push failed: %s", error)
-
-    async def forget(self) -> None:
-        await self._call("forget", self.counters.replica)

@@ -109,6 +109,8 @@ class ModelService:
         # The rollout's candidate (docs/rollouts.md), held outside Ray's LRU like the default: a
         # pinned request for another version never evicts it, and the switch to it is not a load.
         self.candidate: LoadedVersion | None = None
+        # Successful loads per version on this replica (a prewarmed switch adds none).
+        self.version_loads: dict[str, int] = {}
         # What the request being answered was assigned (the deployment sets it per request; each
         # request runs in its own task, so its own context). Per service: no module state.
         self.request_rollout: contextvars.ContextVar[RequestRollout | None] = contextvars.ContextVar(
@@ -167,6 +169,8 @@ class ModelService:
             self.metrics.loads.inc(tags={"version": version, "outcome": error.code})
             raise
         self.metrics.loads.inc(tags={"version": version, "outcome": "loaded"})
+        if version in self.version_loads or len(self.version_loads) < FACTS_CACHE_SIZE:
+            self.version_loads[version] = self.version_loads.get(version, 0) + 1
         self.metrics.load_latency.observe((time.perf_counter() - started) * 1000, tags={"version": version})
         return loaded
 
@@ -326,6 +330,8 @@ class ModelService:
                 "largest_batch": self.largest_batch,
             },
             "last_default_switch_failure": failure.report(with_message=True) if failure else None,
+            "candidate": self.candidate.version if self.candidate else None,
+            "version_loads": dict(self.version_loads),
         }
 
 

@@ -246,15 +246,18 @@ def test_counters_restart_with_a_new_generation() -> None:
 
 def test_board_drops_replicas_that_stopped_pushing() -> None:
     board = RolloutBoard(stale_after_s=0.0)
-    board.push(replica("a", KEY, 1.0, PASSED, v2=1).snapshot())
-    assert board.report()["replicas"] == 0
+    board.push("app", replica("a", KEY, 1.0, PASSED, v2=1).snapshot())
+    assert board.report("app")["replicas"] == 0
     fresh = RolloutBoard(stale_after_s=60.0)
-    fresh.push(replica("a", KEY, 1.0, PASSED, v2=1).snapshot())
-    fresh.push(replica("a", KEY, 1.0, PASSED, v2=3).snapshot())  # the latest snapshot replaces
-    fresh.push(replica("b", KEY, 1.0, PASSED, v2=2).snapshot())
-    assert fresh.report()["versions"]["2"]["requests"] == 5
-    fresh.forget("b")
-    assert fresh.report()["replicas"] == 1
+    fresh.push("app", replica("a", KEY, 1.0, PASSED, v2=1).snapshot())
+    fresh.push("app", replica("a", KEY, 1.0, PASSED, v2=3).snapshot())  # the latest snapshot replaces
+    fresh.push("app", replica("b", KEY, 1.0, PASSED, v2=2).snapshot())
+    fresh.push("other", replica("c", KEY, 1.0, PASSED, v2=50).snapshot())  # another application's
+    assert fresh.report("app")["versions"]["2"]["requests"] == 5
+    assert fresh.report("other")["versions"]["2"]["requests"] == 50
+    fresh.forget("app", "b")
+    assert fresh.report("app")["replicas"] == 1
+    assert fresh.report("nobody")["replicas"] == 0
 
 
 # ------------------------------------------------------------------------ shadow comparison

@@ -5,6 +5,7 @@ and the figures read back from `GET /rollout` (summed over both replicas by the 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from mlflow.models import infer_signature
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import wait_for
 
-from serving_app.board import BOARD_NAMESPACE, board_name
+from serving_app.board import BOARD_NAME, BOARD_NAMESPACE
 from tests.serving.conftest import app_config
 from tests.support.ray_cluster import LocalRay, deployed_app
 
@@ -33,7 +34,12 @@ STICKY = "X-Regserve-Sticky"
 
 
 def log_replier(
-    tracking_uri: str, *, lang: str, fail_on: tuple[str, ...] = (), example: str | None = None
+    tracking_uri: str,
+    *,
+    lang: str,
+    fail_on: tuple[str, ...] = (),
+    example: str | None = None,
+    sleep_s: float = 0.0,
 ) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), [{"translation_text": "x"}])
@@ -41,7 +47,7 @@ def log_replier(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
-            model_config={"lang": lang, "fail_on": list(fail_on)},
+            model_config={"lang": lang, "fail_on": list(fail_on), "sleep_s": sleep_s},
             signature=signature,
             input_example=pd.DataFrame({"prompt": [example]}) if example is not None else None,
             pip_requirements=["mlflow", "pandas"],
@@ -54,17 +60,19 @@ def log_replier(
 class Rollouts:
     url: str
     local_ray: LocalRay
+    tracking_uri: str
     config: dict[str, Any]
     stable: str  # answers "[de] ..."
     same: str  # answers as the stable one does
     french: str  # answers "[fr] ...": disagrees with the stable one
     broken_example: str  # fails on its own input example ("boom")
     fails_hello: str  # passes its smoke test (synthesized payload) but fails on "Hello"
+    slow: str  # answers as the stable one does, after 4 s
     generation: int = 0
 
-    def configure(self, candidate: dict[str, Any] | None) -> dict[str, Any]:
+    def configure(self, candidate: dict[str, Any] | None, *, default: str | None = None) -> dict[str, Any]:
         """Apply `candidate` in place (a new generation) and wait until both replicas report on it."""
-        user_config: dict[str, Any] = {"default_version": self.stable}
+        user_config: dict[str, Any] = {"default_version": default or self.stable}
         if candidate is not None:
             self.generation += 1
             user_config["candidate"] = {"generation": self.generation, **candidate}
@@ -86,7 +94,13 @@ def wait_for_report(url: str, *, generation: int | None, timeout: float = 120) -
         found.update(rollout(url))
         if found["generation"] != generation or found["replicas"] != 2:
             return False
-        return generation is None or found["smoke"]["state"] != "pending"
+        smoke = found["smoke"]
+        # "failed" is reported as soon as one replica fails; wait for both results here.
+        return (
+            generation is None
+            or smoke["replicas_passed"] + smoke["replicas_failed"] == 2
+            or (smoke["code"] == "invalid_candidate")
+        )
 
     wait_for(reported, timeout=timeout, interval=0.25, message=f"/rollout on generation {generation}")
     return found
@@ -137,11 +151,12 @@ def rollouts(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Rollo
     french = log_replier(uri, lang="fr", example="Hello")
     broken_example = log_replier(uri, lang="fr", fail_on=("boom",), example="boom")
     fails_hello = log_replier(uri, lang="fr", fail_on=("Hello",))
+    slow = log_replier(uri, lang="de", sleep_s=4.0)
     config = app_config(APP, model_name=MODEL, tracking_uri=uri, default_version=stable)
     config["deployments"][0]["num_replicas"] = 2
     with deployed_app(local_ray, config) as url:
         wait_for_report(url, generation=None)
-        yield Rollouts(url, local_ray, config, stable, same, french, broken_example, fails_hello)
+        yield Rollouts(url, local_ray, uri, config, stable, same, french, broken_example, fails_hello, slow)
 
 
 def test_no_candidate_reports_the_default_only(rollouts: Rollouts) -> None:
@@ -223,8 +238,8 @@ def test_canary_split_sticky_and_pinned(rollouts: Rollouts) -> None:
     assert report["versions"][rollouts.french]["errors"] == 0
     assert report["versions"][rollouts.stable]["p95_ms"] > 0
     # Both replicas answered part of it, and the board holds one snapshot of each.
-    board = ray.get_actor(board_name(APP), namespace=BOARD_NAMESPACE)
-    per_replica = [sum(v.requests for v in s.versions.values()) for s in ray.get(board.snapshots.remote())]
+    board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+    per_replica = [sum(v.requests for v in s.versions.values()) for s in ray.get(board.snapshots.remote(APP))]
     assert len(per_replica) == 2 and all(count > 0 for count in per_replica), per_replica
 
 
@@ -287,3 +302,73 @@ def test_an_invalid_candidate_is_reported_and_the_default_keeps_answering(rollou
     assert "candidate.mode" in report["smoke"]["message"]
     with httpx.Client(timeout=60) as client:
         assert ask(client, rollouts.url).headers["X-Model-Version"] == rollouts.stable
+
+
+def test_a_slow_shadow_never_delays_the_stable_answer(rollouts: Rollouts) -> None:
+    rollouts.configure({"version": rollouts.slow, "mode": "shadow", "percent": 100})
+    took = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(30):
+            started = time.perf_counter()
+            answer = ask(client, rollouts.url)
+            took.append(time.perf_counter() - started)
+            assert answer.status_code == 200 and answer.headers["X-Model-Version"] == rollouts.stable
+    # Any answer that waited for the candidate would take its 4 s.
+    assert max(took) < 3.0, took
+
+    def settled(report: dict[str, Any]) -> bool:
+        shadow = report["shadow"]
+        return bool(shadow["compared"] + shadow["errors"] + shadow["dropped"] == 30)
+
+    shadow = wait_for_counts(rollouts.url, settled)["shadow"]
+    # At most 4 in flight per replica: the rest were dropped and counted, not queued.
+    assert 0 < shadow["compared"] <= 30 - shadow["dropped"] and shadow["dropped"] > 0, shadow
+    assert shadow["agreements"] == shadow["compared"] and shadow["p95_ms"] >= 3000
+
+
+def test_metrics_carry_the_rollout_phase(rollouts: Rollouts, local_ray: LocalRay) -> None:
+    def exported() -> str | None:
+        text = httpx.get(local_ray.metrics_url, timeout=10).text
+        wanted = ("regserve_version_requests", "regserve_shadow_comparisons", "regserve_version_latency_ms")
+        return text if all(name in text for name in wanted) else None
+
+    text = wait_for(exported, timeout=90, interval=1, message="rollout metrics on Ray's exporter")
+    lines = text.splitlines()
+
+    def series(name: str, **labels: str) -> list[str]:
+        return [
+            line
+            for line in lines
+            if line.startswith(f"ray_{name}")
+            and all(f'{key}="{value}"' in line for key, value in labels.items())
+        ]
+
+    assert series("regserve_version_requests", version=rollouts.french, phase="canary", outcome="ok")
+    assert series(
+        "regserve_version_requests", version=rollouts.fails_hello, phase="canary", outcome="server_error"
+    )
+    assert series("regserve_version_requests", version=rollouts.stable, phase="shadow", outcome="ok")
+    assert series("regserve_shadow_comparisons", version=rollouts.french, outcome="disagree")
+    assert series("regserve_shadow_comparisons", version=rollouts.slow, outcome="dropped")
+
+
+def test_switch_after_the_smoke_test_is_not_a_load(rollouts: Rollouts) -> None:
+    fresh = log_replier(rollouts.tracking_uri, lang="it")
+    report = rollouts.configure({"version": fresh, "mode": "smoke"})
+    assert report["smoke"]["state"] == "passed"
+
+    def seen(client: httpx.Client) -> set[tuple[Any, ...]]:
+        """(default, candidate, loads of `fresh`) as the replicas answering /metadata say."""
+        found = set()
+        for _ in range(12):
+            body = client.get(f"{rollouts.url}/metadata").json()
+            found.add((body["default_version"], body["candidate"], body["version_loads"].get(fresh)))
+        return found
+
+    with httpx.Client(timeout=60) as client:
+        assert seen(client) == {(rollouts.stable, fresh, 1)}  # loaded once on each replica
+        rollouts.configure(None, default=fresh)  # the operator's switch: default moves, candidate gone
+        assert seen(client) == {(fresh, None, 1)}  # the held candidate became the default: no load
+        answers = [ask(client, rollouts.url) for _ in range(10)]
+    assert {a.headers["X-Model-Version"] for a in answers} == {fresh}
+    assert all(a.json() == [{"translation_text": "[it] Hello"}] for a in answers)

@@ -16,15 +16,18 @@ PROMOTION_LATENCY = Histogram(
 POLL_LATENCY = Histogram("regserve_registry_poll_seconds", "Duration of one registry poll pass", ["server"])
 POLL_ERRORS = Counter("regserve_registry_poll_errors_total", "Failed registry poll passes", ["server"])
 WEBHOOK_DELIVERIES = Counter("regserve_webhook_deliveries_total", "Webhook deliveries by result", ["result"])
-# Phases of a rollout (spec.RolloutPhase) plus Idle: exactly one is 1 per resource.
+# Phases of a rollout (spec.RolloutPhase) plus Idle: exactly one is 1 per resource. The resource's labels
+# are not `namespace`/`name`: a scrape adds the operator pod's own `namespace` target label.
 PHASES = ("Idle", "SmokeTest", "Canary", "Shadow", "Switching")
 ROLLOUT_PHASE = Gauge(
-    "regserve_rollout_phase", "1 for the phase the resource's rollout is in", ["namespace", "name", "phase"]
+    "regserve_rollout_phase",
+    "1 for the phase the resource's rollout is in",
+    ["resource_namespace", "resource", "phase"],
 )
 ROLLOUT_WEIGHT = Gauge(
     "regserve_rollout_weight_percent",
     "Percent of unpinned requests the candidate answers (canary) or shadows (shadow); 0 without one",
-    ["namespace", "name"],
+    ["resource_namespace", "resource"],
 )
 
 

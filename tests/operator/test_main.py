@@ -125,12 +125,13 @@ def test_rollout_phase_and_weight_gauges() -> None:
             p
             for p in metrics.PHASES
             if REGISTRY.get_sample_value(
-                "regserve_rollout_phase", {"namespace": "g", "name": name, "phase": p}
+                "regserve_rollout_phase", {"resource_namespace": "g", "resource": name, "phase": p}
             )
         ]
 
     def weight(name: str) -> float | None:
-        return REGISTRY.get_sample_value("regserve_rollout_weight_percent", {"namespace": "g", "name": name})
+        labels = {"resource_namespace": "g", "resource": name}
+        return REGISTRY.get_sample_value("regserve_rollout_weight_percent", labels)
 
     metrics.record_rollout("g", "a", "Canary", 10)
     metrics.record_rollout("g", "b", None, None)

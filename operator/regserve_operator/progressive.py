@@ -22,11 +22,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from regserve_operator.probe import INVALID_CANDIDATE_CODE, RolloutReport, ShadowFigures, VersionFigures
+from regserve_operator.probe import (
+    INVALID_CANDIDATE_CODE,
+    REGISTRY_UNAVAILABLE_CODE,
+    RolloutReport,
+    ShadowFigures,
+    VersionFigures,
+)
 from regserve_operator.spec import Canary, Rollout, RolloutPhase, Shadow
 
 CandidateMode = Literal["smoke", "canary", "shadow"]
-RollbackCause = Literal["CanaryFailed", "ShadowDisagreement", "Timeout", "DeployFailed"]
+RollbackCause = Literal[
+    "CanaryFailed", "ShadowDisagreement", "Timeout", "DeployFailed", "LoadFailed", "RegistryUnavailable"
+]
+# A smoke test that failed because the candidate could not be loaded is a failed load, as it was before
+# smoke tests: rolled back (and retried after a back-off when the registry was unreachable); one that
+# failed predicting its example holds the version.
+SMOKE_LOAD_FAILURES: dict[str, RollbackCause] = {
+    REGISTRY_UNAVAILABLE_CODE: "RegistryUnavailable",
+    "version_load_failed": "LoadFailed",
+}
 
 CANDIDATE_PHASES: frozenset[RolloutPhase] = frozenset({"SmokeTest", "Canary", "Shadow"})
 
@@ -176,6 +191,13 @@ def _refused_candidate(check: StageCheck) -> Fail | None:
 
 def smoke_verdict(report: RolloutReport, candidate: str, elapsed_s: float, deadline_s: float) -> StageVerdict:
     smoke = report.smoke
+    if smoke.state == "failed" and smoke.code in SMOKE_LOAD_FAILURES:
+        cause = SMOKE_LOAD_FAILURES[smoke.code]
+        if cause == "RegistryUnavailable":
+            return Fail(cause, f"version {candidate} not loaded, registry unavailable")
+        return Fail(
+            cause, f"version {candidate} failed to load ({smoke.code}): {smoke.message or 'no message'}"
+        )
     if smoke.state == "failed":
         code = f" ({smoke.code})" if smoke.code else ""
         return Held(

@@ -7,6 +7,7 @@ version the selector may move to. The app's `/rollout` report is typed (probe.Ro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -140,6 +141,7 @@ class Case:
     retry: bool = False
     writes: bool | None = None
     says: str = ""  # a fragment of the last stage record's message, or of the rejected record's
+    smoke_code: str | None = None  # the app's smoke.code in the report (replaces the report's own)
 
 
 PASSING_STEP = _report(cand=(25, 0, 12.0))
@@ -212,6 +214,18 @@ GATE_AND_SMOKE = [
         phase=None,
         rejected=("2", "SmokeTestFailed", None),
         says="ValueError: cannot translate",
+    ),
+    Case(
+        "smoke test cut by a registry outage: rolled back with its cause, retried after a back-off",
+        _status("SmokeTest"),
+        "2",
+        _report(smoke="failed"),
+        results=["rolled_back"],
+        events=["RolledBack"],
+        phase=None,
+        rejected=("2", "RolledBack", "RegistryUnavailable"),
+        says="retried in 5s",
+        smoke_code="registry_unavailable",
     ),
     Case(
         "a version held by its smoke test is not tried again while the selector points at it",
@@ -448,8 +462,11 @@ def _decide(case: Case) -> Outcome:
     existing = _rayservice(case.status, case.spec) if case.existing == "as written" else case.existing
     assert not isinstance(existing, str)
     inputs = Inputs(OWNER, 1, spec, case.status, NOW, DEFAULTS, settle_seconds=5)
+    report = case.report
+    if report is not None and case.smoke_code is not None:
+        report = dataclasses.replace(report, smoke=dataclasses.replace(report.smoke, code=case.smoke_code))
     observed = Observation(
-        url=URL, existing=existing, resolved=case.resolved, facts=FACTS, app=case.app, rollout=case.report
+        url=URL, existing=existing, resolved=case.resolved, facts=FACTS, app=case.app, rollout=report
     )
     outcome = decide(inputs, observed)
     assert isinstance(outcome, Outcome), outcome

@@ -154,6 +154,27 @@ VERDICTS = [
     VerdictCase("no report past the deadline: timeout", p.Stage("Canary", 0), None, 700, p.Fail, "Timeout"),
     VerdictCase("smoke pending", p.Stage("SmokeTest"), _report(smoke="pending"), 3, p.Wait),
     VerdictCase(
+        "smoke test could not load the candidate: rolled back as a failed load",
+        p.Stage("SmokeTest"),
+        replace(
+            _report(smoke="failed"),
+            smoke=SmokeReport("failed", code="version_load_failed", message="No module named 'x'"),
+        ),
+        3,
+        p.Fail,
+        "LoadFailed",
+        says="failed to load",
+    ),
+    VerdictCase(
+        "smoke test cut by a registry outage: rolled back, retried later (not the version's fault)",
+        p.Stage("SmokeTest"),
+        replace(_report(smoke="failed"), smoke=SmokeReport("failed", code="registry_unavailable")),
+        3,
+        p.Fail,
+        "RegistryUnavailable",
+        says="registry unavailable",
+    ),
+    VerdictCase(
         "the app refused the candidate config: rolled back at once",
         p.Stage("Canary", 0),
         replace(

@@ -212,7 +212,11 @@ def v2_request(case_key: str, record: Any) -> dict[str, Any]:
         }
     return {
         "inputs": [
-            {"name": column, "shape": [1], "datatype": "BYTES", "data": [value]}
+            {"name": column, "shape": [1], "datatype": _v2_datatype(value), "data": [value]}
             for column, value in record.items()
         ]
     }
+
+
+def _v2_datatype(value: Any) -> str:
+    return "FP64" if isinstance(value, float) else "BYTES"

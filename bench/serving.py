@@ -97,6 +97,22 @@ def register(tracking_uri: str, workdir: Path, models: list[str]) -> list[ModelC
                 mlserver.v2_request("sklearn", row),
             )
         )
+    if "sklearn-cols" in models:
+        version, record = log_sklearn_columns(tracking_uri, "bench_sklearn_cols")
+        columns = list(record)
+        cases.append(
+            ModelCase(
+                "sklearn-cols",
+                "bench_sklearn_cols",
+                version,
+                record,
+                # What MLflow's own client sends for a pandas DataFrame.
+                {"dataframe_split": {"columns": columns, "data": [list(record.values())]}},
+                {"records": [record]},
+                [record] * 32,
+                mlserver.v2_request("sklearn-cols", record),
+            )
+        )
     if "t5" in models:
         from serving_app.examples.tiny_t5 import build_tiny_t5
 
@@ -116,6 +132,34 @@ def register(tracking_uri: str, workdir: Path, models: list[str]) -> list[ModelC
             )
         )
     return cases
+
+
+def log_sklearn_columns(tracking_uri: str, model_name: str) -> tuple[str, dict[str, float]]:
+    """The sklearn pipeline fitted on a DataFrame of 4 named double columns (a column signature, the
+    shape most tabular models are logged with), and one record for it."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlflow.set_tracking_uri(tracking_uri)
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame(rng.normal(size=(200, 4)), columns=["f0", "f1", "f2", "f3"])
+    labels = (features["f0"] + 0.5 * features["f1"] > 0).astype(np.int64)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(features, labels)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            pipeline,
+            name="model",
+            signature=infer_signature(features, pipeline.predict(features)),
+            pip_requirements=["mlflow", "scikit-learn"],
+            registered_model_name=model_name,
+        )
+    record = {str(k): float(v) for k, v in features.iloc[0].items()}
+    return str(info.registered_model_version), record
 
 
 def in_process_limit(case: ModelCase, tracking_uri: str, seconds: float = 2.0) -> dict[str, float]:
@@ -156,6 +200,18 @@ def targets_for(case: ModelCase, cluster: RayCluster) -> list[Target]:
         Target(
             "regserve /invocations batch", mode, f"{base}/rsb-{case.key}/invocations", case.invocations_body
         ),
+        Target(
+            "regserve /invocations no access log",
+            mode,
+            f"{base}/rsq-{case.key}/invocations",
+            case.invocations_body,
+        ),
+        Target(
+            "regserve /invocations throughput-optimized",
+            mode,
+            f"{base}/rst-{case.key}/invocations",
+            case.invocations_body,
+        ),
         Target("bare Ray Serve", mode, f"{base}/bare-{case.key}", case.bare_body),
         Target("bare Ray Serve batch", mode, f"{base}/bareb-{case.key}", case.bare_body),
         Target("bare thin ingress", f"{mode}+thin", f"{base}/thin-{case.key}", case.bare_body),
@@ -168,6 +224,8 @@ def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[d
     apps = [
         regserve_app(f"rs-{case.key}", case.name, case.version, tracking_uri),
         regserve_app(f"rsb-{case.key}", case.name, case.version, tracking_uri, batch=32),
+        without_access_log(regserve_app(f"rsq-{case.key}", case.name, case.version, tracking_uri)),
+        throughput_optimized(regserve_app(f"rst-{case.key}", case.name, case.version, tracking_uri)),
         bare_app(f"bare-{case.key}", uri),
         bare_app(f"bareb-{case.key}", uri, batch=32),
     ]
@@ -177,6 +235,24 @@ def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[d
             thin_app(f"thinb-{case.key}", case.name, case.version, batch=32),
         ]
     return apps
+
+
+def without_access_log(app: dict[str, Any]) -> dict[str, Any]:
+    """The same application with Ray Serve's per-request access log off (a Serve config setting of the
+    deployment, `logging_config.enable_access_log`): what that log costs per request."""
+    for deployment in app["deployments"]:
+        deployment["logging_config"] = {"enable_access_log": False}
+    return app
+
+
+def throughput_optimized(app: dict[str, Any]) -> dict[str, Any]:
+    """The same application with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in its replica's env:
+    user code on the replica's own event loop (no hop to a second loop thread) and request-path logs
+    buffered. Ray's knob, not regserve's: what Serve's own per-request machinery costs."""
+    env = {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": env}
+    return app
 
 
 @dataclass
@@ -493,13 +569,19 @@ def peer_table(index: dict[tuple[str, str, str, int], dict[str, Any]]) -> str:
                     get(f"regserve /serve{suffix}", "p50_ms") / peer_p50,
                     get(f"bare Ray Serve{suffix}", "rps") / peer_rps,
                     get("mlflow models serve", "rps") / peer_rps,
+                    get(f"regserve /invocations no access log{suffix}", "rps") / peer_rps,
+                    get(f"regserve /invocations no access log{suffix}", "p50_ms") / peer_p50,
+                    get(f"regserve /invocations throughput-optimized{suffix}", "rps") / peer_rps,
+                    get(f"regserve /invocations throughput-optimized{suffix}", "p50_ms") / peer_p50,
                 ]
             )  # fmt: skip
     headers = [
         "model", "Ray ingress", "c", "batching", "MLServer /invocations req/s", "p50 ms", "MLServer v2 req/s",
         "v2 p50 ms", "regserve /invocations req/s", "p50 ms", "req/s ÷ MLServer", "p50 ÷ MLServer",
         "regserve /serve req/s ÷ MLServer", "/serve p50 ÷ MLServer", "bare Ray Serve req/s ÷ MLServer",
-        "mlflow models serve req/s ÷ MLServer",
+        "mlflow models serve req/s ÷ MLServer", "no access log req/s ÷ MLServer",
+        "no access log p50 ÷ MLServer", "throughput-optimized req/s ÷ MLServer",
+        "throughput-optimized p50 ÷ MLServer",
     ]  # fmt: skip
     return markdown_table(headers, table) if table else ""
 

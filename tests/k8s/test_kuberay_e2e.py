@@ -11,6 +11,9 @@ tracking server in a cluster.
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import signal
 import threading
 import time
 import uuid
@@ -25,7 +28,9 @@ from kubernetes import client
 from mlflow import MlflowClient
 from regserve_operator.builders import HAPROXY_ENV
 from regserve_operator.sandbox.mlflow_server import MlflowServer
-from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.models import PHRASEBOOK_MODEL, log_phrasebook
+from regserve_operator.sizing import GPU_RESOURCE
+from regserve_operator.webhook import register_webhook
 
 from tests.k8s import network, plane
 from tests.k8s.operator_support import (
@@ -46,6 +51,9 @@ SERVE_PORT = 8000
 # Cold Ray on 2 shared cores: head, worker, Serve controller, a replica loading a model.
 FIRST_SERVE_S = 420.0
 ROLLOUT_S = 240.0
+# A new RayCluster beside the running one. At a load average of 30-50 a Ray node can miss Ray's fixed 30 s
+# startup wait and be restarted (as a kubelet would) more than once: 4-5 minutes were seen.
+NEW_CLUSTER_S = 600.0
 BENCH_NOTE = Path(__file__).resolve().parents[2] / "bench" / "README.md"
 
 
@@ -68,7 +76,14 @@ class Serving:
     versions: Versions
     # The tracking URI the resource names: MLflow through a proxy the tests can close to the pods alone.
     registry: DelayingProxy
+    # The operator's webhook receiver (on loopback: MLflow delivers from the host).
+    webhook_url: str
     facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def good(self) -> str:
+        """The version the resource serves once the previous test is done."""
+        return str(self.facts.get("good", self.versions.german))
 
     @property
     def namespace(self) -> str:
@@ -92,11 +107,51 @@ class Serving:
     def status(self) -> dict[str, Any]:
         return dict(self.cluster.rms(NAME).get("status") or {})
 
-    def rayclusters(self) -> list[dict[str, Any]]:
+    def rayclusters(self, owner: str = NAME) -> list[dict[str, Any]]:
+        """The RayClusters of the RayService `owner` (KubeRay labels them with its name)."""
         listing: Any = self.cluster.custom.list_namespaced_custom_object(
-            "ray.io", "v1", self.namespace, "rayclusters"
+            "ray.io",
+            "v1",
+            self.namespace,
+            "rayclusters",
+            label_selector=f"ray.io/originated-from-cr-name={owner}",
         )
         return list(listing["items"])
+
+    def pods(self, cluster: str, node_type: str) -> list[Any]:
+        selector = f"ray.io/cluster={cluster},ray.io/node-type={node_type}"
+        return list(self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
+
+    def answered_by(self, version: str) -> bool:
+        if not self.serve_address():
+            return False
+        try:
+            response = self.ask(timeout=10)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.headers.get("x-model-version") == version
+
+    def active_cluster(self, owner: str = NAME) -> dict[str, Any]:
+        rs = self.cluster.rayservice(owner) or {}
+        name = ((rs.get("status") or {}).get("activeServiceStatus") or {}).get("rayClusterName")
+        found = [c for c in self.rayclusters(owner) if c["metadata"]["name"] == name]
+        assert found, f"no active RayCluster for {owner}; {self.diagnose()}"
+        return found[0]
+
+    def head_get(self, raycluster: dict[str, Any], path: str) -> httpx.Response:
+        """GET from the dashboard on the cluster's head, with the token KubeRay made."""
+        secret = self.cluster.core.read_namespaced_secret(raycluster["metadata"]["name"], self.namespace)
+        token = base64.b64decode(next(iter(secret.data.values()))).decode()
+        head = raycluster["status"]["head"]["podIP"]
+        return httpx.get(
+            f"http://{head}:8265{path}", headers={"x-ray-authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    def ray_state(self, raycluster: dict[str, Any], path: str) -> Any:
+        """A listing from Ray's state API (`/api/v0/...`) on the cluster's head."""
+        response = self.head_get(raycluster, path)
+        assert response.status_code == 200, response.text[:500]
+        return response.json()["data"]["result"]["result"]
 
     def serving(self, version: str) -> bool:
         status = self.status()
@@ -183,6 +238,12 @@ def serving(
     cluster.secret("mlflow-auth", {"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": "x"})
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     account = f"regserve-{uuid.uuid4().hex[:6]}"
+    webhook_port = plane.free_port()
+    webhook = {
+        "REGSERVE_WEBHOOK_PORT": str(webhook_port),
+        "REGSERVE_WEBHOOK_HOST": "127.0.0.1",
+        "REGSERVE_WEBHOOK_SECRET": f"whsec-{uuid.uuid4().hex}",
+    }
     with operator_account(kube_api, namespace, mint_kubeconfig, account) as kubeconfig:
         process = OperatorProcess(
             kubeconfig,
@@ -190,11 +251,21 @@ def serving(
             log,
             # The Serve Services' names resolve here (the plane's hosts file), as in a cluster, where "auto"
             # would turn the rollout probe on.
-            env={"REGSERVE_PROBE_SERVING": "on"},
+            env={"REGSERVE_PROBE_SERVING": "on", **webhook},
             wrap=lambda argv: with_cluster_hosts(argv, kube_plane.hosts_path),
         ).start()
         try:
-            yield Serving(cluster, kube_plane, bridge_mlflow, process, versions, registry_gate)
+            serving = Serving(
+                cluster,
+                kube_plane,
+                bridge_mlflow,
+                process,
+                versions,
+                registry_gate,
+                webhook_url=f"http://127.0.0.1:{webhook_port}/webhook",
+            )
+            serving.facts["webhook_secret"] = webhook["REGSERVE_WEBHOOK_SECRET"]
+            yield serving
         finally:
             with_rms = cluster.custom.list_namespaced_custom_object(
                 "regserve.io", "v1alpha1", namespace, "registeredmodelservings"
@@ -216,7 +287,12 @@ def _spec(url: str) -> dict[str, Any]:
             "pollIntervalSeconds": 2,
         },
         "serving": {"cpusPerReplica": 0.5},
-        "rollout": {"deadlineSeconds": 240},
+        # 40 bytes of replica memory per byte of model (2 versions per replica): a version of a few MiB
+        # crosses the 512 MiB sizing step, so the memory-growth test needs no large artifact.
+        "resources": {"memoryMultiplier": 20},
+        # Above NEW_CLUSTER_S: no test here waits for a Timeout, and a rollout needing a new cluster must
+        # not be timed out by a loaded machine.
+        "rollout": {"deadlineSeconds": 660},
     }
 
 
@@ -283,23 +359,35 @@ class Client(threading.Thread):
         super().__init__(daemon=True, name="e2e-client")
         self.serving = serving
         self.done = threading.Event()
-        self.answers: list[tuple[float, int, str]] = []
+        # (when, status, body, X-Model-Version)
+        self.answers: list[tuple[float, int, str, str]] = []
 
     def run(self) -> None:
         with httpx.Client(timeout=30) as http:
             while not self.done.is_set():
                 try:
                     response = http.post(self.serving.url(), json={"prompt": "Hello"})
-                    self.answers.append((time.monotonic(), response.status_code, response.text))
+                    version = response.headers.get("x-model-version", "")
+                    self.answers.append((time.monotonic(), response.status_code, response.text, version))
                 except (httpx.HTTPError, AssertionError) as exc:
-                    self.answers.append((time.monotonic(), 0, repr(exc)))
+                    self.answers.append((time.monotonic(), 0, repr(exc), ""))
                 time.sleep(0.05)
 
-    def failures(self) -> list[tuple[float, int, str]]:
+    def failures(self) -> list[tuple[float, int, str, str]]:
         return [a for a in self.answers if not 200 <= a[1] < 300]
 
     def first(self, text: str) -> float | None:
-        return next((at for at, code, body in self.answers if code == 200 and text in body), None)
+        return next((at for at, code, body, _ in self.answers if code == 200 and text in body), None)
+
+    def first_version(self, version: str) -> float | None:
+        return next((at for at, code, _, v in self.answers if code == 200 and v == version), None)
+
+    def finish(self, more: int = 10) -> None:
+        """A few more answers, then stop."""
+        count = len(self.answers)
+        until("answers after the switch", lambda: len(self.answers) >= count + more, timeout=60)
+        self.done.set()
+        self.join(timeout=40)
 
 
 def test_promotion_is_answered_by_the_new_version_without_a_failed_request(serving: Serving) -> None:
@@ -318,18 +406,85 @@ def test_promotion_is_answered_by_the_new_version_without_a_failed_request(servi
     )
     answered = client_thread.first("Bonjour")
     assert answered is not None
-    # A few more answers after the switch, then stop.
-    count = len(client_thread.answers)
-    until("answers after the switch", lambda: len(client_thread.answers) >= count + 10, timeout=30)
-    client_thread.done.set()
-    client_thread.join(timeout=40)
+    client_thread.finish()
     promotion_s = answered - promoted
-    print(f"promotion → new version answering through KubeRay: {promotion_s:.1f} s")
+    print(f"promotion (polling) → new version answering through KubeRay: {promotion_s:.1f} s")
     serving.facts["promotion_s"] = promotion_s
     assert client_thread.failures() == [], client_thread.failures()[:5]
     (raycluster,) = serving.rayclusters()
     assert raycluster["metadata"]["uid"] == serving.facts["raycluster_uid"], "promotion replaced the cluster"
     assert serving.ask().json() == [{"translation_text": "Bonjour"}]
+    serving.facts["good"] = v.french
+
+
+def test_promotion_by_webhook_is_answered_without_a_failed_request(
+    serving: Serving, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polling put off for an hour: only MLflow's webhook delivery to the operator can start this rollout."""
+    if "good" not in serving.facts:
+        pytest.skip("the polling promotion did not complete (see above)")
+    registry = MlflowClient(serving.mlflow.url)
+    hooked = log_phrasebook(serving.mlflow.url, MODEL, lang_to="fr")
+    rms = serving.cluster.rms(NAME)
+    patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
+        "regserve.io",
+        "v1alpha1",
+        serving.namespace,
+        "registeredmodelservings",
+        NAME,
+        {"spec": {"registry": {"pollIntervalSeconds": 3600}}},
+    )
+    generation = patched["metadata"]["generation"]
+    assert generation > rms["metadata"]["generation"]
+    until(
+        "the operator seeing the hour-long poll interval",
+        lambda: serving.status().get("observedGeneration") == generation,
+        timeout=60,
+    )
+    # As `regserve webhook register` does, with the secret the operator verifies deliveries with.
+    monkeypatch.setenv("REGSERVE_WEBHOOK_SECRET", serving.facts["webhook_secret"])
+    hook = register_webhook(
+        tracking_uri=serving.mlflow.url,
+        url=serving.webhook_url,
+        name=f"regserve-{serving.namespace}",
+        secret_env="REGSERVE_WEBHOOK_SECRET",
+    )
+    client_thread = Client(serving)
+    try:
+        client_thread.start()
+        until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+        deliveries = serving.operator.output().count(f"for model {MODEL!r}")
+        promoted = time.monotonic()
+        registry.set_registered_model_alias(MODEL, "champion", hooked)
+        until(
+            "the version promoted by webhook serving",
+            lambda: serving.serving(hooked) and client_thread.first_version(hooked) is not None,
+            timeout=ROLLOUT_S,
+        )
+        answered = client_thread.first_version(hooked)
+        assert answered is not None
+        client_thread.finish()
+    finally:
+        client_thread.done.set()
+        registry.delete_webhook(hook)
+        serving.cluster.custom.patch_namespaced_custom_object(
+            "regserve.io",
+            "v1alpha1",
+            serving.namespace,
+            "registeredmodelservings",
+            NAME,
+            {"spec": {"registry": {"pollIntervalSeconds": 2}}},
+        )
+    promotion_s = answered - promoted
+    print(f"promotion (webhook) → new version answering through KubeRay: {promotion_s:.1f} s")
+    serving.facts["webhook_promotion_s"] = promotion_s
+    # The operator verified MLflow's delivery and woke the resource for it.
+    delivered = serving.operator.output().count(f"for model {MODEL!r}")
+    assert delivered > deliveries, serving.operator.output()[-3000:]
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    (raycluster,) = serving.rayclusters()
+    assert raycluster["metadata"]["uid"] == serving.facts["raycluster_uid"], "promotion replaced the cluster"
+    serving.facts["good"] = hooked
 
 
 def test_incompatible_version_is_held_and_the_old_one_answers(serving: Serving) -> None:
@@ -343,7 +498,7 @@ def test_incompatible_version_is_held_and_the_old_one_answers(serving: Serving) 
         timeout=ROLLOUT_S,
     )
     status = serving.status()
-    assert status["servingVersion"] == v.french
+    assert status["servingVersion"] == serving.good
     compatible = cond({"status": status}, "SignatureCompatible")
     assert compatible.get("status") == "False", status
     assert serving.ask().json() == [{"translation_text": "Bonjour"}]
@@ -357,7 +512,8 @@ def test_broken_artifacts_are_rolled_back(serving: Serving) -> None:
     until(
         "the broken version rolled back",
         lambda: (
-            (serving.status().get("rejected") or {}).get("version") == v.broken and serving.serving(v.french)
+            (serving.status().get("rejected") or {}).get("version") == v.broken
+            and serving.serving(serving.good)
         ),
         timeout=ROLLOUT_S,
     )
@@ -399,17 +555,170 @@ def test_rollout_cut_by_a_registry_outage_is_retried_and_completes(serving: Serv
     assert status.get("rejected") is None and status["lastGoodVersion"] == unseen, status
     outcomes = [(e.get("version"), e.get("outcome")) for e in status.get("history") or []]
     assert (unseen, "RolledBack") in outcomes and (unseen, "Serving") in outcomes, outcomes
+    serving.facts["good"] = unseen
 
 
-def test_proxy_ingress_mode_serves_through_kuberay(serving: Serving) -> None:
-    """The other ingress mode (Ray's Python proxy instead of HAProxy), on a cluster of its own."""
+def test_head_restarted_under_the_running_app_comes_back(serving: Serving) -> None:
+    """Every process of the head dies at once (a container crash: the OOM killer, a segfault): the runner
+    reports and restarts it as a kubelet does, KubeRay deploys the app on the new head, and it answers
+    again on the same RayCluster."""
+    if "good" not in serving.facts:
+        pytest.skip("the resource is not serving (see above)")
+    runner = serving.plane.runner
+    assert runner is not None
+    raycluster = serving.active_cluster()
+    (head,) = serving.pods(raycluster["metadata"]["name"], "head")
+    (before,) = head.status.container_statuses
+    netns = runner.workers[head.metadata.uid].sandbox.netns
+    pids = network.netns_pids(netns)
+    assert pids, "the head runs nothing"
+    crashed = time.monotonic()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    seen: list[Any] = []
+
+    def restarted() -> bool:
+        pod = serving.cluster.core.read_namespaced_pod(head.metadata.name, serving.namespace)
+        seen[:] = pod.status.container_statuses or []
+        return (
+            bool(seen) and seen[0].restart_count > before.restart_count and seen[0].state.running is not None
+        )
+
+    until("the head container restarted", restarted, timeout=60)
+    (after,) = seen
+    assert after.last_state.terminated is not None, after
+    assert after.last_state.terminated.exit_code == 128 + signal.SIGKILL, after.last_state
+    assert after.last_state.terminated.reason == "Error"
+    # Nothing of the crashed container lives on beside the new one.
+    assert not [pid for pid in pids if network._alive(pid) and not network._zombie(pid)]
+
+    def app_back() -> bool:
+        """The new head (a fresh GCS, which knows nothing of the old one's app) runs the app again,
+        deployed by KubeRay, with a replica on a worker node that joined it, and that replica answers."""
+        try:
+            apps = serving.head_get(raycluster, "/api/serve/applications/")
+            if apps.status_code != 200:
+                return False
+            app = apps.json()["applications"].get(NAME) or {}
+            if app.get("status") != "RUNNING":
+                return False
+            nodes = serving.ray_state(raycluster, "/api/v0/nodes?detail=true&limit=100")
+            actors = serving.ray_state(raycluster, "/api/v0/actors?detail=true&limit=1000")
+        except (httpx.HTTPError, AssertionError, KeyError, ValueError):
+            return False
+        workers = {n["node_id"] for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"]}
+        replicas = [
+            a
+            for a in actors
+            if a["class_name"].startswith(f"ServeReplica:{NAME}:")
+            and a["state"] == "ALIVE"
+            and a["node_id"] in workers
+        ]
+        return bool(replicas) and serving.answered_by(serving.good)
+
+    until("the app deployed on the new head and answering", app_back, timeout=FIRST_SERVE_S)
+    restarts = [
+        status.restart_count
+        for pod in serving.pods(raycluster["metadata"]["name"], "worker")
+        for status in pod.status.container_statuses or []
+    ]
+    print(
+        f"head crash → app running on the new head and answering: {time.monotonic() - crashed:.0f} s "
+        f"(worker container restarts: {restarts})"
+    )
+    assert serving.active_cluster()["metadata"]["uid"] == raycluster["metadata"]["uid"]
+    until("the resource Ready again", lambda: serving.serving(serving.good), timeout=ROLLOUT_S)
+
+
+def log_padded_phrasebook(tracking_uri: str, model_name: str, padding: Path, lang_to: str) -> str:
+    """A phrasebook version whose artifacts carry `padding`: the same signature, a larger model size."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), [{"translation_text": "Hallo"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PHRASEBOOK_MODEL),
+            artifacts={"padding": str(padding)},
+            model_config={"lang_to": lang_to, "input_label": "prompt", "fail_on_load": False},
+            signature=signature,
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)
+
+
+def _worker_memory(raycluster: dict[str, Any]) -> int:
+    from kubernetes.utils import parse_quantity
+
+    (group,) = raycluster["spec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    return int(parse_quantity(container["resources"]["limits"]["memory"]))
+
+
+@pytest.mark.timeout(NEW_CLUSTER_S + 300)
+def test_promotion_needing_more_memory_moves_to_a_new_cluster_without_a_failed_request(
+    serving: Serving, tmp_path: Path
+) -> None:
+    """A version too large for the replica's memory: sizing grows the worker pods, KubeRay (upgrade
+    strategy NewCluster, its default) brings up a new RayCluster while the old one answers, switches the
+    serve Service once the new one serves, and deletes the old one (checked at the end of the module,
+    after KubeRay's deletion delay)."""
+    if "good" not in serving.facts:
+        pytest.skip("the resource is not serving (see above)")
+    old = serving.active_cluster()
+    old_memory = int(serving.status()["sizing"]["memoryBytes"])
+    padding = tmp_path / "padding.bin"
+    # 16 MiB x memoryMultiplier 20 x 2 versions per replica = 640 MiB more than a small version needs.
+    padding.write_bytes(os.urandom(16 * 1024 * 1024))
+    big = log_padded_phrasebook(serving.mlflow.url, MODEL, padding, lang_to="fr")
+    client_thread = Client(serving)
+    try:
+        client_thread.start()
+        until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+        promoted = time.monotonic()
+        MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", big)
+        until(
+            "the larger version serving from a new RayCluster",
+            lambda: serving.serving(big) and client_thread.first_version(big) is not None,
+            timeout=NEW_CLUSTER_S,
+        )
+        client_thread.finish()
+    finally:
+        client_thread.done.set()
+    answered = client_thread.first_version(big)
+    assert answered is not None
+    print(f"promotion needing a new RayCluster → new version answering: {answered - promoted:.0f} s")
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    versions = [v for _, _, _, v in client_thread.answers]
+    switched = versions.index(big)
+    assert set(versions[:switched]) == {serving.good}, "the old cluster did not answer until the switch"
+    assert set(versions[switched:]) == {big}, "answers went back to the old cluster after the switch"
+    new = serving.active_cluster()
+    assert new["metadata"]["uid"] != old["metadata"]["uid"], "the cluster was not replaced"
+    assert int(serving.status()["sizing"]["memoryBytes"]) > old_memory
+    assert _worker_memory(new) > _worker_memory(old)
+    serving.facts["replaced_cluster"] = old["metadata"]["name"]
+    serving.facts["good"] = big
+
+
+@pytest.mark.timeout(FIRST_SERVE_S + 300)
+def test_proxy_ingress_mode_and_a_gpu_model_on_the_gpu_node(serving: Serving) -> None:
+    """The other ingress mode (Ray's Python proxy instead of HAProxy), on a cluster of its own, for a
+    model that needs a GPU: its worker asks for `nvidia.com/gpu`, lands on the GPU node, Ray there
+    advertises the GPU (KubeRay's `ray start --num-gpus` from the limit) and the replica runs on it."""
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")
     name = "proxied"
-    # The alias still names the broken version the previous test promoted: point it at a good one.
-    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", serving.versions.french)
+    # A version known to serve (a no-op when the alias already names it).
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", serving.good)
     spec = _spec(serving.mlflow.url)
     spec["serving"]["ingressMode"] = "proxy"
+    spec["resources"] = {"accelerator": "gpu"}
     serving.cluster.create_rms(name, spec)
     hosts = serving.plane.cluster_hosts
     assert hosts is not None
@@ -432,11 +741,12 @@ def test_proxy_ingress_mode_serves_through_kuberay(serving: Serving) -> None:
             timeout=FIRST_SERVE_S,
         )
         response = answer()
-        assert response is not None and response.json() == [{"translation_text": "Bonjour"}]
+        assert response is not None and response.headers["x-model-version"] == serving.good, response
         rs = serving.cluster.rayservice(name)
         assert rs is not None
         head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert HAPROXY_ENV not in {e["name"] for e in head.get("env", [])}
+        _assert_replica_on_the_gpu_worker(serving, name)
     finally:
         serving.cluster.custom.delete_namespaced_custom_object(
             "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name
@@ -444,11 +754,44 @@ def test_proxy_ingress_mode_serves_through_kuberay(serving: Serving) -> None:
     until("the proxy-mode RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120)
 
 
+def _assert_replica_on_the_gpu_worker(serving: Serving, name: str) -> None:
+    raycluster = serving.active_cluster(name)
+    (worker,) = serving.pods(raycluster["metadata"]["name"], "worker")
+    assert worker.spec.node_name == plane.GPU_NODE, worker.spec.node_name
+    (container,) = worker.spec.containers
+    assert container.resources.limits[GPU_RESOURCE] == "1", container.resources
+    # KubeRay turned the limit into Ray's GPU count, as in a real pod.
+    assert "--num-gpus=1" in " ".join([*(container.command or []), *(container.args or [])])
+    nodes = serving.ray_state(raycluster, "/api/v0/nodes?detail=true&limit=100")
+    by_id = {n["node_id"]: n for n in nodes if n["state"] == "ALIVE"}
+    gpu_nodes = [n for n in by_id.values() if n["resources_total"].get("GPU")]
+    assert [n["node_ip"] for n in gpu_nodes] == [worker.status.pod_ip], nodes
+    actors = serving.ray_state(raycluster, "/api/v0/actors?detail=true&limit=1000")
+    replicas = [
+        a for a in actors if a["class_name"].startswith(f"ServeReplica:{name}:") and a["state"] == "ALIVE"
+    ]
+    assert replicas, [(a["class_name"], a["state"]) for a in actors]
+    for replica in replicas:
+        assert by_id[replica["node_id"]]["node_ip"] == worker.status.pod_ip, (replica, nodes)
+        assert replica["required_resources"].get("GPU") == 1, replica
+
+
 def test_delete_removes_ray_pods_processes_and_namespaces(serving: Serving) -> None:
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")
     runner = serving.plane.runner
     assert runner is not None
+    replaced = serving.facts.get("replaced_cluster")
+    if replaced:
+        # KubeRay deletes the cluster a new one replaced after its deletion delay (60 s by default).
+        until(
+            "the RayCluster replaced by the memory growth deleted",
+            lambda: replaced not in {c["metadata"]["name"] for c in serving.rayclusters()},
+            timeout=300,
+        )
+        assert not serving.pods(replaced, "head") or all(
+            p.metadata.deletion_timestamp for p in serving.pods(replaced, "head")
+        )
     serving.cluster.custom.delete_namespaced_custom_object(
         "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", NAME
     )

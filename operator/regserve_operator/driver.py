@@ -51,13 +51,19 @@ class Driver:
         self._tick = tick_seconds
         self._lock = threading.Lock()
 
-    def apply(self, owner: Owner, spec: RegisteredModelServingSpec) -> None:
-        """Add a resource, or change its spec (like `kubectl apply`)."""
+    def apply(
+        self,
+        owner: Owner,
+        spec: RegisteredModelServingSpec,
+        status: RegisteredModelServingStatus | None = None,
+    ) -> None:
+        """Add a resource, or change its spec (like `kubectl apply`). `status` seeds a new resource's
+        status, as a restarted operator finds it on the API server."""
         key = (owner.namespace, owner.name)
         with self._lock:
             existing = self._resources.get(key)
             if existing is None:
-                self._resources[key] = _Resource(owner, spec, RegisteredModelServingStatus())
+                self._resources[key] = _Resource(owner, spec, status or RegisteredModelServingStatus())
             elif existing.spec != spec:
                 existing.spec, existing.generation = spec, existing.generation + 1
         self.scheduler.wake(key)

@@ -224,15 +224,26 @@ def test_canary_split_sticky_and_pinned(rollouts: Rollouts) -> None:
             }
             for user in (f"user-{index}" for index in range(20))
         }
+        # The other prediction routes resolve versions through the same place.
+        scoring = [
+            client.post(f"{rollouts.url}/invocations", json={"dataframe_records": [{"prompt": "Hello"}]})
+            for _ in range(30)
+        ]
+        infer_body = {"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["Hello"]}]}
+        infer = [client.post(f"{rollouts.url}/v2/models/{MODEL}/infer", json=infer_body) for _ in range(30)]
     assert {a.headers["X-Model-Version"] for a in pinned} == {rollouts.stable}
+    for answers in (scoring, infer):
+        assert {a.status_code for a in answers} == {200}
+        assert {a.headers["X-Model-Version"] for a in answers} == {rollouts.stable, rollouts.french}
     assert all(len(seen) == 1 for seen in sticky.values()), sticky  # one version per caller
     assert {next(iter(seen)) for seen in sticky.values()} == {rollouts.stable, rollouts.french}
     # The figures are summed over both replicas: every answer the clients got is counted once.
-    total = len(unpinned) + len(pinned) + 6 * len(sticky)
+    total = len(unpinned) + len(pinned) + 6 * len(sticky) + len(scoring) + len(infer)
     report = wait_for_counts(
         rollouts.url, lambda r: sum(v["requests"] for v in r["versions"].values()) == total
     )
-    assert report["versions"][rollouts.french]["requests"] == versions[rollouts.french] + sum(
+    others = [a for a in (*scoring, *infer) if a.headers["X-Model-Version"] == rollouts.french]
+    assert report["versions"][rollouts.french]["requests"] == versions[rollouts.french] + len(others) + sum(
         6 for seen in sticky.values() if seen == {rollouts.french}
     )
     assert report["versions"][rollouts.french]["errors"] == 0

@@ -181,8 +181,9 @@ def _columns(key: str, value: Any, plan: ColumnsPlan) -> FastInput | None:
             return None
         columns = [[row[index] for row in rows] for index in range(width)]
     elif key in ("dataframe_records", "instances") or isinstance(value, list):  # records
+        expected = set(names)
         if not isinstance(value, list) or not all(
-            isinstance(r, dict) and r.keys() == set(names) for r in value
+            isinstance(r, dict) and r.keys() == expected for r in value
         ):
             return None
         columns = [[record[name] for record in value] for name in names]

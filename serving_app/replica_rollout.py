@@ -15,7 +15,6 @@ from serving_app.config import Candidate
 from serving_app.counters import ReplicaCounters, RolloutKey, ShadowOutcome, SmokeResult
 from serving_app.errors import ServingError
 from serving_app.metrics import ServingMetrics
-from serving_app.mlmodel import models_uri
 from serving_app.registry import LoadedVersion
 from serving_app.rollout import RequestRollout, ShadowInput, decide
 from serving_app.service import ModelService, PredictJob
@@ -92,7 +91,7 @@ class ReplicaRollout:
             return SmokeResult.failed(version, error.code, error.message)
         except Exception as error:  # never let the candidate fail reconfigure()
             return SmokeResult.failed(version, "version_load_failed", f"{type(error).__name__}: {error}")
-        return await run_smoke(loaded, models_uri(self.service.args.model_name, version))
+        return await run_smoke(loaded, self.service.args.model_name)
 
     # ---------------------------------------------------------------------------------- requests
 

@@ -20,7 +20,9 @@ from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, Object, 
 from serving_app.convert import prediction_items
 from serving_app.counters import SmokeResult
 from serving_app.errors import ServingError
-from serving_app.registry import LoadedVersion
+from serving_app.mlmodel import models_uri
+from serving_app.mlmodel_client import classify
+from serving_app.registry import LoadedVersion, serving_error
 
 _SCALARS: dict[DataType, Any] = {
     DataType.boolean: False,
@@ -100,8 +102,12 @@ def smoke_input(loaded: LoadedVersion, model_uri: str) -> SmokeInput | None:
     return None
 
 
-def _predict(loaded: LoadedVersion, model_uri: str) -> str:
-    payload = smoke_input(loaded, model_uri)
+def _predict(loaded: LoadedVersion, model_name: str) -> str:
+    model_uri = models_uri(model_name, loaded.version)
+    try:
+        payload = smoke_input(loaded, model_uri)
+    except Exception as error:  # reading the example: the registry's outcome, in its codes
+        raise serving_error(classify(error, model_uri), model_name, loaded.version) from error
     if payload is None:
         return "nothing to predict: no input example and no signature"
     prediction = loaded.model.predict(payload.data, payload.params)
@@ -109,10 +115,12 @@ def _predict(loaded: LoadedVersion, model_uri: str) -> str:
     return f"predicted its {payload.source.replace('_', ' ')}"
 
 
-async def run_smoke(loaded: LoadedVersion, model_uri: str) -> SmokeResult:
-    """Predict the candidate's example off the event loop; any failure is a failed result."""
+async def run_smoke(loaded: LoadedVersion, model_name: str) -> SmokeResult:
+    """Predict the candidate's example off the event loop; any failure is a failed result (reading
+    the example: `registry_unavailable`, `unknown_version`, `version_load_failed`; predicting it:
+    `prediction_failed`)."""
     try:
-        note = await asyncio.to_thread(_predict, loaded, model_uri)
+        note = await asyncio.to_thread(_predict, loaded, model_name)
     except ServingError as error:
         return SmokeResult.failed(loaded.version, error.code, error.message)
     except Exception as error:  # the model's own code, or its example unreadable

@@ -338,29 +338,33 @@ def test_a_slow_shadow_never_delays_the_stable_answer(rollouts: Rollouts) -> Non
 
 
 def test_metrics_carry_the_rollout_phase(rollouts: Rollouts, local_ray: LocalRay) -> None:
-    def exported() -> str | None:
-        text = httpx.get(local_ray.metrics_url, timeout=10).text
-        wanted = ("regserve_version_requests", "regserve_shadow_comparisons", "regserve_version_latency_ms")
-        return text if all(name in text for name in wanted) else None
+    wanted = [
+        ("regserve_version_requests", {"version": rollouts.french, "phase": "canary", "outcome": "ok"}),
+        (
+            "regserve_version_requests",
+            {"version": rollouts.fails_hello, "phase": "canary", "outcome": "server_error"},
+        ),
+        ("regserve_version_requests", {"version": rollouts.stable, "phase": "shadow", "outcome": "ok"}),
+        ("regserve_version_latency_ms_bucket", {"version": rollouts.french, "phase": "canary"}),
+        ("regserve_shadow_comparisons", {"version": rollouts.french, "outcome": "disagree"}),
+        ("regserve_shadow_comparisons", {"version": rollouts.slow, "outcome": "dropped"}),
+    ]
 
-    text = wait_for(exported, timeout=90, interval=1, message="rollout metrics on Ray's exporter")
-    lines = text.splitlines()
-
-    def series(name: str, **labels: str) -> list[str]:
+    def missing() -> list[Any]:
+        lines = httpx.get(local_ray.metrics_url, timeout=10).text.splitlines()
         return [
-            line
-            for line in lines
-            if line.startswith(f"ray_{name}")
-            and all(f'{key}="{value}"' in line for key, value in labels.items())
+            (name, labels)
+            for name, labels in wanted
+            if not any(
+                line.startswith(f"ray_{name}")
+                and all(f'{key}="{value}"' in line for key, value in labels.items())
+                for line in lines
+            )
         ]
 
-    assert series("regserve_version_requests", version=rollouts.french, phase="canary", outcome="ok")
-    assert series(
-        "regserve_version_requests", version=rollouts.fails_hello, phase="canary", outcome="server_error"
-    )
-    assert series("regserve_version_requests", version=rollouts.stable, phase="shadow", outcome="ok")
-    assert series("regserve_shadow_comparisons", version=rollouts.french, outcome="disagree")
-    assert series("regserve_shadow_comparisons", version=rollouts.slow, outcome="dropped")
+    # Ray's exporter publishes every few seconds: wait until every series is there (or fail).
+    wait_for(lambda: not missing(), timeout=90, interval=1, message="rollout series on Ray's exporter")
+    assert missing() == []
 
 
 def test_switch_after_the_smoke_test_is_not_a_load(rollouts: Rollouts) -> None:

@@ -33,7 +33,13 @@ from regserve_operator.spec import Canary, Rollout, RolloutPhase, Shadow
 
 CandidateMode = Literal["smoke", "canary", "shadow"]
 RollbackCause = Literal[
-    "CanaryFailed", "ShadowDisagreement", "Timeout", "DeployFailed", "LoadFailed", "RegistryUnavailable"
+    "CanaryFailed",
+    "ShadowDisagreement",
+    "Timeout",
+    "DeployFailed",
+    "LoadFailed",
+    "RegistryUnavailable",
+    "CandidateDeleted",
 ]
 # A smoke test that failed because the candidate could not be loaded is a failed load, as it was before
 # smoke tests: rolled back (and retried after a back-off when the registry was unreachable); one that
@@ -41,6 +47,7 @@ RollbackCause = Literal[
 SMOKE_LOAD_FAILURES: dict[str, RollbackCause] = {
     REGISTRY_UNAVAILABLE_CODE: "RegistryUnavailable",
     "version_load_failed": "LoadFailed",
+    "unknown_version": "CandidateDeleted",  # the registry no longer has the version
 }
 
 CANDIDATE_PHASES: frozenset[RolloutPhase] = frozenset({"SmokeTest", "Canary", "Shadow"})

@@ -166,6 +166,14 @@ VERDICTS = [
         says="failed to load",
     ),
     VerdictCase(
+        "smoke test finds the version gone from the registry: rolled back",
+        p.Stage("SmokeTest"),
+        replace(_report(smoke="failed"), smoke=SmokeReport("failed", code="unknown_version")),
+        3,
+        p.Fail,
+        "CandidateDeleted",
+    ),
+    VerdictCase(
         "smoke test cut by a registry outage: rolled back, retried later (not the version's fault)",
         p.Stage("SmokeTest"),
         replace(_report(smoke="failed"), smoke=SmokeReport("failed", code="registry_unavailable")),

@@ -25,7 +25,7 @@ spec:
   model: {{name: {model}, alias: champion}}
   registry: {{trackingUri: "{uri}", pollIntervalSeconds: {poll}}}
   serving: {{routePrefix: /{name}, cpusPerReplica: 0.25}}
-  rollout: {{deadlineSeconds: {deadline}}}
+  rollout: {{deadlineSeconds: {deadline}, smokeTest: false}}
 """
 
 

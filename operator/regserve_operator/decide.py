@@ -42,7 +42,7 @@ from regserve_operator.builders import (
 )
 from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
-from regserve_operator.probe import AppReport, RolloutReport
+from regserve_operator.probe import AppReport, RolloutReport, RolloutUnsupported
 from regserve_operator.requirements import check_requirements
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import (
@@ -82,7 +82,8 @@ class Observation:
     resolved: str | RegistryError | None = None  # the selector's version, or why it is unknown
     facts: Mapping[str, FactsResult] = field(default_factory=dict)
     app: AppReport | None = None  # what the app reported (asked only while a rollout is judged)
-    rollout: RolloutReport | None = None  # the app's /rollout (asked only while a candidate is on)
+    # The app's /rollout (asked only while a candidate is on).
+    rollout: RolloutReport | RolloutUnsupported | None = None
 
     def with_facts(self, version: str, result: FactsResult) -> Observation:
         return replace(self, facts={**self.facts, version: result})
@@ -352,6 +353,9 @@ def _judge_stage(d: _Draft, version: str) -> None:
         _roll_back(d, version, r.Failed("CandidateDeleted", f"the selector no longer resolves: {resolved}"))
         return
     stage = p.Stage(st.rollout_phase or "SmokeTest", st.rollout_step)
+    if isinstance(d.observed.rollout, RolloutUnsupported):
+        _skip_unjudged_stage(d, version, stage)
+        return
     started = parse_iso(st.rollout_stage_started_at) or d.now
     check = p.StageCheck(
         stage=stage,
@@ -372,6 +376,21 @@ def _judge_stage(d: _Draft, version: str) -> None:
         _roll_back(d, version, r.Failed(verdict.cause, verdict.message))
     elif isinstance(verdict, p.Report):
         _report_shadow(d, version, verdict.message)
+
+
+def _skip_unjudged_stage(d: _Draft, version: str, stage: p.Stage) -> None:
+    """An app that answers but has no /rollout (an older serving image) can never judge a candidate:
+    switch as an Immediate rollout would, once the app itself answered in this pass (a 404 while it
+    does not could be the route not being up yet)."""
+    if d.observed.app is None or d.spec.paused:
+        return
+    d.event(
+        "Warning",
+        "RolloutUnjudged",
+        f"version {version}: the serving app has no /rollout (an image older than the operator), so its "
+        f"{stage.phase} stage is skipped",
+    )
+    _advance(d, version, p.Stage("Switching"), "")
 
 
 def _record_figures(d: _Draft, check: p.StageCheck, verdict: p.StageVerdict) -> None:

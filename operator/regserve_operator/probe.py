@@ -139,17 +139,27 @@ class RolloutReport:
         return self.versions.get(version or "", VersionFigures())
 
 
-RolloutProbe = Callable[[str], RolloutReport | None]
+@dataclass(frozen=True)
+class RolloutUnsupported:
+    """The app answered `/rollout` with 404: it predates rollout reports (a serving image older than the
+    operator). Its candidates can never get a verdict, so waiting for one would only time out."""
 
 
-def probe_rollout(url: str, *, client: httpx.Client | None = None) -> RolloutReport | None:
-    """The app's rollout report; None when it cannot be asked or answers with something else (an app
-    without the route): the caller then promotes nothing."""
+RolloutProbe = Callable[[str], RolloutReport | RolloutUnsupported | None]
+
+
+def probe_rollout(
+    url: str, *, client: httpx.Client | None = None
+) -> RolloutReport | RolloutUnsupported | None:
+    """The app's rollout report; RolloutUnsupported for an app without the route; None when it cannot
+    be asked or answers with something else: the caller then promotes nothing."""
     try:
         getter = client.get if client is not None else httpx.get
         response = getter(f"{url.rstrip('/')}/rollout", timeout=TIMEOUT_S)
     except httpx.HTTPError:
         return None
+    if response.status_code == 404:
+        return RolloutUnsupported()
     if response.status_code != 200:
         return None
     try:

@@ -17,7 +17,14 @@ from regserve_operator import conditions as c
 from regserve_operator.builders import build_rayservice, candidate_of, serving_version_of
 from regserve_operator.decide import Inputs, Observation, Outcome, decide, iso, wants_rollout_report
 from regserve_operator.ports import NotFound, RegistryUnreachable
-from regserve_operator.probe import AppReport, RolloutReport, ShadowFigures, SmokeReport, VersionFigures
+from regserve_operator.probe import (
+    AppReport,
+    RolloutReport,
+    RolloutUnsupported,
+    ShadowFigures,
+    SmokeReport,
+    VersionFigures,
+)
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import RegisteredModelServingStatus, StageRecord, VersionRecord
 
@@ -127,7 +134,7 @@ class Case:
     name: str
     status: RegisteredModelServingStatus
     resolved: Any
-    report: RolloutReport | None = None
+    report: RolloutReport | RolloutUnsupported | None = None
     spec: dict[str, Any] = field(default_factory=lambda: dict(CANARY))
     app: AppReport | None = None
     existing: dict[str, Any] | str | None = "as written"
@@ -226,6 +233,25 @@ GATE_AND_SMOKE = [
         rejected=("2", "RolledBack", "RegistryUnavailable"),
         says="retried in 5s",
         smoke_code="registry_unavailable",
+    ),
+    Case(
+        "an app without /rollout (an older image): the stage is skipped with a warning, then the switch",
+        _status("SmokeTest"),
+        "2",
+        RolloutUnsupported(),
+        app=AppReport("1"),
+        carries="2",
+        events=["RolloutUnjudged", "Switching"],
+        phase="Switching",
+    ),
+    Case(
+        "/rollout 404 while the app itself did not answer: wait, nothing rewritten",
+        _status("SmokeTest"),
+        "2",
+        RolloutUnsupported(),
+        candidate=("2", "smoke", 0, 5),
+        phase="SmokeTest",
+        writes=False,
     ),
     Case(
         "a version held by its smoke test is not tried again while the selector points at it",

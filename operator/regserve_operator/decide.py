@@ -674,6 +674,7 @@ def _build(d: _Draft, version: str) -> None:
         serving=spec.serving,
         resources=spec.resources,
         previous=st.sizing,
+        holds_candidate=_holds_candidates(d),
     )
     desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults, _candidate(d))
     plan = make_plan(desired, d.observed.existing)
@@ -716,6 +717,12 @@ def _candidate_size(d: _Draft) -> int | None:
     version = d.st.rollout_version if in_candidate_phase(d.st) else None
     facts = d.facts(version) if version else None
     return facts.model_size_bytes if isinstance(facts, ModelFacts) else None
+
+
+def _holds_candidates(d: _Draft) -> bool:
+    """Rollouts of this resource load a candidate beside the versions a replica caches."""
+    first = p.first_stage(d.spec.rollout, has_stable=True)
+    return d.inputs.judges_candidates and first.phase != "Switching"
 
 
 def _sized_for(stable: int | None, candidate: int | None) -> int | None:

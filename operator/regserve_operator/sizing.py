@@ -3,7 +3,11 @@
 A replica may hold up to `maxModelsPerReplica` versions (the default one plus versions pinned by
 requests), so it is sized for that many copies of the default version:
 
-    memory = RUNTIME_OVERHEAD + memoryMultiplier * model_size_bytes * maxModelsPerReplica
+    memory = RUNTIME_OVERHEAD + memoryMultiplier * model_size_bytes * (maxModelsPerReplica + candidate)
+
+where `candidate` is 1 when rollouts hold a candidate beside them (a smoke test, canary or shadow keeps
+the candidate loaded outside the replica's model cache) and 0 otherwise. It counts whether or not a
+rollout is under way: sizing that changed when a candidate arrives would replace the cluster mid-rollout.
 
 rounded up to STEP. Sizing must not defeat in-place switching: a promotion only *grows* the replica
 when the new version needs more than the current size, and it never shrinks on promotion (a change
@@ -96,13 +100,12 @@ def size_replica(
     serving: Serving,
     resources: Resources,
     previous: Sizing | None,
+    holds_candidate: bool = False,
 ) -> ReplicaSize:
     """Size for the default version; `previous` is what the cluster has now (grow-only against it)."""
     basis = basis_of(serving, resources)
-    need = round_up(
-        RUNTIME_OVERHEAD
-        + resources.memory_multiplier * (model_size_bytes or 0) * serving.max_models_per_replica
-    )
+    models = serving.max_models_per_replica + (1 if holds_candidate else 0)
+    need = round_up(RUNTIME_OVERHEAD + resources.memory_multiplier * (model_size_bytes or 0) * models)
     gpus = 1 if wants_gpu(resources.accelerator, flavors, model_size_bytes) else 0
     if previous is not None and previous.basis == basis and previous.memory_bytes:
         need = max(need, previous.memory_bytes)

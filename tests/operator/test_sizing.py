@@ -102,6 +102,28 @@ def test_size_replica(
     assert got.memory_bytes % STEP == 0
 
 
+@pytest.mark.parametrize(
+    ("case", "size", "holds_candidate", "memory"),
+    [
+        # 1 GiB + 2.0 * 300 MiB * 2 = 2224 MiB -> 2560 MiB
+        ("no candidate: the cached versions only", 300 * MiB, False, 2560 * MiB),
+        # 1 GiB + 2.0 * 300 MiB * 3 = 2824 MiB -> 3 GiB
+        ("a held candidate counts as one more version", 300 * MiB, True, 3 * GiB),
+        ("a tiny model's candidate fits in the rounding", 10 * MiB, True, RUNTIME_OVERHEAD + STEP),
+    ],
+)
+def test_a_held_candidate_is_sized_for(case: str, size: int, holds_candidate: bool, memory: int) -> None:
+    got = size_replica(
+        model_size_bytes=size,
+        flavors=["sklearn"],
+        serving=S,
+        resources=R,
+        previous=None,
+        holds_candidate=holds_candidate,
+    )
+    assert got.memory_bytes == memory, case
+
+
 def test_gpu_placement_defaults_and_overrides() -> None:
     got = size_replica(
         model_size_bytes=0, flavors=[], serving=S, resources=Resources(accelerator="gpu"), previous=None

@@ -50,6 +50,7 @@ from regserve_operator.spec import (
     HistoryEntry,
     RegisteredModelServingSpec,
     RegisteredModelServingStatus,
+    Rollout,
     ShadowStatus,
     StageRecord,
     VersionRecord,
@@ -347,14 +348,15 @@ def _judge_stage(d: _Draft, version: str) -> None:
     longer resolves (the candidate or its alias deleted) rolls it back."""
     st, resolved = d.st, d.observed.resolved
     d.out.in_flight = True
-    if isinstance(resolved, RegistryUnreachable):
-        return
-    if isinstance(resolved, RegistryError):
+    # A registry outage freezes the rollout where it is: no promotion on missing facts. A failing
+    # candidate is still rolled back (as when paused): the stable version must not share its errors.
+    frozen = d.spec.paused or isinstance(resolved, RegistryUnreachable)
+    if isinstance(resolved, RegistryError) and not isinstance(resolved, RegistryUnreachable):
         _roll_back(d, version, r.Failed("CandidateDeleted", f"the selector no longer resolves: {resolved}"))
         return
     stage = p.Stage(st.rollout_phase or "SmokeTest", st.rollout_step)
     if isinstance(d.observed.rollout, RolloutUnsupported):
-        _skip_unjudged_stage(d, version, stage)
+        _skip_unjudged_stage(d, version, stage, frozen)
         return
     started = parse_iso(st.rollout_stage_started_at) or d.now
     check = p.StageCheck(
@@ -367,9 +369,9 @@ def _judge_stage(d: _Draft, version: str) -> None:
         report=d.observed.rollout,
     )
     verdict = p.judge_stage(d.spec.rollout, check)
-    _record_figures(d, check, verdict)
-    if isinstance(verdict, p.Pass) and not d.spec.paused:
-        _advance(d, version, p.next_stage(d.spec.rollout, stage), verdict.message)
+    _record_figures(d, check, verdict, frozen)
+    if isinstance(verdict, p.Pass) and not frozen:
+        _advance(d, version, p.next_stage(_rollout_of(d, version), stage), verdict.message)
     elif isinstance(verdict, p.Held):
         _hold_smoke_failed(d, version, verdict.message)
     elif isinstance(verdict, p.Fail):
@@ -378,11 +380,20 @@ def _judge_stage(d: _Draft, version: str) -> None:
         _report_shadow(d, version, verdict.message)
 
 
-def _skip_unjudged_stage(d: _Draft, version: str, stage: p.Stage) -> None:
+def _rollout_of(d: _Draft, version: str) -> Rollout:
+    """How `version` rolls out. One let through `allowIncompatibleVersion` gets no canary or shadow:
+    unpinned requests are checked against the stable signature, which its own does not match."""
+    rollout = d.spec.rollout
+    if rollout.allow_incompatible_version == version and rollout.strategy != "Immediate":
+        return rollout.model_copy(update={"strategy": "Immediate"})
+    return rollout
+
+
+def _skip_unjudged_stage(d: _Draft, version: str, stage: p.Stage, frozen: bool) -> None:
     """An app that answers but has no /rollout (an older serving image) can never judge a candidate:
     switch as an Immediate rollout would, once the app itself answered in this pass (a 404 while it
     does not could be the route not being up yet)."""
-    if d.observed.app is None or d.spec.paused:
+    if d.observed.app is None or frozen:
         return
     d.event(
         "Warning",
@@ -393,7 +404,7 @@ def _skip_unjudged_stage(d: _Draft, version: str, stage: p.Stage) -> None:
     _advance(d, version, p.Stage("Switching"), "")
 
 
-def _record_figures(d: _Draft, check: p.StageCheck, verdict: p.StageVerdict) -> None:
+def _record_figures(d: _Draft, check: p.StageCheck, verdict: p.StageVerdict, frozen: bool) -> None:
     """The current stage's figures as last reported, and its verdict, in status."""
     stages = d.st.rollout_stages or []
     if not stages or stages[-1].generation != check.generation:
@@ -416,7 +427,7 @@ def _record_figures(d: _Draft, check: p.StageCheck, verdict: p.StageVerdict) -> 
                 errors=shadow.errors,
                 p95_ms=shadow.p95_ms,
             )
-    if isinstance(verdict, p.Pass) and not d.spec.paused:
+    if isinstance(verdict, p.Pass) and not frozen:
         record.verdict = "Passed"
     elif isinstance(verdict, p.Fail | p.Held):
         record.verdict = "Failed"
@@ -610,7 +621,9 @@ def _gate(d: _Draft, resolved: str, current: str | None, attempt: int) -> str | 
     if st.rejected and st.rejected.version == resolved:
         st.rejected = None  # explicitly allowed
     d.start_rollout(resolved, attempt)
-    stage = p.first_stage(d.spec.rollout, has_stable=current is not None and d.inputs.judges_candidates)
+    stage = p.first_stage(
+        _rollout_of(d, resolved), has_stable=current is not None and d.inputs.judges_candidates
+    )
     if (
         current is not None
         and not d.inputs.judges_candidates

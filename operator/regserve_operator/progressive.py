@@ -173,16 +173,34 @@ def judge_stage(rollout: Rollout, check: StageCheck) -> StageVerdict:
     phase = check.stage.phase
     if phase == "SmokeTest":
         return smoke_verdict(report, check.candidate, check.elapsed_s, check.deadline_s)
-    if phase == "Canary":
+    if phase not in ("Canary", "Shadow"):
+        return Wait("switching")
+    if report.smoke.state == "failed":
+        # A replica that (re)started during the stage failed the candidate's smoke test: it never routes
+        # to it, so the others' figures would pass a version that fails there once it is the default.
+        return smoke_verdict(report, check.candidate, check.elapsed_s, check.deadline_s)
+    verdict = _traffic_verdict(rollout, check, report)
+    if isinstance(verdict, Pass) and report.smoke.state != "passed":
+        return Wait(f"a replica has not finished the candidate's smoke test; {verdict.message}")
+    if isinstance(verdict, Wait) and check.elapsed_s > _stage_seconds(rollout, phase) + check.deadline_s:
+        # Too little traffic, or a candidate that never answers: the stage cannot end by itself.
+        return Fail("Timeout", f"no verdict {check.deadline_s:.0f}s past the stage's end: {verdict.message}")
+    return verdict
+
+
+def _traffic_verdict(rollout: Rollout, check: StageCheck, report: RolloutReport) -> StageVerdict:
+    if check.stage.phase == "Canary":
         return canary_verdict(
             rollout.canary,
             report.figures(check.stable),
             report.figures(check.candidate),
             check.elapsed_s,
         )
-    if phase == "Shadow":
-        return shadow_verdict(rollout.shadow, report.shadow, check.elapsed_s)
-    return Wait("switching")
+    return shadow_verdict(rollout.shadow, report.shadow, check.elapsed_s)
+
+
+def _stage_seconds(rollout: Rollout, phase: RolloutPhase) -> float:
+    return float(rollout.canary.step_seconds if phase == "Canary" else rollout.shadow.duration_seconds)
 
 
 def _refused_candidate(check: StageCheck) -> Fail | None:
@@ -277,8 +295,9 @@ def shadow_verdict(shadow: Shadow, figures: ShadowFigures, elapsed_s: float) -> 
     text = shadow_text(figures)
     if elapsed_s < shadow.duration_seconds:
         return Wait(f"shadowing for {shadow.duration_seconds}s; {text}")
-    if figures.compared + figures.errors == 0:
-        return Wait(f"no mirrored request yet; {text}")
+    judged = figures.compared + figures.errors
+    if judged < shadow.min_comparisons:
+        return Wait(f"{judged} of {shadow.min_comparisons} mirrored requests judged; {text}")
     limit = shadow.max_disagreement_rate
     if limit is None:
         return Report(text)

@@ -278,6 +278,12 @@ class Shadow(_Model):
 
     percent: int = Field(100, ge=1, le=100, description="Share of unpinned requests mirrored.")
     duration_seconds: int = Field(300, ge=1, le=86400, description="How long the candidate is shadowed.")
+    min_comparisons: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="Mirrored requests judged (compared or failed) before a verdict; fewer wait.",
+    )
     max_disagreement_rate: float | None = Field(
         None,
         ge=0.0,

@@ -363,8 +363,23 @@ class Sandbox:
 
     def argv(self, command: list[str]) -> list[str]:
         """``command`` inside the pod: its network namespace, hosts, resolv.conf and private /tmp."""
-        script = 'mount --bind "$0" /tmp && exec "$@"'
-        return ["ip", "netns", "exec", self.netns, "sh", "-c", script, str(self.tmp), *command]
+        prefix = ["ip", "netns", "exec", self.netns, "sh", "-c"]
+        tree = tree_under_tmp(REPO_ROOT)
+        if tree is None:
+            script = 'mount --bind "$0" /tmp && exec "$@"'
+            return [*prefix, script, str(self.tmp), *command]
+        # A working tree under /tmp (a clone made there) would be hidden by the private /tmp, and the
+        # pods import the project from it: it is bind-mounted at the same path inside the private one.
+        script = 'mkdir -p "$1" && mount --bind "$2" "$1" && mount --rbind "$0" /tmp && shift 2 && exec "$@"'
+        return [*prefix, script, str(self.tmp), str(self.tmp / tree), str(REPO_ROOT), *command]
+
+
+def tree_under_tmp(path: Path) -> Path | None:
+    """`path` relative to /tmp when it lies there, else None."""
+    try:
+        return path.resolve().relative_to("/tmp")
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 PYTHON = os.environ.get("PYTHON", "python3.11")
 # What the image's check after the install asserts, run the same way here.
 SMOKE = "import ray, serving_app.app"
+PROJECT = "regserve"
+# Bumped when what the build leaves in the environment changes (2: the project's own code removed).
+LAYOUT = 2
 
 
 class ServingEnvError(RuntimeError):
@@ -62,7 +65,11 @@ def env_key() -> str:
     command and base versions) and the parts of pyproject.toml an install reads (not tool settings, which
     change often and install nothing)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    install_inputs = {"build-system": project.get("build-system"), "project": project.get("project")}
+    install_inputs = {
+        "build-system": project.get("build-system"),
+        "project": project.get("project"),
+        "layout": LAYOUT,
+    }
     digest = hashlib.sha256(json.dumps(install_inputs, sort_keys=True).encode())
     for path in (DOCKERFILE, REPO_ROOT / "constraints.txt"):
         digest.update(b"\0" + path.read_bytes())
@@ -128,6 +135,15 @@ def _build(target: Path, log: Path | None) -> None:
                 [python, "-m", "pip", "install", *quiet, *args], check=True, cwd=src, stdout=out, stderr=out
             )
         subprocess.run([python, "-c", SMOKE], check=True, cwd="/", stdout=out, stderr=out)
+        # The pods import the project from the working tree (PYTHONPATH). An installed copy would be
+        # a silent fallback to the code of whenever this environment was built, should the tree ever
+        # be out of a pod's sight; without it that fails at once.
+        subprocess.run(
+            [python, "-m", "pip", "uninstall", *quiet, "-q", "-y", PROJECT],
+            check=True,
+            stdout=out,
+            stderr=out,
+        )
     except subprocess.CalledProcessError as exc:
         where = f"; see {log}" if log else ""
         raise ServingEnvError(f"serving environment install failed: {exc}{where}") from exc

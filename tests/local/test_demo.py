@@ -32,3 +32,17 @@ def test_scripted_demo_completes(tmp_path: Path) -> None:
     assert "RolloutSucceeded: version 2 is serving" in transcript
     assert "SignatureIncompatible: version 3 held back" in transcript
     assert "409" in transcript
+    # The canary (demo_phrasebook v1 answers "Hallo", v2 "Bonjour"): each step printed as it ran, with
+    # the client's answers from both versions, then only the new one; the demo itself checks the shares.
+    assert "canary: demo_phrasebook@champion → v2" in transcript
+    for weight in (25, 50):
+        step = next(
+            line for line in transcript.splitlines() if line.strip().startswith(f"Canary {weight}% (v2)")
+        )
+        assert "v1 'Hallo'" in step and "v2 'Bonjour'" in step, step
+    assert "operator: Canary 50% Passed" in transcript
+    after = next(line for line in transcript.splitlines() if line.strip().startswith("serving v2 "))
+    assert "v2 'Bonjour' 100%" in after, after
+    # The smoke-test refusal: v3 held, v2 alone answering meanwhile.
+    assert "held: v3 SmokeTestFailed:" in transcript
+    assert "versions that answered meanwhile: 2" in transcript

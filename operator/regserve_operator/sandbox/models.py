@@ -19,8 +19,12 @@ def log_phrasebook(
     input_label: str = "prompt",
     fail_on_load: bool = False,
     extra_inputs: dict[str, Any] | None = None,
+    input_example: str | None = None,
 ) -> str:
-    """Register a phrasebook translator version; returns its version number."""
+    """Register a phrasebook translator version; returns its version number.
+
+    `input_example`: a prompt logged as the version's MLflow input example (what a smoke test
+    predicts); "boom" makes a version that loads but fails its own example."""
     mlflow.set_tracking_uri(tracking_uri)
     example = pd.DataFrame({input_label: ["Hello"], **{k: [v] for k, v in (extra_inputs or {}).items()}})
     signature = infer_signature(example, [{"translation_text": "Hallo"}])
@@ -30,6 +34,7 @@ def log_phrasebook(
             python_model=str(PHRASEBOOK_MODEL),
             model_config={"lang_to": lang_to, "input_label": input_label, "fail_on_load": fail_on_load},
             signature=signature,
+            input_example=pd.DataFrame({input_label: [input_example]}) if input_example is not None else None,
             pip_requirements=["mlflow", "pandas"],
             registered_model_name=model_name,
         )

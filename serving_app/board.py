@@ -6,8 +6,8 @@ Replicas push snapshots in the background (`BoardClient.run`), never per request
 pushing when it is given a candidate (or asked for `/rollout`) and keeps pushing from then on, so an
 application that never rolls anything out costs the cluster nothing, and one board serves every
 application of a shared cluster. The actor is created by the first replica that needs it
-(`get_if_exists`: concurrent creations meet on one actor) and is owned by it; if the owner goes
-away, the next push creates it again and every live replica's next push (full cumulative snapshots)
+(`get_if_exists`: concurrent creations meet on one actor), detached so that it outlives that replica,
+and restarted by Ray if its process dies; every live replica's next push (full cumulative snapshots)
 restores the figures.
 """
 
@@ -31,6 +31,22 @@ CALL_TIMEOUT_S = 5.0
 # Next to Serve's own actors.
 BOARD_NAMESPACE = "serve"
 BOARD_NAME = "regserve-rollout-board"
+
+
+RETRY_AFTER_S = 10.0
+
+
+class BoardUnavailable(RuntimeError):
+    pass
+
+
+def _get_or_create_board() -> Any:
+    # Detached: the board outlives the replica that happened to create it (a scale-down or another
+    # application's deletion would otherwise take every application's figures with it).
+    actor = ray.remote(num_cpus=0, max_restarts=-1)(RolloutBoard)
+    return actor.options(
+        name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
 
 
 class RolloutBoard:
@@ -66,23 +82,29 @@ class BoardClient:
         self.app = app_name
         self.counters = counters
         self._handle: Any = None
+        self._retry_at = 0.0  # no new lookup before this (monotonic) after a failed one
         self._engaged = False  # pushing: a rollout reached this replica, or /rollout was asked here
         self._pushed_changes = -1
         self._pushed_at = 0.0
 
-    def _board(self) -> Any:
+    async def _board(self) -> Any:
         if self._handle is None:
-            actor = ray.remote(num_cpus=0, max_restarts=0)(RolloutBoard)
-            self._handle = actor.options(
-                name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime=None
-            ).remote()
+            if time.monotonic() < self._retry_at:
+                raise BoardUnavailable("the rollout board was unreachable moments ago")
+            # Looking a named actor up is a synchronous call to the GCS: off the event loop, which
+            # answers requests and must not stall while the head is away.
+            self._handle = await asyncio.wait_for(asyncio.to_thread(_get_or_create_board), CALL_TIMEOUT_S)
         return self._handle
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(getattr(self._board(), method).remote(*args), CALL_TIMEOUT_S)
+            board = await self._board()
+            return await asyncio.wait_for(getattr(board, method).remote(*args), CALL_TIMEOUT_S)
+        except BoardUnavailable:
+            raise
         except Exception:
-            self._handle = None  # the owner went away, or the call failed: look it up (or create) again
+            self._handle = None  # the board went away, or the call failed: look it up (or create) again
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
             raise
 
     async def push(self) -> None:

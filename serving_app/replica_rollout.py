@@ -4,6 +4,7 @@ shadow requests after the stable answer. The decisions are `serving_app.rollout`
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import random
@@ -24,6 +25,10 @@ from serving_app.smoke import run_smoke
 logger = logging.getLogger("ray.serve")
 
 Predict = Callable[[PredictJob], Awaitable[list[Any]]]
+
+# The candidate's load and smoke test run in reconfigure(); past this they count as failed.
+SMOKE_TIMEOUT_S = 180.0
+SMOKE_TIMEOUT_CODE = "smoke_timeout"
 
 
 class ReplicaRollout:
@@ -86,6 +91,16 @@ class ReplicaRollout:
 
     async def _smoke_test(self, version: str) -> SmokeResult:
         try:
+            return await asyncio.wait_for(self._load_and_smoke(version), SMOKE_TIMEOUT_S)
+        except TimeoutError:
+            # reconfigure() runs this: a replica stuck in it would never get the config that drops the
+            # candidate, and a starting one would not serve the stable version meanwhile.
+            return SmokeResult.failed(
+                version, SMOKE_TIMEOUT_CODE, f"load and smoke test not done within {SMOKE_TIMEOUT_S:.0f}s"
+            )
+
+    async def _load_and_smoke(self, version: str) -> SmokeResult:
+        try:
             loaded = await self.service.hold_candidate(version)
         except ServingError as error:
             return SmokeResult.failed(version, error.code, error.message)
@@ -116,6 +131,10 @@ class ReplicaRollout:
         state = self.service.request_rollout.get()
         if state is None or not state.decision.shadow or state.pinned:
             return await predict(job)
+        if self.shadows.in_flight >= self.shadows.limit:
+            # Over the bound the shadow would be dropped anyway: no copy of the input on the request path.
+            state.shadow_dropped = True
+            return await predict(job)
         kept = copy.deepcopy(job.model_input)  # the model may change its input in place
         answer = await predict(job)
         state.shadow_input = ShadowInput(kept, job.rows, job.params, answer)
@@ -127,11 +146,17 @@ class ReplicaRollout:
         if version is None:
             return  # refused before a version was chosen (auth, bad version header): nobody's answer
         self.counters.record_request(version, status, latency_ms)
-        outcome = "ok" if status < 400 else "client_error" if status < 500 else "server_error"
-        tags = {"version": version, "phase": self.phase}
-        self.metrics.version_requests.inc(tags={**tags, "outcome": outcome})
-        self.metrics.version_latency.observe(latency_ms, tags=tags)
+        if self.candidate is not None:
+            # Per-version series labelled with the phase: only while a rollout is on (without one the
+            # request series already carry the version).
+            outcome = "ok" if status < 400 else "client_error" if status < 500 else "server_error"
+            tags = {"version": version, "phase": self.phase}
+            self.metrics.version_requests.inc(tags={**tags, "outcome": outcome})
+            self.metrics.version_latency.observe(latency_ms, tags=tags)
         candidate = self.service.candidate
+        if candidate is not None and state.shadow_dropped and status == 200:
+            self._count_shadow(candidate.version, "dropped", 0.0)
+            return
         if state.shadow_input is None or status != 200 or candidate is None:
             return
         shadow_input = state.shadow_input

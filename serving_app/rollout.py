@@ -71,6 +71,7 @@ class RequestRollout:
     version: str | None = None
     pinned: bool = False  # the request named a version (header or path)
     shadow_input: ShadowInput | None = None
+    shadow_dropped: bool = False  # shadowed, but over the in-flight bound: counted as dropped
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ SMOKE_LOAD_FAILURES: dict[str, RollbackCause] = {
     REGISTRY_UNAVAILABLE_CODE: "RegistryUnavailable",
     "version_load_failed": "LoadFailed",
     "unknown_version": "CandidateDeleted",  # the registry no longer has the version
+    "smoke_timeout": "Timeout",  # the load and smoke test outlasted the app's bound (a stalled download)
 }
 
 CANDIDATE_PHASES: frozenset[RolloutPhase] = frozenset({"SmokeTest", "Canary", "Shadow"})

@@ -166,6 +166,14 @@ VERDICTS = [
         says="failed to load",
     ),
     VerdictCase(
+        "smoke test outlasted the app's bound (a stalled download): rolled back as a timeout",
+        p.Stage("SmokeTest"),
+        replace(_report(smoke="failed"), smoke=SmokeReport("failed", code="smoke_timeout")),
+        3,
+        p.Fail,
+        "Timeout",
+    ),
+    VerdictCase(
         "smoke test finds the version gone from the registry: rolled back",
         p.Stage("SmokeTest"),
         replace(_report(smoke="failed"), smoke=SmokeReport("failed", code="unknown_version")),

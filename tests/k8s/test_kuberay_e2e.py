@@ -487,6 +487,74 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     serving.facts["good"] = hooked
 
 
+def _patch_rollout(serving: Serving, rollout: dict[str, Any]) -> None:
+    """Patch `spec.rollout` and wait until the operator has seen it."""
+    patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
+        "regserve.io",
+        "v1alpha1",
+        serving.namespace,
+        "registeredmodelservings",
+        NAME,
+        {"spec": {"rollout": rollout}},
+    )
+    generation = patched["metadata"]["generation"]
+    until(
+        "the operator seeing the rollout settings",
+        lambda: serving.status().get("observedGeneration") == generation,
+        timeout=60,
+    )
+
+
+def test_canary_promotion_through_kuberay_without_a_failed_request(serving: Serving) -> None:
+    """A canary step of 50 %: the old and the new version answer side by side, then the new one alone;
+    the weights travel in user_config (same RayCluster), and MLflow's tags say where each version is."""
+    if "good" not in serving.facts:
+        pytest.skip("the earlier promotions did not complete (see above)")
+    registry = MlflowClient(serving.mlflow.url)
+    old = serving.good
+    canaried = log_phrasebook(serving.mlflow.url, MODEL, lang_to="fr")
+    canary = {"steps": [50], "stepSeconds": 4, "minRequests": 5, "maxLatencyRatio": 100}
+    _patch_rollout(serving, {"strategy": "Canary", "canary": canary})
+    client_thread = Client(serving)
+    phases: set[str] = set()
+
+    def promoted() -> bool:
+        phases.add(str(serving.status().get("rolloutPhase")))
+        return serving.serving(canaried) and client_thread.first_version(canaried) is not None
+
+    try:
+        client_thread.start()
+        until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+        registry.set_registered_model_alias(MODEL, "champion", canaried)
+        until("the canaried version serving", promoted, timeout=ROLLOUT_S)
+        client_thread.finish(more=20)
+    finally:
+        client_thread.done.set()
+        _patch_rollout(serving, {"strategy": "Immediate"})
+    assert "Canary" in phases, phases
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    answered = [v for _, code, _, v in client_thread.answers if code == 200]
+    first_new = answered.index(canaried)
+    last_old = len(answered) - 1 - answered[::-1].index(old)
+    # Side by side: the old version still answered after the new one first did (an immediate switch
+    # on one replica would put every old answer before every new one).
+    assert first_new < last_old, (first_new, last_old)
+    assert set(answered[-20:]) == {canaried}, answered[-20:]
+    (raycluster,) = serving.rayclusters()
+    assert raycluster["metadata"]["uid"] == serving.facts["raycluster_uid"], "the canary replaced the cluster"
+    key = f"regserve.io/{serving.namespace}/{NAME}"
+
+    def tag(version: str) -> str:
+        return str(registry.get_model_version(MODEL, version).tags.get(key, ""))
+
+    until(
+        "the deployment state in MLflow's tags",
+        lambda: tag(canaried).startswith("serving") and tag(old).startswith(f"superseded by {canaried}"),
+        timeout=60,
+    )
+    serving.facts["good"] = canaried
+
+
 def test_incompatible_version_is_held_and_the_old_one_answers(serving: Serving) -> None:
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")

@@ -243,8 +243,9 @@ def test_printer_columns(cluster: Cluster, kube_api: client.ApiClient) -> None:
     response = kube_api.call_api(method, url, header_params=headers)
     response.read()
     table = json.loads(response.data)
-    names = [c["name"] for c in table["columnDefinitions"]]
-    assert names == ["Name", "Model", "Selector", "Serving", "Ready", "Age"]
+    columns = {c["name"]: c.get("priority", 0) for c in table["columnDefinitions"]}
+    assert list(columns) == ["Name", "Model", "Selector", "Serving", "Ready", "Rollout", "Weight", "Age"]
+    assert columns["Weight"] == 1, "the weight is shown with -o wide only"
 
 
 def test_missing_alias_creates_nothing(

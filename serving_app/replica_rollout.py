@@ -46,6 +46,8 @@ class ReplicaRollout:
         self.shadows = shadows or ShadowRunner()
         self.candidate: Candidate | None = None
         self._smoke: SmokeResult | None = None  # the held candidate's result on this replica
+        self._smoke_version: str | None = None  # the candidate being (or last) smoke-tested here
+        self._smoke_task: asyncio.Future[None] | None = None  # its smoke test, while it runs
         self._random = random.Random()
 
     @property
@@ -74,19 +76,36 @@ class ReplicaRollout:
             if error is not None:
                 self.counters.record_smoke(SmokeResult.failed("", "invalid_candidate", error))
             return
-        if self._smoke is None or self._smoke.version != candidate.version:
+        if self._smoke_version != candidate.version:
             self._drop()  # another version: no traffic to anything until this one passed here
-        if not self.smoke_passed():
-            self._smoke = await self._smoke_test(candidate.version)
-            if not self.smoke_passed():
-                self.service.drop_candidate()  # held back: nothing may answer with it
-                logger.error("candidate %s failed its smoke test: %s", candidate.version, self._smoke.message)
         self.candidate = candidate
-        self.counters.record_smoke(self._smoke)
+        if self._smoke is not None:
+            self.counters.record_smoke(self._smoke)
+        elif self._smoke_task is None:
+            # In the background: reconfigure() returns at once. While a replica reconfigures, Serve takes
+            # it out of HAProxy's backends, and a proxy with no backend up fails the readiness probe
+            # KubeRay gives serve pods (failure threshold 1): a load inside reconfigure() empties the
+            # Service. Until the result is in, the candidate answers nothing and the report says pending.
+            self._smoke_version = candidate.version
+            self._smoke_task = asyncio.ensure_future(self._finish_smoke(candidate.version))
+
+    async def _finish_smoke(self, version: str) -> None:
+        result = await self._smoke_test(version)
+        if self._smoke_version != version:
+            return  # dropped meanwhile
+        self._smoke, self._smoke_task = result, None
+        if not self.smoke_passed():
+            self.service.drop_candidate()  # held back: nothing may answer with it
+            logger.error("candidate %s failed its smoke test: %s", version, result.message)
+        self.counters.record_smoke(result)
 
     def _drop(self) -> None:
         self.candidate = None
         self._smoke = None
+        self._smoke_version = None
+        if self._smoke_task is not None:
+            self._smoke_task.cancel()
+            self._smoke_task = None
         self.service.drop_candidate()
 
     async def _smoke_test(self, version: str) -> SmokeResult:

@@ -748,6 +748,11 @@ class ControlPlane:
                 f"--service-account-private-key-file={self.creds.sa_key}",
                 f"--root-ca-file={self.creds.ca_cert}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # KWOK renews node heartbeats late now and then (every ~55 s under load all nodes went
+                # NotReady for a moment), and this controller then marks every pod on them NotReady, which
+                # empties Services until the pod runner writes Ready back: client failures no real
+                # cluster would cause. Nothing here needs node health.
+                "--controllers=*,-node-lifecycle-controller",
             ],
         )
         self.kuberay_probe_port = free_port()

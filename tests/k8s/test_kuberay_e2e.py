@@ -28,7 +28,7 @@ from kubernetes import client
 from mlflow import MlflowClient
 from regserve_operator.builders import HAPROXY_ENV
 from regserve_operator.sandbox.mlflow_server import MlflowServer
-from regserve_operator.sandbox.models import log_phrasebook
+from regserve_operator.sandbox.models import PHRASEBOOK_MODEL, log_phrasebook
 from regserve_operator.sizing import GPU_RESOURCE
 from regserve_operator.webhook import register_webhook
 
@@ -487,6 +487,74 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     serving.facts["good"] = hooked
 
 
+def _patch_rollout(serving: Serving, rollout: dict[str, Any]) -> None:
+    """Patch `spec.rollout` and wait until the operator has seen it."""
+    patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
+        "regserve.io",
+        "v1alpha1",
+        serving.namespace,
+        "registeredmodelservings",
+        NAME,
+        {"spec": {"rollout": rollout}},
+    )
+    generation = patched["metadata"]["generation"]
+    until(
+        "the operator seeing the rollout settings",
+        lambda: serving.status().get("observedGeneration") == generation,
+        timeout=60,
+    )
+
+
+def test_canary_promotion_through_kuberay_without_a_failed_request(serving: Serving) -> None:
+    """A canary step of 50 %: the old and the new version answer side by side, then the new one alone;
+    the weights travel in user_config (same RayCluster), and MLflow's tags say where each version is."""
+    if "good" not in serving.facts:
+        pytest.skip("the earlier promotions did not complete (see above)")
+    registry = MlflowClient(serving.mlflow.url)
+    old = serving.good
+    canaried = log_phrasebook(serving.mlflow.url, MODEL, lang_to="fr")
+    canary = {"steps": [50], "stepSeconds": 4, "minRequests": 5, "maxLatencyRatio": 100}
+    _patch_rollout(serving, {"strategy": "Canary", "canary": canary})
+    client_thread = Client(serving)
+    phases: set[str] = set()
+
+    def promoted() -> bool:
+        phases.add(str(serving.status().get("rolloutPhase")))
+        return serving.serving(canaried) and client_thread.first_version(canaried) is not None
+
+    try:
+        client_thread.start()
+        until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+        registry.set_registered_model_alias(MODEL, "champion", canaried)
+        until("the canaried version serving", promoted, timeout=ROLLOUT_S)
+        client_thread.finish(more=20)
+    finally:
+        client_thread.done.set()
+        _patch_rollout(serving, {"strategy": "Immediate"})
+    assert "Canary" in phases, phases
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    answered = [v for _, code, _, v in client_thread.answers if code == 200]
+    first_new = answered.index(canaried)
+    last_old = len(answered) - 1 - answered[::-1].index(old)
+    # Side by side: the old version still answered after the new one first did (an immediate switch
+    # on one replica would put every old answer before every new one).
+    assert first_new < last_old, (first_new, last_old)
+    assert set(answered[-20:]) == {canaried}, answered[-20:]
+    (raycluster,) = serving.rayclusters()
+    assert raycluster["metadata"]["uid"] == serving.facts["raycluster_uid"], "the canary replaced the cluster"
+    key = f"regserve.io/{serving.namespace}/{NAME}"
+
+    def tag(version: str) -> str:
+        return str(registry.get_model_version(MODEL, version).tags.get(key, ""))
+
+    until(
+        "the deployment state in MLflow's tags",
+        lambda: tag(canaried).startswith("serving") and tag(old).startswith(f"superseded by {canaried}"),
+        timeout=60,
+    )
+    serving.facts["good"] = canaried
+
+
 def test_incompatible_version_is_held_and_the_old_one_answers(serving: Serving) -> None:
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")
@@ -629,6 +697,81 @@ def test_head_restarted_under_the_running_app_comes_back(serving: Serving) -> No
     )
     assert serving.active_cluster()["metadata"]["uid"] == raycluster["metadata"]["uid"]
     until("the resource Ready again", lambda: serving.serving(serving.good), timeout=ROLLOUT_S)
+
+
+def log_padded_phrasebook(tracking_uri: str, model_name: str, padding: Path, lang_to: str) -> str:
+    """A phrasebook version whose artifacts carry `padding`: the same signature, a larger model size."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), [{"translation_text": "Hallo"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PHRASEBOOK_MODEL),
+            artifacts={"padding": str(padding)},
+            model_config={"lang_to": lang_to, "input_label": "prompt", "fail_on_load": False},
+            signature=signature,
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)
+
+
+def _worker_memory(raycluster: dict[str, Any]) -> int:
+    from kubernetes.utils import parse_quantity
+
+    (group,) = raycluster["spec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    return int(parse_quantity(container["resources"]["limits"]["memory"]))
+
+
+@pytest.mark.timeout(NEW_CLUSTER_S + 300)
+def test_promotion_needing_more_memory_moves_to_a_new_cluster_without_a_failed_request(
+    serving: Serving, tmp_path: Path
+) -> None:
+    """A version too large for the replica's memory: sizing grows the worker pods, KubeRay (upgrade
+    strategy NewCluster, its default) brings up a new RayCluster while the old one answers, switches the
+    serve Service once the new one serves, and deletes the old one (checked at the end of the module,
+    after KubeRay's deletion delay)."""
+    if "good" not in serving.facts:
+        pytest.skip("the resource is not serving (see above)")
+    old = serving.active_cluster()
+    old_memory = int(serving.status()["sizing"]["memoryBytes"])
+    padding = tmp_path / "padding.bin"
+    # 16 MiB x memoryMultiplier 20 x 2 versions per replica = 640 MiB more than a small version needs.
+    padding.write_bytes(os.urandom(16 * 1024 * 1024))
+    big = log_padded_phrasebook(serving.mlflow.url, MODEL, padding, lang_to="fr")
+    client_thread = Client(serving)
+    try:
+        client_thread.start()
+        until("the client's first answer", lambda: bool(client_thread.answers), timeout=30)
+        promoted = time.monotonic()
+        MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", big)
+        until(
+            "the larger version serving from a new RayCluster",
+            lambda: serving.serving(big) and client_thread.first_version(big) is not None,
+            timeout=NEW_CLUSTER_S,
+        )
+        client_thread.finish()
+    finally:
+        client_thread.done.set()
+    answered = client_thread.first_version(big)
+    assert answered is not None
+    print(f"promotion needing a new RayCluster → new version answering: {answered - promoted:.0f} s")
+    assert client_thread.failures() == [], client_thread.failures()[:5]
+    versions = [v for _, _, _, v in client_thread.answers]
+    switched = versions.index(big)
+    assert set(versions[:switched]) == {serving.good}, "the old cluster did not answer until the switch"
+    assert set(versions[switched:]) == {big}, "answers went back to the old cluster after the switch"
+    new = serving.active_cluster()
+    assert new["metadata"]["uid"] != old["metadata"]["uid"], "the cluster was not replaced"
+    assert int(serving.status()["sizing"]["memoryBytes"]) > old_memory
+    assert _worker_memory(new) > _worker_memory(old)
+    serving.facts["replaced_cluster"] = old["metadata"]["name"]
+    serving.facts["good"] = big
 
 
 @pytest.mark.timeout(FIRST_SERVE_S + 300)

@@ -748,11 +748,12 @@ class ControlPlane:
                 f"--service-account-private-key-file={self.creds.sa_key}",
                 f"--root-ca-file={self.creds.ca_cert}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # KWOK renews node heartbeats late now and then (every ~55 s under load all nodes went
-                # NotReady for a moment), and this controller then marks every pod on them NotReady, which
-                # empties Services until the pod runner writes Ready back: client failures no real
-                # cluster would cause. Nothing here needs node health.
-                "--controllers=*,-node-lifecycle-controller",
+                # KWOK renews node heartbeats late now and then (about every 55 s all nodes went
+                # NotReady for a moment), and the node lifecycle controller then marks every pod on them
+                # NotReady, which empties Services until the pod runner writes Ready back: client failures
+                # no real cluster would cause. The controller stays (it lifts the new nodes' not-ready
+                # taint) but gives heartbeats an hour.
+                "--node-monitor-grace-period=1h",
             ],
         )
         self.kuberay_probe_port = free_port()

@@ -82,10 +82,10 @@ class ReplicaRollout:
         if self._smoke is not None:
             self.counters.record_smoke(self._smoke)
         elif self._smoke_task is None:
-            # In the background: reconfigure() returns at once. While a replica reconfigures, Serve takes
-            # it out of HAProxy's backends, and a proxy with no backend up fails the readiness probe
-            # KubeRay gives serve pods (failure threshold 1): a load inside reconfigure() empties the
-            # Service. Until the result is in, the candidate answers nothing and the report says pending.
+            # In the background: reconfigure() returns at once. Serve reconfigures only running replicas
+            # and a starting replica serves nothing until its reconfigure() is done, so a candidate's load
+            # must not hold either up. Until the result is in, the candidate answers nothing and the
+            # report says pending.
             self._smoke_version = candidate.version
             self._smoke_task = asyncio.ensure_future(self._finish_smoke(candidate.version))
 

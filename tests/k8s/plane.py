@@ -5,7 +5,9 @@ etcd, kube-apiserver (RBAC on, static admin token, service-account tokens), kube
 GPU node whose pods turn Running) and the real KubeRay operator, which only watches two namespaces so
 that every other namespace stays free for tests that write RayService status themselves. In one of them
 (:data:`RAY_NAMESPACE`) the pod runner (``tests/k8s/podrunner.py``) runs the pods' containers for real,
-so KubeRay drives real Ray; in the other (:data:`KUBERAY_NAMESPACE`) pods only look Running.
+so KubeRay drives real Ray; in the other (:data:`KUBERAY_NAMESPACE`) pods only look Running and never
+turn Ready, like pods whose Ray never starts (KubeRay then keeps reconciling cluster shape, where a Ready
+head with no dashboard behind it would stall it at the Serve status query).
 
 The plane owns its pod, service and node address ranges on this machine while it runs
 (``tests/k8s/network.py``), so nothing sent to a cluster address leaves the machine; that needs root.
@@ -34,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,22 +104,22 @@ class NetworkUnavailable(PlaneError):
 POD_NODE_ENV = {"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(100 * 1024 * 1024)}
 
 
-def write_pod_stages(tools: Tools, directory: Path, runner_namespace: str) -> list[Path]:
+def write_pod_stages(tools: Tools, directory: Path, not_ready_namespaces: Sequence[str]) -> list[Path]:
     """KWOK's pod-ready stage, split by namespace.
 
-    Outside ``runner_namespace`` it is KWOK's own (pods turn Ready at once). Inside, pods get their
-    address and turn Running with Ready=False and containers waiting; the pod runner then starts the
-    containers, runs the readiness probes and writes Ready itself.
+    Outside ``not_ready_namespaces`` it is KWOK's own (pods turn Ready at once). Inside, pods get their
+    address and turn Running with Ready=False and containers waiting; in the pod runner's namespace the
+    runner then starts the containers, runs the readiness probes and writes Ready itself.
     """
     original = yaml.safe_load((tools.kwok_module / KWOK_POD_READY_STAGE).read_text())
     elsewhere = json.loads(json.dumps(original))
     elsewhere["spec"]["selector"]["matchExpressions"].append(
-        {"key": ".metadata.namespace", "operator": "NotIn", "values": [runner_namespace]}
+        {"key": ".metadata.namespace", "operator": "NotIn", "values": list(not_ready_namespaces)}
     )
     here = json.loads(json.dumps(original))
     here["metadata"]["name"] = "pod-start-for-runner"
     here["spec"]["selector"]["matchExpressions"].append(
-        {"key": ".metadata.namespace", "operator": "In", "values": [runner_namespace]}
+        {"key": ".metadata.namespace", "operator": "In", "values": list(not_ready_namespaces)}
     )
     template = here["spec"]["next"]["statusTemplate"]
     replacements = {
@@ -717,7 +719,12 @@ class ControlPlane:
             ],
         )
         stages = [str(self.tools.kwok_module / stage) for stage in KWOK_STAGES]
-        stages += [str(p) for p in write_pod_stages(self.tools, self.workdir / "kwok", self.ray_namespace)]
+        stages += [
+            str(p)
+            for p in write_pod_stages(
+                self.tools, self.workdir / "kwok", (self.ray_namespace, self.kuberay_namespace)
+            )
+        ]
         self._spawn(
             "kwok",
             [

@@ -65,7 +65,7 @@ def test_defaults_filled_by_the_server(kube_api: client.ApiClient, kube_namespac
         "maxErrorRate": 0.01,
         "maxLatencyRatio": 2.0,
     }
-    assert stored["shadow"] == {"percent": 100, "durationSeconds": 300}
+    assert stored["shadow"] == {"percent": 100, "durationSeconds": 300, "minComparisons": 20}
 
 
 def test_increasing_steps_accepted(kube_api: client.ApiClient, kube_namespace: str) -> None:

@@ -127,6 +127,13 @@ class RegistryAuth:
     def __repr__(self) -> str:
         return f"RegistryAuth(keys={[key for key, _ in self.items]})"
 
+    def verify(self) -> bool | str:
+        """TLS verification as MLflow's settings ask: a CA bundle path, off, or the system's."""
+        env = dict(self.items)
+        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            return False
+        return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
     def client(self, base_url: str, transport: httpx.BaseTransport | None = None) -> httpx.Client:
         env = dict(self.items)
         headers, auth = {}, None
@@ -134,14 +141,11 @@ class RegistryAuth:
             headers["Authorization"] = f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"
         elif env.get("MLFLOW_TRACKING_USERNAME"):
             auth = httpx.BasicAuth(env["MLFLOW_TRACKING_USERNAME"], env.get("MLFLOW_TRACKING_PASSWORD", ""))
-        verify: bool | str = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
-        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            verify = False
         return httpx.Client(
             base_url=base_url,
             headers=headers,
             auth=auth,
-            verify=verify,
+            verify=self.verify(),
             transport=transport,
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S),
         )

@@ -44,7 +44,7 @@ class Driver:
         tick_seconds: float = 1.0,
     ) -> None:
         self.deps = deps
-        self.scheduler = Scheduler(clock=clock)
+        self.scheduler = Scheduler(clock=clock, keeps_statuses=False)
         self._resources: dict[Key, _Resource] = {}
         self._on_event = on_event
         self._now = now

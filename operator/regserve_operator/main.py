@@ -148,6 +148,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = getattr(memo, "state", None)
     if isinstance(state, State) and state.receiver_runner is not None:
         await state.receiver_runner.cleanup()
+    if isinstance(state, State) and isinstance(state.deps.registry, Registry):
+        state.deps.registry.close()
 
 
 def _count_delivery(verdict: Verdict) -> None:
@@ -267,7 +269,7 @@ def _invalid_spec(
     _write_status(patch, raw_status, wire)
     if was is None or was.reason != "InvalidSpec":
         kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
-    state.scheduler.done(key, delay=300, model="", failed=False, generation=generation, status=wire)
+    state.scheduler.done(key, delay=300, model="", failed=False, generation=generation, status=lambda: wire)
 
 
 def _record(outcome: Outcome) -> None:

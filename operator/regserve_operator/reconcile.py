@@ -87,6 +87,11 @@ def reconcile(
         judges_candidates=deps.rollout_probe is not None,
     )
     observed, credentials = gather(owner, spec, status, deps)
+    if isinstance(observed.resolved, str) and observed.credentials_problem is None:
+        # Every decision with a resolved version reads its facts (cached after the first pass): read
+        # them up front, so the steady-state pass decides once instead of twice.
+        version = observed.resolved
+        observed = observed.with_facts(version, read_facts(deps, spec, credentials, version))
     for _ in range(MAX_FACT_READS + 1):
         decision = decide(inputs, observed)
         if not isinstance(decision, NeedFacts):
@@ -230,7 +235,7 @@ def reconcile_pass(
         model=spec.model.name,
         failed=decided.retry,
         generation=generation,
-        status=status_to_wire(decided.status),
+        status=lambda: status_to_wire(decided.status),
     )
     return outcome
 

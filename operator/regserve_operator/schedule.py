@@ -6,7 +6,9 @@ backoff after an error expired.
 
 The status memo exists because a tick can run before the watch stream delivers the status the
 previous tick wrote; a stale status would repeat a transition (and its Event). Each write carries a
-`revision`; the newer of memo and body wins.
+`revision`; the newer of memo and body wins, and a memo the body has caught up with is dropped (at
+thousands of resources a wire status per resource is a noticeable share of the operator's memory).
+Local mode keeps the statuses itself and turns the memo off (`keeps_statuses=False`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Entry:
 @dataclass
 class Scheduler:
     clock: Callable[[], float] = time.monotonic
+    keeps_statuses: bool = True
     _entries: dict[Key, _Entry] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,7 +53,7 @@ class Scheduler:
         model: str,
         failed: bool,
         generation: int | None,
-        status: dict[str, Any],
+        status: Callable[[], dict[str, Any]],
     ) -> int:
         """Record a finished reconcile; returns the consecutive failure count (for backoff)."""
         with self._lock:
@@ -59,7 +62,7 @@ class Scheduler:
             entry.next_at = self.clock() + delay
             entry.model = model
             entry.generation = generation
-            entry.memo = status
+            entry.memo = status() if self.keeps_statuses else None
             return entry.failures
 
     def failures(self, key: Key) -> int:
@@ -86,6 +89,8 @@ class Scheduler:
         with self._lock:
             entry = self._entries.get(key)
             memo = entry.memo if entry else None
-        if memo is not None and (memo.get("revision") or 0) > (from_body.get("revision") or 0):
-            return memo
+            if memo is not None and (memo.get("revision") or 0) > (from_body.get("revision") or 0):
+                return memo
+            if entry is not None:
+                entry.memo = None
         return from_body

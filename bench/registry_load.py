@@ -5,7 +5,8 @@
 
 A real `mlflow server` holds M registered models (one version each, alias `champion`). For each N a
 fresh child process runs the operator's Driver (the reconcile loop `regserve dev` and the operator
-share) with N resources spread over the M models, the real `Registry` poller, and an in-memory target
+share) with N resources spread over the M models (the first reconcile lasts until every resource has
+written its deployment-state tag to the registry), the real `Registry` poller, and an in-memory target
 that reports every RayService Ready. MLflow is reached through a counting reverse proxy (HTTP-layer
 count). A fake clock moves one poll interval per cycle, so every resource is due every cycle; the
 driver thread's CPU time, the cycle's wall time and the process RSS (and its peak) are measured. The
@@ -31,6 +32,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from bench.common import (
 )
 
 POLL_S = 30
+SETTLE_PASSES = 5
 
 
 def rss_mb() -> float:
@@ -60,6 +63,10 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _tag_writes(proxy: Any) -> int:
+    return sum(count for path, count in proxy.counts.items() if path.endswith("/set-tag"))
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -86,12 +93,25 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             defaults=BuildDefaults(image="rayproject/ray:bench", ray_version="2.60.0"),  # no `import ray`
             settle_seconds=5,
         )
-        driver = Driver(deps, clock=lambda: clock[0], tick_seconds=0.5)
+        driver = Driver(
+            deps,
+            clock=lambda: clock[0],
+            now=lambda: datetime.fromtimestamp(clock[0], UTC),  # settling is judged on it too
+            tick_seconds=0.5,
+        )
         _add_resources(driver, n, models, proxy.url)
         started_cpu, started_wall = time.thread_time(), time.perf_counter()
         driver.run_once()  # create
         clock[0] += 6
         driver.run_once()  # rollout judged
+        # Each resource tags its serving version in the registry once the rollout has settled: one
+        # write per resource, once, so part of the first reconcile rather than of a poll cycle.
+        for _ in range(SETTLE_PASSES):
+            tags = _tag_writes(proxy)
+            clock[0] += POLL_S + 1
+            driver.run_once()
+            if tags and _tag_writes(proxy) == tags:
+                break
         setup = {
             "requests": proxy.total(),
             "cpu_s": time.thread_time() - started_cpu,

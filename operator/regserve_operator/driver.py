@@ -80,6 +80,8 @@ class Driver:
     def run_once(self) -> list[Outcome]:
         with self._lock:
             resources = list(self._resources.items())
+        # A promotion (webhook) must not wait behind thousands of resources whose poll fell due.
+        resources.sort(key=lambda item: not self.scheduler.woken(item[0]))
         outcomes = []
         for key, res in resources:
             if not self.scheduler.due(key, res.generation):

@@ -65,6 +65,13 @@ class Scheduler:
             entry.memo = status() if self.keeps_statuses else None
             return entry.failures
 
+    def woken(self, key: Key) -> bool:
+        """Due because something happened (new, spec changed, webhook, RayService event), not because
+        its poll interval passed: worth going first in a sequential pass."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is None or entry.next_at == 0.0
+
     def failures(self, key: Key) -> int:
         with self._lock:
             entry = self._entries.get(key)

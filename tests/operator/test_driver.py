@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from regserve_operator.builders import serving_version_of
+from typing import Any
+
+from regserve_operator.builders import Owner, serving_version_of
 from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
 
@@ -34,3 +36,26 @@ def test_driver_reconciles_when_due_and_follows_the_alias() -> None:
     assert events == ["RolloutStarted", "Created", "RolloutSucceeded", "RolloutUnjudged", "RolloutStarted"]
     driver.apply(OWNER, make_spec(paused=True))  # spec change: due at once
     assert len(driver.run_once()) == 1
+
+
+def test_a_woken_resource_goes_before_those_due_by_their_poll_interval() -> None:
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.aliases["champion"] = "1"
+    driver = Driver(world.deps, clock=lambda: world.clock, now=lambda: world.now)
+    owners = [Owner(name=f"r{i}", namespace="ml", uid=f"uid-r{i}") for i in range(3)]
+    for owner in owners:
+        driver.apply(owner, world.spec)
+    driver.run_once()
+    world.advance(3600)  # every resource is due by its poll interval
+    driver.apply(owners[2], make_spec(paused=True))  # and the last one is woken by a spec change
+    looked_at: list[str] = []
+    get = world.target.get
+
+    def recording_get(namespace: str, name: str) -> dict[str, Any] | None:
+        looked_at.append(name)
+        return get(namespace, name)
+
+    world.target.get = recording_get  # type: ignore[method-assign]
+    assert len(driver.run_once()) == 3
+    assert looked_at == ["r2", "r0", "r1"]

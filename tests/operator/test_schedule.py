@@ -77,3 +77,15 @@ def test_statuses_not_kept_when_the_caller_keeps_them() -> None:
     sched.done(key, delay=1, model="m", failed=False, generation=1, status=wire)
     assert built == []  # not even built
     assert sched.latest_status(key, {"revision": 1, "x": "body"})["x"] == "body"
+
+
+def test_woken_only_when_something_happened() -> None:
+    clock = Clock()
+    sched = Scheduler(clock=clock)
+    key = ("ns", "a")
+    assert sched.woken(key)  # never reconciled
+    sched.done(key, delay=30, model="m", failed=False, generation=1, status=lambda: {})
+    clock.now = 31
+    assert sched.due(key, 1) and not sched.woken(key)  # due by its poll interval only
+    sched.wake_model("m")
+    assert sched.woken(key)

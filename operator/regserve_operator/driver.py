@@ -100,7 +100,8 @@ class Driver:
             if outcome is None:
                 continue
             with self._lock:
-                res.status = outcome.status
+                if outcome.status != res.status:  # an unchanged status keeps its (long-lived) object
+                    res.status = outcome.status
             outcomes.append(outcome)
         return outcomes
 

@@ -250,25 +250,35 @@ def test_spec_edits_racing_status_writes_end_on_the_latest_spec(
     cluster: Cluster, operator: OperatorProcess, mlflow_server: MlflowServer
 ) -> None:
     """A user re-points the selector again and again with `kubectl edit` (GET, change, PUT with the
-    resourceVersion read) while the operator keeps writing status. Each edit is read before, and
-    written after, an operator status write: the stale PUT must be refused (409) rather than merged
-    silently, the user's retry lands, the operator never touches the spec, and it ends on the last one."""
+    resourceVersion read) while the operator writes status. Each edit is read before, and written
+    after, an operator status write (the operator records every spec change it sees, and only
+    changes): the stale PUT must be refused (409) rather than merged silently, the user's retry lands,
+    the operator never touches the spec, and it ends on the last one."""
     model, v1 = serve_first_version(cluster, mlflow_server.url, "racing")
     v2 = log_version(mlflow_server.url, model, SIGNATURE)
     v3 = log_version(mlflow_server.url, model, SIGNATURE)
     selectors: list[dict[str, str]] = [{"version": v2}, {"version": v3}, {"alias": "champion"}]
     selectors += [{"version": v3}, {"version": v2}, {"alias": "champion"}, {"version": v2}]
     refused = 0
+
+    def put(body: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            cluster.custom.replace_namespaced_custom_object(
+                GROUP, VERSION, cluster.namespace, PLURAL, "racing", body
+            )
+        )
+
+    # The object as our own write left it, so the operator's status write that follows comes after it.
+    body = cluster.rms("racing")
+    body["spec"]["model"] = {"name": model, "version": v1}  # what it serves: only the status changes
+    body = put(body)
     for selector in selectors:
-        body = cluster.rms("racing")
         revision = (body.get("status") or {}).get("revision")
         until("operator wrote status", lambda r=revision: status(cluster, "racing").get("revision") != r)
         while True:
             body["spec"]["model"] = {"name": model, **selector}
             try:
-                cluster.custom.replace_namespaced_custom_object(
-                    GROUP, VERSION, cluster.namespace, PLURAL, "racing", body
-                )
+                body = put(body)
                 break
             except ApiException as exc:
                 if exc.status != 409:

@@ -59,3 +59,27 @@ def test_a_woken_resource_goes_before_those_due_by_their_poll_interval() -> None
     world.target.get = recording_get  # type: ignore[method-assign]
     assert len(driver.run_once()) == 3
     assert looked_at == ["r2", "r0", "r1"]
+
+
+def test_a_steady_pass_leaves_the_status_as_it_was() -> None:
+    """Nothing changed → nothing to write: the revision (which orders our status writes) stays."""
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.aliases["champion"] = "1"
+    driver = Driver(world.deps, clock=lambda: world.clock, now=lambda: world.now)
+    driver.apply(OWNER, world.spec)
+    driver.run_once()
+    world.target.set_app_status("RUNNING")
+    for _ in range(3):
+        world.advance(60)
+        driver.run_once()
+    settled = driver.status(OWNER)
+    assert settled.last_good_version == "1"
+    world.advance(60)  # due by its poll interval, nothing new anywhere
+    assert len(driver.run_once()) == 1
+    assert driver.status(OWNER).revision == settled.revision
+    world.server.aliases["champion"] = "2"
+    world.server.add("2", signature(prompt="string"))
+    driver.model_changed("translation_model")
+    driver.run_once()
+    assert (driver.status(OWNER).revision or 0) > (settled.revision or 0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -215,7 +216,7 @@ class Registry:
         self._clock = clock
         self._fetch_facts = fetch_facts or self._fetch_facts_over_rest
         self._pollers: dict[tuple[str, str], Poller] = {}
-        self._shared: dict[bool | str, SharedTransport] = {}
+        self._shared: dict[tuple[bool | str, int], SharedTransport] = {}
         self._shared_lock = threading.Lock()
         self._facts: OrderedDict[tuple[str, str, str], ModelFacts] = OrderedDict()
         self._facts_cache_size = facts_cache_size
@@ -306,10 +307,12 @@ class Registry:
         if self._transport is not None:
             return self._transport
         verify = credentials.registry_auth.verify()
+        # A CA bundle mounted from a Secret can be rotated in place: a new file is a new transport.
+        key = (verify, _modified_ns(verify) if isinstance(verify, str) else 0)
         with self._shared_lock:
-            transport = self._shared.get(verify)
+            transport = self._shared.get(key)
             if transport is None:
-                transport = self._shared[verify] = SharedTransport(verify=verify)
+                transport = self._shared[key] = SharedTransport(verify=verify)
             return transport
 
     def _fetch_facts_over_rest(
@@ -328,6 +331,13 @@ class Registry:
             pollers = list(self._pollers.values())
         for poller in pollers:
             poller.invalidate()
+
+
+def _modified_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0  # httpx reports the missing bundle when the transport is built
 
 
 def _does_not_exist(response: httpx.Response) -> bool:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import pytest
 import yaml
@@ -455,3 +459,24 @@ def test_poll_cost_does_not_grow_with_resources(
 @pytest.fixture(scope="module")
 def poll_counts() -> dict[int, int]:
     return {}
+
+
+def test_requests_share_a_transport_per_tls_setting_and_a_rotated_ca_bundle_gets_a_new_one(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    shutil.copy(certifi.where(), bundle)
+    registry = Registry()
+    plain = Credentials.from_mapping({"MLFLOW_TRACKING_TOKEN": "a"})
+    other_token = Credentials.from_mapping({"MLFLOW_TRACKING_TOKEN": "b"})
+    insecure = Credentials.from_mapping({"MLFLOW_TRACKING_INSECURE_TLS": "true"})
+    pinned = Credentials.from_mapping({"MLFLOW_TRACKING_SERVER_CERT_PATH": str(bundle)})
+    try:
+        assert registry._transport_for(plain) is registry._transport_for(other_token)  # auth is per client
+        assert registry._transport_for(insecure) is not registry._transport_for(plain)
+        before = registry._transport_for(pinned)
+        assert registry._transport_for(pinned) is before
+        os.utime(bundle, ns=(0, bundle.stat().st_mtime_ns + 1_000_000_000))  # rotated in place
+        assert registry._transport_for(pinned) is not before
+    finally:
+        registry.close()

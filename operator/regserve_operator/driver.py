@@ -100,7 +100,8 @@ class Driver:
             if outcome is None:
                 continue
             with self._lock:
-                if outcome.status != res.status:  # an unchanged status keeps its (long-lived) object
+                # Unchanged (decide bumps the revision only on a change): keep the long-lived object.
+                if outcome.status.revision != res.status.revision:
                     res.status = outcome.status
             outcomes.append(outcome)
         return outcomes

@@ -426,21 +426,8 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     registry = MlflowClient(serving.mlflow.url)
     hooked = log_phrasebook(serving.mlflow.url, MODEL, lang_to="fr")
     rms = serving.cluster.rms(NAME)
-    patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
-        "regserve.io",
-        "v1alpha1",
-        serving.namespace,
-        "registeredmodelservings",
-        NAME,
-        {"spec": {"registry": {"pollIntervalSeconds": 3600}}},
-    )
-    generation = patched["metadata"]["generation"]
+    generation = _patch_spec(serving, {"registry": {"pollIntervalSeconds": 3600}})
     assert generation > rms["metadata"]["generation"]
-    until(
-        "the operator seeing the hour-long poll interval",
-        lambda: serving.status().get("observedGeneration") == generation,
-        timeout=60,
-    )
     # As `regserve webhook register` does, with the secret the operator verifies deliveries with.
     monkeypatch.setenv("REGSERVE_WEBHOOK_SECRET", serving.facts["webhook_secret"])
     hook = register_webhook(
@@ -487,22 +474,23 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     serving.facts["good"] = hooked
 
 
-def _patch_rollout(serving: Serving, rollout: dict[str, Any]) -> None:
-    """Patch `spec.rollout` and wait until the operator has seen it."""
+def _patch_spec(serving: Serving, spec: dict[str, Any]) -> int:
+    """Merge-patch the resource's spec and wait until the operator has seen it; returns the generation."""
     patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
         "regserve.io",
         "v1alpha1",
         serving.namespace,
         "registeredmodelservings",
         NAME,
-        {"spec": {"rollout": rollout}},
+        {"spec": spec},
     )
-    generation = patched["metadata"]["generation"]
+    generation = int(patched["metadata"]["generation"])
     until(
-        "the operator seeing the rollout settings",
+        f"the operator seeing {spec}",
         lambda: serving.status().get("observedGeneration") == generation,
         timeout=60,
     )
+    return generation
 
 
 def test_canary_promotion_through_kuberay_without_a_failed_request(serving: Serving) -> None:
@@ -514,7 +502,7 @@ def test_canary_promotion_through_kuberay_without_a_failed_request(serving: Serv
     old = serving.good
     canaried = log_phrasebook(serving.mlflow.url, MODEL, lang_to="fr")
     canary = {"steps": [50], "stepSeconds": 4, "minRequests": 5, "maxLatencyRatio": 100}
-    _patch_rollout(serving, {"strategy": "Canary", "canary": canary})
+    _patch_spec(serving, {"rollout": {"strategy": "Canary", "canary": canary}})
     client_thread = Client(serving)
     phases: set[str] = set()
 
@@ -530,7 +518,7 @@ def test_canary_promotion_through_kuberay_without_a_failed_request(serving: Serv
         client_thread.finish(more=20)
     finally:
         client_thread.done.set()
-        _patch_rollout(serving, {"strategy": "Immediate"})
+        _patch_spec(serving, {"rollout": {"strategy": "Immediate"}})
     assert "Canary" in phases, phases
     assert client_thread.failures() == [], client_thread.failures()[:5]
     answered = [v for _, code, _, v in client_thread.answers if code == 200]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -478,5 +480,55 @@ def test_requests_share_a_transport_per_tls_setting_and_a_rotated_ca_bundle_gets
         assert registry._transport_for(pinned) is before
         os.utime(bundle, ns=(0, bundle.stat().st_mtime_ns + 1_000_000_000))  # rotated in place
         assert registry._transport_for(pinned) is not before
+    finally:
+        registry.close()
+
+
+class ClosesKeptAliveConnections:
+    """A loopback HTTP server that answers the first request on each connection with keep-alive, then
+    closes the connection when the next request arrives on it, as a server whose idle timeout ran out
+    while the request was in flight does."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self.answered = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> ClosesKeptAliveConnections:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.recv(65536)
+                body = json.dumps({"registered_models": []}).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                conn.sendall(head.encode() + b"\r\n" + body)
+                self.answered += 1
+                conn.recv(65536)  # the next request on the kept-alive connection: closed unanswered
+
+
+def test_a_pooled_connection_closed_under_a_request_is_retried_on_a_fresh_one() -> None:
+    registry = Registry()
+    credentials = Credentials.from_mapping({})
+    try:
+        with ClosesKeptAliveConnections() as server:
+            poller = registry.poller(server.url, credentials)
+            for _ in range(3):
+                poller.invalidate()
+                assert poller.snapshot(max_age=60).models == {}
+            assert server.answered == 3 and server.connections == 3, (server.answered, server.connections)
     finally:
         registry.close()

@@ -28,6 +28,7 @@ from serving_app.mlmodel import (
     NotFound,
     ReadError,
     RegistryAuth,
+    SharedTransport,
     Unreachable,
     models_uri,
     read_over_rest,
@@ -97,6 +98,9 @@ class ModelRegistry:
         self.model_name = model_name
         self.tracking_uri = tracking_uri
         self._auth = auth
+        # One pool and TLS context for every gate read: a client of its own per version built a TLS
+        # context each time, 30 ms on a cold load's critical path.
+        self._transport = SharedTransport(verify=auth.verify())
         self._sources: LruDict[str, str] = LruDict(SOURCES_CACHE_SIZE)
         self.prefetches = Prefetches(self._download, workers=prefetch_workers)
 
@@ -107,7 +111,9 @@ class ModelRegistry:
         proxies artifacts it is two plain REST calls; the mlflow client (any other store) costs a few
         hundred milliseconds of client-side resolution, as much as the load itself."""
         with self._errors(version):
-            found = read_over_rest(self.tracking_uri, self.model_name, version, auth=self._auth)
+            found = read_over_rest(
+                self.tracking_uri, self.model_name, version, auth=self._auth, transport=self._transport
+            )
             if found is None:
                 found = read_in_process(self.tracking_uri, self.model_name, version)
             else:
@@ -136,6 +142,7 @@ class ModelRegistry:
 
     def close(self) -> None:
         self.prefetches.close()
+        self._transport.shutdown()
 
     def _source(self, version: str) -> str:
         return self._sources.get(version) or models_uri(self.model_name, version)

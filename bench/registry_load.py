@@ -166,6 +166,9 @@ class StubTarget:
         blob = self.objects.get((namespace, name))
         return json.loads(zlib.decompress(blob)) if blob else None
 
+    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        return []
+
     def apply(self, plan: Any) -> None:
         import jsonpatch
         from regserve_operator.ports import TargetConflict

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from regserve_operator import spec as s
-from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize, size_worker_bounds
+from regserve_operator.sizing import GPU_RESOURCE, ReplicaSize, WorkerBounds, size_worker_bounds
 from serving_app.config import DEPLOYMENT_NAME, IMPORT_PATH, AppArgs, max_ongoing_requests
 
 # libyaml when present: serveConfigV2 is parsed and dumped on every reconcile (10x faster than pure Python).
@@ -38,6 +38,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "regserve.io/serving"
 LABEL_MODEL = "regserve.io/model"
+# On a RayService shared by the resources naming `spec.placement.cluster`: that name.
+LABEL_CLUSTER = "regserve.io/cluster"
 WORKER_GROUP = "serve"
 # Fields of a worker group the autoscaler moves and KubeRay (v1.6.2,
 # GenerateHashWithoutReplicasAndWorkersToDelete) leaves out of the hash that decides on a new cluster.
@@ -167,13 +169,15 @@ def _label_value(text: str) -> str:
     return cleaned.strip("-_.") or "model"
 
 
-def owner_reference(owner: Owner) -> dict[str, Any]:
+def owner_reference(owner: Owner, *, controller: bool = True) -> dict[str, Any]:
+    """A shared RayService has every member as an owner (Kubernetes deletes it with the last one),
+    and an object may have one controller only: there, none is."""
     return {
         "apiVersion": owner.api_version,
         "kind": owner.kind,
         "name": owner.name,
         "uid": owner.uid,
-        "controller": True,
+        "controller": controller,
         "blockOwnerDeletion": True,
     }
 
@@ -222,8 +226,13 @@ def _pod_spec(spec: s.RegisteredModelServingSpec, container: dict[str, Any]) -> 
 
 
 def build_cluster_config(
-    spec: s.RegisteredModelServingSpec, size: ReplicaSize, defaults: BuildDefaults
+    spec: s.RegisteredModelServingSpec,
+    size: ReplicaSize,
+    defaults: BuildDefaults,
+    bounds: WorkerBounds | None = None,
 ) -> dict[str, Any]:
+    """The RayCluster: head, and one worker group of pods shaped by `size`, bounded by `bounds`
+    (default: this resource's replica bounds; a shared cluster passes those of all its members)."""
     image = spec.ray_service.image or defaults.image
     head_resources = {
         "requests": {"cpu": "500m", "memory": "2Gi"},
@@ -247,7 +256,7 @@ def build_cluster_config(
         worker_pod["nodeSelector"] = dict(size.node_selector)
     if size.tolerations:
         worker_pod["tolerations"] = [dict(t) for t in size.tolerations]
-    bounds = size_worker_bounds(size, *spec.serving.replica_bounds())
+    bounds = bounds or size_worker_bounds(size, *spec.serving.replica_bounds())
     cluster: dict[str, Any] = {
         "rayVersion": spec.ray_service.ray_version or defaults.ray_version,
         # Ray's own control plane (dashboard, jobs API, GCS) is open unless token authentication is on,
@@ -305,7 +314,7 @@ def build_rayservice(
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {
-            "name": rayservice_name(owner.name),
+            "name": rayservice_name(owner.name, spec),
             "namespace": owner.namespace,
             "labels": labels(owner, spec),
             "annotations": {ANNOTATION_CLUSTER_HASH: config_hash(cluster_shape(cluster))},
@@ -328,31 +337,38 @@ def config_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def rayservice_name(owner_name: str) -> str:
+def rayservice_name(owner_name: str, spec: s.RegisteredModelServingSpec | None = None) -> str:
+    """The resource's own name, or the cluster it shares (`spec.placement.cluster`)."""
+    if spec is not None and spec.placement is not None:
+        return spec.placement.cluster
     return owner_name
 
 
-def serving_version_of(rayservice: dict[str, Any]) -> str | None:
-    """The default version a RayService's serveConfigV2 carries (None when unreadable)."""
-    version = user_config_of(rayservice).get("default_version")
+def serving_version_of(rayservice: dict[str, Any], app: str | None = None) -> str | None:
+    """The default version a RayService's serveConfigV2 carries for `app` (default: its first
+    application; None when unreadable)."""
+    version = user_config_of(rayservice, app).get("default_version")
     return None if version is None else str(version)
 
 
-def candidate_of(rayservice: dict[str, Any]) -> dict[str, Any] | None:
-    """The candidate a RayService's serveConfigV2 carries, as written (None: none)."""
-    candidate = user_config_of(rayservice).get("candidate")
+def candidate_of(rayservice: dict[str, Any], app: str | None = None) -> dict[str, Any] | None:
+    """The candidate a RayService's serveConfigV2 carries for `app`, as written (None: none)."""
+    candidate = user_config_of(rayservice, app).get("candidate")
     return candidate if isinstance(candidate, dict) else None
 
 
-def user_config_of(rayservice: dict[str, Any]) -> dict[str, Any]:
-    """The deployment's user_config in a RayService's serveConfigV2 ({} when unreadable)."""
+def user_config_of(rayservice: dict[str, Any], app: str | None = None) -> dict[str, Any]:
+    """The deployment's user_config in a RayService's serveConfigV2 for application `app` (default:
+    the first), {} when unreadable or absent."""
     text = (rayservice.get("spec") or {}).get("serveConfigV2")
     if not text:
         return {}
     try:
         config = yaml.load(text, Loader=FAST_LOADER)
-        for app in config.get("applications", []):
-            for deployment in app.get("deployments", []):
+        for application in config.get("applications", []):
+            if app is not None and application.get("name") != app:
+                continue
+            for deployment in application.get("deployments", []):
                 if deployment.get("name") == DEPLOYMENT_NAME:
                     user_config = deployment.get("user_config") or {}
                     return user_config if isinstance(user_config, dict) else {}

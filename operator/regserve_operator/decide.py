@@ -44,6 +44,8 @@ from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
 from regserve_operator.probe import AppReport, RolloutReport, RolloutUnsupported
 from regserve_operator.requirements import check_requirements
+from regserve_operator.shared import Peer, Refused, has_application
+from regserve_operator.shared import compose as compose_shared
 from regserve_operator.sizing import size_replica
 from regserve_operator.spec import (
     Figures,
@@ -60,6 +62,8 @@ from serving_app.compat import compare_signatures
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 10
+# Ready reasons this pass set for what stopped it before the RayService: Ray's state does not replace them.
+NOT_MIRRORED = ("Conflict", "CredentialsUnavailable", "ClusterConflict", "DoesNotFit")
 MAX_STAGE_RECORDS = 16  # canary steps are at most 10, plus the smoke test, a shadow and the switch
 
 
@@ -85,6 +89,8 @@ class Observation:
     app: AppReport | None = None  # what the app reported (asked only while a rollout is judged)
     # The app's /rollout (asked only while a candidate is on).
     rollout: RolloutReport | RolloutUnsupported | None = None
+    # The resources sharing the cluster this one names (`spec.placement`), itself among them.
+    peers: tuple[Peer, ...] = ()
 
     def with_facts(self, version: str, result: FactsResult) -> Observation:
         return replace(self, facts={**self.facts, version: result})
@@ -281,7 +287,7 @@ class _Draft:
 def _decide(d: _Draft) -> Outcome:
     st, observed = d.st, d.observed
     st.selector = d.spec.model.selector_text()
-    st.ray_service_name = rayservice_name(d.inputs.owner.name)
+    st.ray_service_name = rayservice_name(d.inputs.owner.name, d.spec)
     st.url = observed.url
     if observed.credentials_problem is not None:
         if d.cond(c.READY, "False", "CredentialsUnavailable", observed.credentials_problem):
@@ -289,7 +295,7 @@ def _decide(d: _Draft) -> Outcome:
         d.out.retry = True
         return _finish(d, None)
     svc = c.read_service_state(observed.existing, d.inputs.owner.name)
-    carried = serving_version_of(observed.existing) if observed.existing else None
+    carried = serving_version_of(observed.existing, d.inputs.owner.name) if observed.existing else None
     resolved = _take_resolution(d)
     check = _rollout_check(d, svc, carried)
     if check is not None and in_candidate_phase(d.st):
@@ -690,6 +696,16 @@ def _build(d: _Draft, version: str) -> None:
         holds_candidate=_holds_candidates(d),
     )
     desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults, _candidate(d))
+    if spec.placement is not None:
+        composed = compose_shared(
+            d.inputs.owner, spec, size, desired, d.observed.existing, d.observed.peers, d.inputs.defaults
+        )
+        if isinstance(composed, Refused):
+            if d.cond(c.READY, "False", composed.reason, composed.message):
+                d.event("Warning", composed.reason, composed.message)
+            d.out.retry = True  # a spec change wakes it at once; a member leaving, at the back-off
+            return
+        desired = composed
     plan = make_plan(desired, d.observed.existing)
     d.out.plan = plan
     if plan.action == "conflict":
@@ -697,8 +713,10 @@ def _build(d: _Draft, version: str) -> None:
             d.event("Warning", "Conflict", plan.message)
         d.out.retry = True
         return
-    if plan.action == "create":
-        d.event("Normal", "Created", f"RayService {plan.name} created serving version {version}")
+    joins = spec.placement is not None and not has_application(d.observed.existing, d.inputs.owner.name)
+    if plan.action == "create" or (joins and plan.writes):
+        verb = "created" if plan.action == "create" else "joined"
+        d.event("Normal", "Created", f"RayService {plan.name} {verb} serving version {version}")
         if not st.rollout_version and st.last_good_version != version:
             d.start_rollout(version, 1)  # the first version is judged like any rollout
     elif plan.writes and "rayClusterConfig" in plan.changes:
@@ -809,7 +827,7 @@ def _recently_changed(d: _Draft, condition_type: str) -> bool:
 
 def _mirror(d: _Draft, svc: c.ServiceState) -> None:
     current = c.get_condition(d.st.conditions, c.READY)
-    if current is not None and current.reason in ("Conflict", "CredentialsUnavailable") and d.out.retry:
+    if current is not None and current.reason in NOT_MIRRORED and d.out.retry:
         return
     if not svc.exists:
         if d.spec.paused:

@@ -78,6 +78,14 @@ def load_resources(path: Path) -> list[Resource]:
         except ValueError as error:  # pydantic's ValidationError is a ValueError
             raise SystemExit(f"{path}: {name}: invalid spec:\n{error}") from None
         namespace = metadata.get("namespace", "default")
+        if spec.placement is not None:
+            # Every resource is an application of the one local cluster already: the same idea.
+            log.info(
+                "%s: local mode serves it on the local cluster; placement %s is not needed",
+                name,
+                spec.placement.cluster,
+            )
+            spec = spec.model_copy(update={"placement": None})
         resources.append(Resource(Owner(name, namespace, f"local-{uuid.uuid4()}"), spec))
     if not resources:
         raise SystemExit(f"{path}: no {KIND} found")

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from regserve_operator import metrics, probe
 from regserve_operator import spec as s
-from regserve_operator.builders import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
+from regserve_operator.builders import LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
 from regserve_operator.conditions import READY, set_condition
 from regserve_operator.decide import Outcome, iso
 from regserve_operator.rbac import rule
@@ -171,11 +171,14 @@ def forget(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> No
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})
-def rayservice_changed(*, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    owner = labels.get(LABEL_INSTANCE)
+def rayservice_changed(*, namespace: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """KubeRay reported on a RayService: wake its owners (every member of a shared one)."""
     state = getattr(memo, "state", None)
-    if owner and isinstance(state, State):
-        state.scheduler.wake((namespace or "", owner))
+    if not isinstance(state, State):
+        return
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == s.KIND and ref.get("name"):
+            state.scheduler.wake((namespace or "", ref["name"]))
 
 
 @kopf.timer(s.GROUP, s.VERSION, s.PLURAL, interval=TIMER_INTERVAL_S)

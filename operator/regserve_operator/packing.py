@@ -52,6 +52,8 @@ class ClusterSettings:
     image: str | None
     ray_version: str | None
     accelerator: str
+    # The rest of what the pods share, by spec field: registry, Secrets, ingress mode, service account…
+    pods: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,11 @@ def _differing_settings(leader: ClusterSettings, member: ClusterSettings) -> tup
         ("rayVersion", leader.ray_version, member.ray_version),
         ("accelerator", leader.accelerator, member.accelerator),
     )
-    return tuple(name for name, ours, theirs in pairs if ours != theirs)
+    named = tuple(name for name, ours, theirs in pairs if ours != theirs)
+    theirs = dict(member.pods)
+    fields = {name for name, value in leader.pods if theirs.get(name) != value}
+    fields |= {name for name, _ in member.pods if name not in dict(leader.pods)}
+    return named + tuple(sorted(fields))
 
 
 def pod_shape(replicas: Iterable[ReplicaShape], ceiling: PodShape = DEFAULT_POD_CEILING) -> PodShape | None:

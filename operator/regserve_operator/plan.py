@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from regserve_operator.builders import ANNOTATION_CLUSTER_HASH, FAST_LOADER, cluster_shape
+from regserve_operator.builders import ANNOTATION_CLUSTER_HASH, FAST_LOADER, LABEL_CLUSTER, cluster_shape
 
 Action = Literal["create", "patch_serve_config", "patch_cluster", "none", "conflict"]
 
@@ -31,6 +31,9 @@ class Plan:
     patch: list[dict[str, Any]] = field(default_factory=list)
     changes: tuple[str, ...] = ()
     message: str = ""
+    # Whether a target may plan `desired` again against a fresher object after a conflict. Not for a
+    # shared RayService: `desired` carries the other members' applications as they were read.
+    replans: bool = True
 
     @property
     def writes(self) -> bool:
@@ -40,17 +43,24 @@ class Plan:
 def make_plan(desired: dict[str, Any], existing: dict[str, Any] | None) -> Plan:
     meta = desired["metadata"]
     name, namespace = meta["name"], meta["namespace"]
+    shared = LABEL_CLUSTER in meta["labels"]
     if existing is None:
-        return Plan("create", name, namespace, desired, changes=("created",))
-    owner_uid = meta["ownerReferences"][0]["uid"]
+        return Plan("create", name, namespace, desired, changes=("created",), replans=not shared)
     existing_meta = existing.get("metadata") or {}
-    if owner_uid not in {ref.get("uid") for ref in existing_meta.get("ownerReferences") or []}:
+    have_owners = [ref.get("uid") for ref in existing_meta.get("ownerReferences") or []]
+    if shared:
+        ours = (existing_meta.get("labels") or {}).get(LABEL_CLUSTER) == meta["labels"][LABEL_CLUSTER]
+        whose = "the shared cluster of that name"
+    else:
+        ours = meta["ownerReferences"][0]["uid"] in have_owners
+        whose = "this RegisteredModelServing"
+    if not ours:
         return Plan(
             "conflict",
             name,
             namespace,
             desired,
-            message=f"RayService {namespace}/{name} exists and is not owned by this RegisteredModelServing",
+            message=f"RayService {namespace}/{name} exists and is not owned by {whose}",
         )
 
     want, have = desired["spec"], existing.get("spec") or {}
@@ -85,14 +95,21 @@ def make_plan(desired: dict[str, Any], existing: dict[str, Any] | None) -> Plan:
         )
         changes.append("labels")
 
+    want_owners = [ref["uid"] for ref in meta["ownerReferences"]]
+    if shared and want_owners != have_owners:
+        ops.append(
+            _set("/metadata/ownerReferences", meta["ownerReferences"], existing_meta, "ownerReferences")
+        )
+        changes.append("owners")
+
     if not ops:
-        return Plan("none", name, namespace, desired)
+        return Plan("none", name, namespace, desired, replans=not shared)
     action: Action = "patch_cluster" if cluster_changed else "patch_serve_config"
     # A resourceVersion test makes the patch fail instead of clobbering a concurrent writer.
     rv = existing_meta.get("resourceVersion")
     if rv:
         ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": rv})
-    return Plan(action, name, namespace, desired, patch=ops, changes=tuple(changes))
+    return Plan(action, name, namespace, desired, patch=ops, changes=tuple(changes), replans=not shared)
 
 
 def is_subset(want: Any, have: Any) -> bool:

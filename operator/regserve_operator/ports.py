@@ -141,6 +141,11 @@ class Target(Protocol):
         object changed in between."""
         ...
 
+    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        """The RegisteredModelServings of `namespace` whose `spec.placement.cluster` is `cluster`, as
+        the API returns them (metadata, spec, status)."""
+        ...
+
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
         """The named Secret's data, decoded (kube: one `get` on that Secret, nothing else).
         Raise CredentialsUnavailable when it cannot be read."""

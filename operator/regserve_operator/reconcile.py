@@ -45,6 +45,7 @@ from regserve_operator.ports import (
 )
 from regserve_operator.probe import Probe, RolloutProbe
 from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.shared import Peer, peer_of
 from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelServingStatus, status_to_wire
 from regserve_operator.tags import tag_key
 
@@ -105,7 +106,7 @@ def reconcile(
 def gather(
     owner: Owner, spec: RegisteredModelServingSpec, status: RegisteredModelServingStatus, deps: Deps
 ) -> tuple[Observation, Credentials]:
-    name = rayservice_name(owner.name)
+    name = rayservice_name(owner.name, spec)
     url = deps.target.url(owner.namespace, name, route_prefix(owner.name, spec.serving))
     credentials = Credentials()
     ref = spec.registry.credentials_secret_ref
@@ -115,6 +116,10 @@ def gather(
         except CredentialsUnavailable as exc:
             return Observation(url=url, credentials_problem=str(exc)), credentials
     existing = deps.target.get(owner.namespace, name)
+    peers: tuple[Peer, ...] = ()
+    if spec.placement is not None:
+        listed = deps.target.members(owner.namespace, spec.placement.cluster)
+        peers = tuple(peer for peer in map(peer_of, listed) if peer is not None)
     resolved: str | RegistryError
     try:
         resolved = deps.registry.resolve(
@@ -127,7 +132,9 @@ def gather(
         app = deps.probe(url)
     if deps.rollout_probe is not None and wants_rollout_report(status, existing, owner.name):
         report = deps.rollout_probe(url)
-    observed = Observation(url=url, existing=existing, resolved=resolved, app=app, rollout=report)
+    observed = Observation(
+        url=url, existing=existing, resolved=resolved, app=app, rollout=report, peers=peers
+    )
     return observed, credentials
 
 

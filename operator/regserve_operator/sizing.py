@@ -110,15 +110,7 @@ def size_replica(
     if previous is not None and previous.basis == basis and previous.memory_bytes:
         need = max(need, previous.memory_bytes)
         gpus = max(gpus, previous.gpus)
-    selector: dict[str, str] = {}
-    tolerations: list[dict[str, Any]] = []
-    if gpus:
-        selector = dict(resources.gpu_node_selector or DEFAULT_GPU_NODE_SELECTOR)
-        tolerations = (
-            [t.model_dump(exclude_none=True) for t in resources.gpu_tolerations]
-            if resources.gpu_tolerations is not None
-            else list(DEFAULT_GPU_TOLERATIONS)
-        )
+    selector, tolerations = gpu_placement(resources) if gpus else ({}, [])
     return ReplicaSize(
         memory_bytes=need,
         gpus=gpus,
@@ -127,6 +119,17 @@ def size_replica(
         node_selector=selector,
         tolerations=tolerations,
     )
+
+
+def gpu_placement(resources: Resources) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Node selector and tolerations that put a pod with GPUs on a GPU node."""
+    selector = dict(resources.gpu_node_selector or DEFAULT_GPU_NODE_SELECTOR)
+    tolerations = (
+        [t.model_dump(exclude_none=True) for t in resources.gpu_tolerations]
+        if resources.gpu_tolerations is not None
+        else list(DEFAULT_GPU_TOLERATIONS)
+    )
+    return selector, tolerations
 
 
 # ------------------------------------------------------------------------------------- worker pods

@@ -38,6 +38,14 @@ MIN_NOT_ABOVE_MAX = "self.minReplicas <= self.maxReplicas"
 STEPS_INCREASING = "self.isSorted() && self.all(x, self.filter(y, y == x).size() == 1)"
 MAX_CANARY_STEPS = 10
 
+# CEL on the spec (a transition rule: checked on updates only): a resource stays on the cluster it was
+# created on. Moving it would leave the RayService it came from carrying it, or orphaned.
+PLACEMENT_FIXED = (
+    "has(self.placement) == has(oldSelf.placement) && "
+    "(!has(self.placement) || self.placement.cluster == oldSelf.placement.cluster)"
+)
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
 
 # Lets the API server fill nested defaults when the whole section is left out.
 _DEFAULT_EMPTY: dict[str, Any] = {"default": {}}
@@ -327,7 +335,25 @@ class Rollout(_Model):
     )
 
 
+class Placement(_Model):
+    cluster: str = Field(
+        ...,
+        pattern=DNS_LABEL,
+        max_length=40,  # KubeRay derives Service names (<name>-serve-svc, <name>-head-svc) from it
+        description=(
+            "Name of a Ray cluster shared with the other resources of this namespace that name it: one "
+            "RayService with an application per resource. Fixed once set."
+        ),
+    )
+
+
 class RegisteredModelServingSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            PLACEMENT_FIXED, "spec.placement cannot be added, removed or changed: re-create the resource"
+        )
+    )
+
     model: ModelSelector
     registry: Registry
     serving: Serving = Field(default_factory=Serving, json_schema_extra=_DEFAULT_EMPTY)
@@ -337,6 +363,9 @@ class RegisteredModelServingSpec(_Model):
     )
     rollout: Rollout = Field(default_factory=Rollout, json_schema_extra=_DEFAULT_EMPTY)
     paused: bool = Field(False, description="Stop rollouts; the serving version stays as it is.")
+    placement: Placement | None = Field(
+        None, description="Share a Ray cluster with other resources (unset: a RayService of its own)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- status

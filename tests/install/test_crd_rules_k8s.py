@@ -70,3 +70,62 @@ def test_accepted_without_an_implicit_replica_count(
     assert stored.get("replicas") == serving.get("replicas")
     if "autoscaling" in serving:
         assert stored["autoscaling"]["minReplicas"] == serving["autoscaling"].get("minReplicas", 1)
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ({"cluster": "Shared_CPU"}, "spec.placement.cluster in body should match"),
+        ({"cluster": "a" * 41}, "spec.placement.cluster: Too long"),
+        ({}, "spec.placement.cluster: Required value"),
+    ],
+)
+def test_placement_refused(
+    kube_api: client.ApiClient, kube_namespace: str, placement: dict[str, Any], message: str
+) -> None:
+    body = _resource({})
+    body["spec"]["placement"] = placement
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, PLURAL, body, dry_run="All"
+        )
+    assert refused.value.status == 422
+    assert message in str(refused.value.body), refused.value.body
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"cluster": "pool-a"}, {"cluster": "pool-b"}),
+        ({"cluster": "pool-a"}, None),
+        (None, {"cluster": "pool-a"}),
+    ],
+)
+def test_placement_is_fixed_once_created(
+    kube_api: client.ApiClient,
+    kube_namespace: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    api = client.CustomObjectsApi(kube_api)
+    body = _resource({})
+    body["metadata"]["name"] = "placed"
+    if before is not None:
+        body["spec"]["placement"] = before
+    created = api.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, body)
+    try:
+        changed = dict(created)
+        changed["spec"] = {k: v for k, v in created["spec"].items() if k != "placement"}
+        if after is not None:
+            changed["spec"]["placement"] = after
+        with pytest.raises(ApiException) as refused:
+            api.replace_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "placed", changed)
+        assert refused.value.status == 422
+        assert "spec.placement cannot be added, removed or changed" in str(refused.value.body)
+        changed["spec"]["paused"] = True  # any other change still goes through
+        changed["spec"].pop("placement", None)
+        if before is not None:
+            changed["spec"]["placement"] = before
+        api.replace_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "placed", changed)
+    finally:
+        api.delete_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "placed")

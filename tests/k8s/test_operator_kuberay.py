@@ -12,14 +12,20 @@ from typing import Any
 
 import mlflow
 import pytest
+import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
+from regserve_operator.builders import serving_version_of
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 
 from tests.k8s import plane
 from tests.k8s.operator_support import (
+    GROUP,
+    PLURAL,
+    VERSION,
     Cluster,
     carried,
+    cond,
     new_model,
     operator_account,
     rms_spec,
@@ -163,3 +169,92 @@ def test_cluster_shape_change_reaches_kuberay(
     )
     # A positive wait: generous, it costs nothing when KubeRay is quick (a loaded machine slows it).
     until("RayClusters changed", lambda: _shape(cluster, name) != before, timeout=4 * KUBERAY_REACTION_S)
+
+
+def _apps(rayservice: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    text = ((rayservice or {}).get("spec") or {}).get("serveConfigV2") or ""
+    return {app["name"]: app for app in (yaml.safe_load(text) or {}).get("applications") or []}
+
+
+def _owners(rayservice: dict[str, Any] | None) -> list[str]:
+    return [ref["name"] for ref in ((rayservice or {}).get("metadata") or {}).get("ownerReferences") or []]
+
+
+def test_resources_naming_one_cluster_share_one_rayservice(
+    cluster: Cluster, operator: KopfRunner, mlflow_server: MlflowServer
+) -> None:
+    """Members join one RayService (an application each, every member an owner, one RayCluster); a
+    promotion changes only its member's application; a member with other cluster settings is refused
+    with a condition; removing a member drops only its application; the last one takes it away."""
+    suffix = uuid.uuid4().hex[:6]
+    pool, first, second, odd = f"pool-{suffix}", f"sa-{suffix}", f"sb-{suffix}", f"sc-{suffix}"
+    secret = f"auth-{suffix}"
+    cluster.secret(secret, {})
+    models = {}
+    for name in (first, second, odd):
+        models[name] = new_model()
+        log_version(mlflow_server.url, models[name], {"prompt": "string"}, alias="champion")
+
+    def member_spec(name: str, **serving: Any) -> dict[str, Any]:
+        spec = rms_spec(models[name], mlflow_server.url, placement={"cluster": pool})
+        spec["registry"]["credentialsSecretRef"] = {"name": secret}
+        if serving:
+            spec["serving"] = serving
+        return spec
+
+    cluster.create_rms(first, member_spec(first))
+    cluster.created.append(first)
+    until("the first member's application", lambda: list(_apps(cluster.rayservice(pool))) == [first])
+    cluster.create_rms(second, member_spec(second))
+    cluster.created.append(second)
+    until(
+        "both applications and both owners",
+        lambda: (
+            list(_apps(cluster.rayservice(pool))) == [first, second]
+            and _owners(cluster.rayservice(pool)) == [first, second]
+        ),
+    )
+    assert cluster.rayservice(first) is None and cluster.rayservice(second) is None  # none of their own
+    until("KubeRay created one RayCluster", lambda: len(_shape(cluster, pool)) == 1, timeout=90)
+    raycluster = [name for name, _, _ in _shape(cluster, pool)]
+    workers = cluster.rayservice(pool)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]  # type: ignore[index]
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (2, 2)  # one replica of each member
+
+    before = _apps(cluster.rayservice(pool))[first]
+    v2 = log_version(mlflow_server.url, models[second], {"prompt": "string"})
+    mlflow.MlflowClient(mlflow_server.url).set_registered_model_alias(models[second], "champion", v2)
+    until("the second member promoted", lambda: carried_by(cluster, pool, second) == v2)
+    assert _apps(cluster.rayservice(pool))[first] == before
+    assert [name for name, _, _ in _shape(cluster, pool)] == raycluster
+
+    cluster.create_rms(odd, member_spec(odd, ingressMode="proxy"))
+    cluster.created.append(odd)
+    until(
+        "the odd member refused", lambda: cond(cluster.rms(odd), "Ready").get("reason") == "ClusterConflict"
+    )
+    assert "serving.ingressMode" in cond(cluster.rms(odd), "Ready")["message"]
+    assert list(_apps(cluster.rayservice(pool))) == [first, second]
+    assert _owners(cluster.rayservice(pool)) == [first, second]
+
+    for name in (first, odd):
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name)
+        cluster.created.remove(name)
+    until(
+        "the first member's application and ownership dropped",
+        lambda: (
+            list(_apps(cluster.rayservice(pool))) == [second]
+            and _owners(cluster.rayservice(pool)) == [second]
+        ),
+    )
+    assert carried_by(cluster, pool, second) == v2
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, second)
+    cluster.created.remove(second)
+    until(
+        "the shared RayService garbage-collected with its last member",
+        lambda: cluster.rayservice(pool) is None,
+    )
+
+
+def carried_by(cluster: Cluster, rayservice: str, app: str) -> str | None:
+    rs = cluster.rayservice(rayservice)
+    return serving_version_of(rs, app) if rs else None

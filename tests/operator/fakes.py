@@ -34,6 +34,8 @@ class FakeTarget:
         self.applied: list[Plan] = []
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.secret_reads: list[tuple[str, str]] = []
+        # RegisteredModelServings as the API server would list them, by (namespace, cluster).
+        self.peers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._rv = 0
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -53,6 +55,9 @@ class FakeTarget:
                 raise TargetConflict(str(exc)) from exc
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self.objects[key] = obj
+
+    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.peers.get((namespace, cluster), []))
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
         self.secret_reads.append((namespace, secret_name))

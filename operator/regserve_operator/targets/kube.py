@@ -16,6 +16,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from regserve_operator import spec as s
 from regserve_operator.builders import SERVE_PORT
 from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import CredentialsUnavailable, TargetConflict
@@ -41,6 +42,7 @@ rule(
     ["get", "create", "patch"],
     "create a RayService, patch it on rollouts",
 )
+rule(__name__, [s.GROUP], [s.PLURAL], ["list"], "list the members of a shared cluster (spec.placement)")
 rule(__name__, [""], ["secrets"], ["get"], "read the one credentials Secret a resource names (no list/watch)")
 
 
@@ -72,6 +74,9 @@ class KubeTarget:
         as a conflict would cost a backoff per write; planning the same desired object against the
         fresh one keeps every field the other writer set (the patch replaces only ours) and lands now.
         """
+        if not plan.replans:
+            self._write(plan)
+            return
         for _attempt in range(CONFLICT_ATTEMPTS - 1):
             try:
                 self._write(plan)
@@ -128,6 +133,15 @@ class KubeTarget:
             return False
         current = self.get(plan.namespace, plan.name)
         return current is None or (current.get("metadata") or {}).get("resourceVersion") != guard
+
+    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        # kopf already lists and watches these (main.py's rules); one list per shared member's pass.
+        listed = self._custom.list_namespaced_custom_object(s.GROUP, s.VERSION, namespace, s.PLURAL)
+        return [
+            item
+            for item in cast(dict[str, Any], listed).get("items") or []
+            if ((item.get("spec") or {}).get("placement") or {}).get("cluster") == cluster
+        ]
 
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
         for pause in (*CREDENTIAL_RETRY_PAUSES_S, None):

@@ -135,6 +135,9 @@ class LocalRayTarget:
             self._objects[key] = desired
         log.info("applied %s to the local Ray cluster (%s)", plan.name, plan.action)
 
+    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        return []  # local mode serves every resource on the one local cluster: placement is dropped
+
     def read_credentials(self, namespace: str, secret_name: str) -> Mapping[str, str]:
         values = {key: os.environ[key] for key in CREDENTIAL_ENV if os.environ.get(key)}
         if not values:

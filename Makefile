@@ -52,6 +52,7 @@ bench: venv
 	$(BIN)/python -m bench.promotion
 	$(BIN)/python -m bench.registry_load
 	$(BIN)/python -m bench.profile_replica
+	$(BIN)/python -m bench.shared_cluster
 
 # Re-pins constraints.txt from the current virtualenv.
 lock:

@@ -165,9 +165,17 @@ def wake(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
 
 
 @kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, optional=True)
-def forget(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _state(memo).scheduler.forget((namespace or "", name))
+def forget(*, namespace: str | None, name: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    state.scheduler.forget((namespace or "", name))
     metrics.forget_rollout(namespace or "", name)
+    cluster = (spec.get("placement") or {}).get("cluster")
+    if cluster:
+        # The other members drop its application at their next pass: make that now, not a poll later.
+        shared = state.deps.target.get(namespace or "", cluster) or {}
+        for ref in (shared.get("metadata") or {}).get("ownerReferences") or []:
+            if ref.get("kind") == s.KIND and ref.get("name") not in (None, name):
+                state.scheduler.wake((namespace or "", ref["name"]))
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})

@@ -172,13 +172,19 @@ class GroupPlan:
     unfit: tuple[str, ...]  # members whose replica is larger than any pod this group may have
 
 
-def plan_group(members: Sequence[Member], ceiling: PodShape = DEFAULT_POD_CEILING) -> GroupPlan | None:
-    """Worker bounds for members placed in one group (all CPU or all GPU)."""
+def plan_group(
+    members: Sequence[Member], ceiling: PodShape = DEFAULT_POD_CEILING, current: PodShape | None = None
+) -> GroupPlan | None:
+    """Worker bounds for members placed in one group (all CPU or all GPU). `current`: the pod shape
+    the cluster has now, kept while it holds every member's replica: a new pod shape is a new
+    RayCluster, so a member joining with smaller replicas or a large one leaving does not make one."""
     fitting = [m for m in members if ceiling.holds(m.replica)]
     unfit = tuple(m.name for m in members if not ceiling.holds(m.replica))
     pod = pod_shape((m.replica for m in fitting), ceiling)
     if pod is None:
         return GroupPlan(pod=ceiling, fewest=0, most=0, unfit=unfit) if unfit else None
+    if current is not None and all(current.holds(m.replica) for m in fitting):
+        pod = current
 
     def replicas(count: Callable[[Member], int]) -> list[ReplicaShape]:
         return [m.replica for m in fitting for _ in range(count(m))]

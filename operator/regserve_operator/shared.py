@@ -40,7 +40,7 @@ from regserve_operator.builders import (
     route_prefix,
     serve_config_yaml,
 )
-from regserve_operator.sizing import POD_OVERHEAD, ReplicaSize, WorkerBounds, gpu_placement
+from regserve_operator.sizing import GPU_RESOURCE, POD_OVERHEAD, ReplicaSize, WorkerBounds, gpu_placement
 
 # Sorts after every RFC 3339 timestamp.
 NEWEST = "9999"
@@ -162,7 +162,7 @@ def compose(
             f"cluster {cluster}: {', '.join(conflict.fields)} differ from {joined.leader.name}'s, "
             "which leads the cluster (the oldest member); this resource's changes are not applied to it",
         )
-    group = packing.plan_group(joined.members)
+    group = packing.plan_group(joined.members, current=_worker_pod(existing))
     assert group is not None  # this member is in it
     if owner.name in group.unfit:
         return Refused(
@@ -199,6 +199,24 @@ def has_application(rayservice: dict[str, Any] | None, name: str) -> bool:
 
 def _shape(size: ReplicaSize) -> packing.ReplicaShape:
     return packing.ReplicaShape(memory_bytes=size.memory_bytes, cpus=size.cpus, gpus=size.gpus)
+
+
+def _worker_pod(rayservice: dict[str, Any] | None) -> packing.PodShape | None:
+    """The worker pod shape a shared RayService has now, as `build_cluster_config` writes it (plain
+    integers); None for anything else, which a new shape then replaces."""
+    cluster = ((rayservice or {}).get("spec") or {}).get("rayClusterConfig") or {}
+    for group in cluster.get("workerGroupSpecs") or []:
+        try:
+            (container,) = group["template"]["spec"]["containers"]
+            limits = container["resources"]["limits"]
+            return packing.PodShape(
+                memory_bytes=int(limits["memory"]),
+                cpus=int(limits["cpu"]),
+                gpus=int(limits.get(GPU_RESOURCE, "0")),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
 
 
 def _pod_size(pod: packing.PodShape, spec: s.RegisteredModelServingSpec) -> ReplicaSize:

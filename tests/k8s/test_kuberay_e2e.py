@@ -832,6 +832,88 @@ def _assert_replica_on_the_gpu_worker(serving: Serving, name: str) -> None:
         assert replica["required_resources"].get("GPU") == 1, replica
 
 
+@pytest.mark.timeout(FIRST_SERVE_S + ROLLOUT_S + 300)
+def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(serving: Serving) -> None:
+    """Two resources naming one cluster: one RayService, one Ray cluster, an application each behind
+    its own route prefix. Promoting one reconfigures its application only: the other's replicas are
+    the same Ray actors, and it answers throughout."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    pool, first, second = "pool", "pool-a", "pool-b"
+    german, french = serving.versions.german, serving.versions.french
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", serving.good)
+    specs = {first: _spec(serving.mlflow.url), second: _spec(serving.mlflow.url)}
+    specs[second]["model"] = {"name": MODEL, "version": german}
+    for name, spec in specs.items():
+        spec["placement"] = {"cluster": pool}
+        serving.cluster.create_rms(name, spec)
+    hosts = serving.plane.cluster_hosts
+    assert hosts is not None
+
+    def answer(name: str) -> httpx.Response | None:
+        address = hosts.entries.get(f"{pool}-serve-svc.{serving.namespace}.svc")
+        if not address:
+            return None
+        try:
+            return httpx.post(
+                f"http://{address}:{SERVE_PORT}/{name}/serve", json={"prompt": "Hello"}, timeout=10
+            )
+        except httpx.HTTPError:
+            return None
+
+    def answers(name: str, version: str) -> bool:
+        response = answer(name)
+        return (
+            response is not None
+            and response.status_code == 200
+            and response.headers["x-model-version"] == version
+        )
+
+    def replica_ids(app: str) -> set[str]:
+        actors = serving.ray_state(serving.active_cluster(pool), "/api/v0/actors?detail=true&limit=1000")
+        return {
+            a["actor_id"]
+            for a in actors
+            if a["class_name"].startswith(f"ServeReplica:{app}:") and a["state"] == "ALIVE"
+        }
+
+    try:
+        until(
+            "both applications answering on the shared cluster",
+            lambda: answers(first, serving.good) and answers(second, german),
+            timeout=FIRST_SERVE_S,
+        )
+        assert serving.cluster.rayservice(first) is None and serving.cluster.rayservice(second) is None
+        assert len(serving.rayclusters(pool)) == 1
+        before = replica_ids(first)
+        assert before, "no replica of the first application"
+
+        started = time.monotonic()
+        serving.cluster.custom.patch_namespaced_custom_object(
+            "regserve.io",
+            "v1alpha1",
+            serving.namespace,
+            "registeredmodelservings",
+            second,
+            {"spec": {"model": {"version": french}}},
+        )
+        until("the second application promoted", lambda: answers(second, french), timeout=ROLLOUT_S)
+        print(f"shared cluster: a member's promotion answered after {time.monotonic() - started:.1f} s")
+        assert answers(first, serving.good)
+        assert replica_ids(first) == before  # the other application was not touched
+        assert len(serving.rayclusters(pool)) == 1
+    finally:
+        for name in (first, second):
+            serving.cluster.custom.delete_namespaced_custom_object(
+                "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name
+            )
+    until(
+        "the shared RayService gone with its members",
+        lambda: serving.cluster.rayservice(pool) is None,
+        timeout=120,
+    )
+
+
 def test_delete_removes_ray_pods_processes_and_namespaces(serving: Serving) -> None:
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")

@@ -176,3 +176,23 @@ def test_a_group_of_unfit_members_plans_no_pods() -> None:
     got = plan_group([member("a", replica=ReplicaShape(100 * GiB, 1.0))], pod(16, 4))
     assert got is not None
     assert (got.fewest, got.most, got.unfit) == (0, 0, ("a",))
+
+
+@pytest.mark.parametrize(
+    ("case", "current", "want"),
+    [
+        ("no cluster yet: shaped for the largest replica", None, pod(6, 1)),
+        ("a larger current pod that holds every replica is kept", pod(8, 2), pod(8, 2)),
+        ("a current pod too small for a replica gives way", pod(4, 1), pod(6, 1)),
+        (
+            "a current pod with too few CPUs gives way",
+            PodShape(memory_bytes=pod(8, 1).memory_bytes, cpus=0),
+            pod(6, 1),
+        ),
+    ],
+)
+def test_plan_group_keeps_the_current_pod_while_it_holds_every_replica(
+    case: str, current: PodShape | None, want: PodShape
+) -> None:
+    group = plan_group([member("a", replica=SMALL), member("b", replica=BIG)], current=current)
+    assert group is not None and group.pod == want, case

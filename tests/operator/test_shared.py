@@ -272,3 +272,20 @@ def test_a_member_that_turns_conflicting_keeps_what_it_serves() -> None:
     assert isinstance(after, dict) and isinstance(body, dict)
     assert owners(after) == ["a", "b"] and apps(after)["b"] == apps(body)["b"]
     assert shared.has_application(after, "b") and not shared.has_application(after, "c")
+
+
+def test_the_worker_pod_shape_stays_while_it_holds_every_member() -> None:
+    big = Resource("a", A.created, model_bytes=900 * 2**20)
+    small = Resource("b", B.created)
+    with_big = written((big, [big], "1"), (small, [big, small], "1"))
+    assert isinstance(with_big, dict)
+    shape = with_big["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    # The large member leaves: the pods it needed still hold the rest, so the cluster stays as it is.
+    without = small.write(with_big, [small.peer()])
+    assert isinstance(without, dict) and owners(without) == ["b"]
+    assert without["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"] == shape
+    assert without["metadata"]["annotations"] == with_big["metadata"]["annotations"]  # same cluster hash
+    # Built afresh, the small member alone would have smaller pods.
+    alone = small.write(None, [small.peer()])
+    assert isinstance(alone, dict)
+    assert alone["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"] != shape

@@ -10,16 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import mlflow
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from regserve_operator.local import DevSession, load_resource_files, make_session, status_summary
 from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
@@ -27,7 +24,6 @@ from serving_app.config import DEPLOYMENT_NAME
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SLOW_ECHO = Path(__file__).parent / "models" / "slow_echo.py"
 MODEL = "autoscaled_echo"
 RMS = """
 apiVersion: regserve.io/v1alpha1
@@ -48,21 +44,6 @@ ELASTIC = (
     " upscaleDelaySeconds: 0.5, downscaleDelaySeconds: 2}"
 )
 TO_ZERO = "{minReplicas: 0, maxReplicas: 1, upscaleDelaySeconds: 0, downscaleDelaySeconds: 2}"
-
-
-def log_slow_echo(tracking_uri: str, delay_s: float) -> str:
-    mlflow.set_tracking_uri(tracking_uri)
-    signature = infer_signature(pd.DataFrame({"prompt": ["hi"]}), [{"echo": "hi"}])
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(SLOW_ECHO),
-            model_config={"delay_s": delay_s},
-            signature=signature,
-            pip_requirements=["mlflow", "pandas"],
-            registered_model_name=MODEL,
-        )
-    return str(info.registered_model_version)
 
 
 class Cluster:
@@ -88,7 +69,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("autoscaling")
-    version = log_slow_echo(mlflow_server.url, delay_s=0.25)
+    version = log_slow_echo(mlflow_server.url, MODEL, delay_s=0.25)
     MlflowClient(mlflow_server.url).set_registered_model_alias(MODEL, "champion", version)
     files = []
     for name, autoscaling in (("elastic", ELASTIC), ("to-zero", TO_ZERO)):

@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 from mlflow.models import infer_signature
 
-from serving_app.examples import PHRASEBOOK_MODEL
+from serving_app.examples import PHRASEBOOK_MODEL, SLOW_ECHO_MODEL
 
 
 def log_phrasebook(
@@ -35,6 +35,23 @@ def log_phrasebook(
             model_config={"lang_to": lang_to, "input_label": input_label, "fail_on_load": fail_on_load},
             signature=signature,
             input_example=pd.DataFrame({input_label: [input_example]}) if input_example is not None else None,
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)
+
+
+def log_slow_echo(tracking_uri: str, model_name: str, *, delay_s: float) -> str:
+    """Register a version that echoes its prompt after `delay_s` per request (a replica kept busy by a
+    handful of clients: autoscaling tests and benchmarks); returns its version number."""
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = infer_signature(pd.DataFrame({"prompt": ["hi"]}), [{"echo": "hi"}])
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SLOW_ECHO_MODEL),
+            model_config={"delay_s": delay_s},
+            signature=signature,
             pip_requirements=["mlflow", "pandas"],
             registered_model_name=model_name,
         )

@@ -28,6 +28,7 @@ from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
 from bench.common import (
     RESULTS,
+    all_serving,
     check,
     exit_cleanly_on_sigterm,
     load,
@@ -63,15 +64,6 @@ TARGETS = {
     "fixed-1": "replicas: 1",
     "fixed-3": "replicas: 3",
 }
-
-
-def serving(session: DevSession, version: str) -> bool:
-    for resource in session.resources:
-        status = session.status(resource.owner.name)
-        ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
-        if not (ready and status.serving_version == version and status.rollout_version is None):
-            return False
-    return True
 
 
 class Replicas:
@@ -168,8 +160,8 @@ def main() -> None:
             log_dir=workdir,
         )
         deadline = time.monotonic() + 300
-        running.run(until=lambda: serving(running, version) or time.monotonic() > deadline)
-        if not serving(running, version):
+        running.run(until=lambda: all_serving(running, version) or time.monotonic() > deadline)
+        if not all_serving(running, version):
             raise SystemExit("the resources never served")
         url = f"http://127.0.0.1:{serve_port}"
         dashboard = ServeDashboard(dashboard_url, token=ray_auth_token())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from regserve_operator.local import DevSession
 from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
@@ -25,6 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 INGRESS_MODES: tuple[IngressMode, ...] = ("proxy", "haproxy")
+
+
+def all_serving(session: DevSession, version: str) -> bool:
+    """Every resource of a local-mode session serves `version`, settled."""
+    for resource in session.resources:
+        status = session.status(resource.owner.name)
+        ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+        if not (ready and status.serving_version == version and status.rollout_version is None):
+            return False
+    return True
 
 
 def exit_cleanly_on_sigterm() -> None:

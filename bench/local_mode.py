@@ -24,6 +24,7 @@ from regserve_operator.sandbox.processes import free_port
 
 from bench.common import (
     MlflowModelsServe,
+    all_serving,
     cell,
     check,
     exit_cleanly_on_sigterm,
@@ -59,15 +60,6 @@ spec:
 CONCURRENCY = (1, 32)
 
 
-def serving(session: DevSession, version: str) -> bool:
-    for resource in session.resources:
-        status = session.status(resource.owner.name)
-        ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
-        if not (ready and status.serving_version == version and status.rollout_version is None):
-            return False
-    return True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
@@ -94,8 +86,8 @@ def main() -> None:
             log_dir=workdir,
         )
         deadline = time.monotonic() + 600
-        session.run(until=lambda: serving(session, version) or time.monotonic() > deadline)
-        if not serving(session, version):
+        session.run(until=lambda: all_serving(session, version) or time.monotonic() > deadline)
+        if not all_serving(session, version):
             raise SystemExit("local mode did not serve within 10 minutes")
         rows = measure(args, baseline.url, f"http://127.0.0.1:{serve_port}", [float(x) for x in samples[0]])
         report(rows)

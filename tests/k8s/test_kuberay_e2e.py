@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,20 @@ class Serving:
     def pods(self, cluster: str, node_type: str) -> list[Any]:
         selector = f"ray.io/cluster={cluster},ray.io/node-type={node_type}"
         return list(self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
+
+    def url_at(self, rayservice: str, prefix: str) -> str:
+        """`/<prefix>/serve` behind another RayService's Serve Service."""
+        assert self.plane.cluster_hosts is not None
+        address = self.plane.cluster_hosts.entries.get(f"{rayservice}-serve-svc.{self.namespace}.svc")
+        assert address, f"{rayservice}-serve-svc has no ready endpoint"
+        return f"http://{address}:{SERVE_PORT}/{prefix}/serve"
+
+    def answer_at(self, rayservice: str, prefix: str) -> httpx.Response | None:
+        """A prompt's answer there (None: no endpoint yet, or no answer)."""
+        try:
+            return httpx.post(self.url_at(rayservice, prefix), json={"prompt": "Hello"}, timeout=10)
+        except (httpx.HTTPError, AssertionError):
+            return None
 
     def answered_by(self, version: str) -> bool:
         if not self.serve_address():
@@ -355,9 +369,10 @@ def test_rays_control_plane_refuses_requests_without_the_token(serving: Serving)
 class Client(threading.Thread):
     """Asks the default version without pause; every answer is recorded."""
 
-    def __init__(self, serving: Serving) -> None:
+    def __init__(self, serving: Serving, url: Callable[[], str] | None = None) -> None:
         super().__init__(daemon=True, name="e2e-client")
         self.serving = serving
+        self.url = url or serving.url
         self.done = threading.Event()
         # (when, status, body, X-Model-Version)
         self.answers: list[tuple[float, int, str, str]] = []
@@ -366,7 +381,7 @@ class Client(threading.Thread):
         with httpx.Client(timeout=30) as http:
             while not self.done.is_set():
                 try:
-                    response = http.post(self.serving.url(), json={"prompt": "Hello"})
+                    response = http.post(self.url(), json={"prompt": "Hello"})
                     version = response.headers.get("x-model-version", "")
                     self.answers.append((time.monotonic(), response.status_code, response.text, version))
                 except (httpx.HTTPError, AssertionError) as exc:
@@ -776,19 +791,9 @@ def test_proxy_ingress_mode_and_a_gpu_model_on_the_gpu_node(serving: Serving) ->
     spec["serving"]["ingressMode"] = "proxy"
     spec["resources"] = {"accelerator": "gpu"}
     serving.cluster.create_rms(name, spec)
-    hosts = serving.plane.cluster_hosts
-    assert hosts is not None
 
     def answer() -> httpx.Response | None:
-        address = hosts.entries.get(f"{name}-serve-svc.{serving.namespace}.svc")
-        if not address:
-            return None
-        try:
-            return httpx.post(
-                f"http://{address}:{SERVE_PORT}/{name}/serve", json={"prompt": "Hello"}, timeout=10
-            )
-        except httpx.HTTPError:
-            return None
+        return serving.answer_at(name, name)
 
     try:
         until(
@@ -847,19 +852,9 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
     for name, spec in specs.items():
         spec["placement"] = {"cluster": pool}
         serving.cluster.create_rms(name, spec)
-    hosts = serving.plane.cluster_hosts
-    assert hosts is not None
 
     def answer(name: str) -> httpx.Response | None:
-        address = hosts.entries.get(f"{pool}-serve-svc.{serving.namespace}.svc")
-        if not address:
-            return None
-        try:
-            return httpx.post(
-                f"http://{address}:{SERVE_PORT}/{name}/serve", json={"prompt": "Hello"}, timeout=10
-            )
-        except httpx.HTTPError:
-            return None
+        return serving.answer_at(pool, name)
 
     def answers(name: str, version: str) -> bool:
         response = answer(name)
@@ -877,6 +872,7 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
             if a["class_name"].startswith(f"ServeReplica:{app}:") and a["state"] == "ALIVE"
         }
 
+    traffic: Client | None = None
     try:
         until(
             "both applications answering on the shared cluster",
@@ -888,6 +884,8 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         before = replica_ids(first)
         assert before, "no replica of the first application"
 
+        traffic = Client(serving, url=lambda: serving.url_at(pool, first))
+        traffic.start()
         started = time.monotonic()
         serving.cluster.custom.patch_namespaced_custom_object(
             "regserve.io",
@@ -899,10 +897,14 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         )
         until("the second application promoted", lambda: answers(second, french), timeout=ROLLOUT_S)
         print(f"shared cluster: a member's promotion answered after {time.monotonic() - started:.1f} s")
-        assert answers(first, serving.good)
+        traffic.finish()
+        assert traffic.failures() == [], traffic.failures()[:5]
+        assert {version for _, _, _, version in traffic.answers} == {serving.good}
         assert replica_ids(first) == before  # the other application was not touched
         assert len(serving.rayclusters(pool)) == 1
     finally:
+        if traffic is not None:
+            traffic.done.set()
         for name in (first, second):
             serving.cluster.custom.delete_namespaced_custom_object(
                 "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name

@@ -13,14 +13,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from regserve_operator.local import DevSession
 from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+
+if TYPE_CHECKING:
+    from regserve_operator.local import DevSession
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

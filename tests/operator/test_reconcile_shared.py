@@ -96,3 +96,38 @@ def test_a_member_with_other_cluster_settings_is_refused_and_writes_nothing() ->
     assert "serving.ingressMode" in ready.message
     assert ("Warning", "ClusterConflict") in [(e.type, e.reason) for e in refused.events]
     assert serving_version_of(m.rayservice(), OTHER.name) is None
+
+
+class WritesBetween:
+    """A target that lets another writer in between a member's read and its write, once."""
+
+    def __init__(self, pair: Members) -> None:
+        self.pair = pair
+        self.inner = pair.world.target
+        self.raced = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def apply(self, plan: Any) -> None:
+        if not self.raced:
+            self.raced = True
+            self.pair.step_other()  # the other member writes after this one read
+        self.inner.apply(plan)
+
+
+def test_concurrent_writers_lose_nothing() -> None:
+    m = Members()
+    m.step_owner()
+    m.step_other()
+    m.world.server.aliases["champion"] = "2"  # both members follow the alias: both want to write
+    m.world.deps.registry.model_changed("translation_model")
+    m.world.deps.target = WritesBetween(m)  # type: ignore[assignment]
+    lost = m.step_owner()  # its write conflicts: nothing written, decided again at the next tick
+    assert lost.in_flight and lost.plan is None  # act discarded the decision
+    assert serving_version_of(m.rayservice(), OTHER.name) == "2"  # the other's write stands
+    assert serving_version_of(m.rayservice(), OWNER.name) == "1"
+    m.world.deps.target = m.world.target
+    m.step_owner()
+    rs = m.rayservice()
+    assert serving_version_of(rs, OWNER.name) == "2" and serving_version_of(rs, OTHER.name) == "2"

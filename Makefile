@@ -53,6 +53,7 @@ bench: venv
 	$(BIN)/python -m bench.registry_load
 	$(BIN)/python -m bench.profile_replica
 	$(BIN)/python -m bench.shared_cluster
+	$(BIN)/python -m bench.autoscaling
 
 # Re-pins constraints.txt from the current virtualenv.
 lock:

@@ -103,6 +103,8 @@ class Replicas:
 
 
 def step(session_url: str, dashboard: ServeDashboard, name: str, seconds: float) -> dict[str, Any]:
+    """The load step, then (for the elastic target) the fall back to one replica, sampled throughout."""
+    fell = None
     with Replicas(dashboard, name) as replicas:
         result = load(
             f"{session_url}/{name}/serve",
@@ -111,13 +113,12 @@ def step(session_url: str, dashboard: ServeDashboard, name: str, seconds: float)
             duration_s=seconds,
             warmup_s=0.0,
         )
-    fell = None
-    if name == "elastic":
-        started = time.monotonic()
-        deadline = started + 120
-        while time.monotonic() < deadline and replicas.count() > 1:
-            time.sleep(SAMPLE_S)
-        fell = time.monotonic() - started if replicas.count() == 1 else None
+        if name == "elastic":
+            started = time.monotonic()
+            deadline = started + 120
+            while time.monotonic() < deadline and replicas.count() > 1:
+                time.sleep(SAMPLE_S)
+            fell = time.monotonic() - started if replicas.count() == 1 else None
     return {
         **result,
         "to_2_s": replicas.first_at(2),
@@ -239,7 +240,7 @@ def plot(runs: dict[str, list[dict[str, Any]]]) -> None:
     for name, results in runs.items():
         samples = results[0]["samples"]
         axis.step([t for t, _ in samples], [n for _, n in samples], where="post", label=name)
-    axis.set_xlabel("seconds into the load step")
+    axis.set_xlabel("seconds from the start of the load step (elastic: until it is back at one replica)")
     axis.set_ylabel("running replicas")
     axis.legend()
     fig.tight_layout()

@@ -515,20 +515,20 @@ class ClosesKeptAliveConnections:
                 conn.recv(65536)
                 body = json.dumps({"registered_models": []}).encode()
                 head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                self.answered += 1  # before the answer leaves: the client may check as soon as it has it
                 conn.sendall(head.encode() + b"\r\n" + body)
-                self.answered += 1
                 conn.recv(65536)  # the next request on the kept-alive connection: closed unanswered
 
 
 def test_a_pooled_connection_closed_under_a_request_is_retried_on_a_fresh_one() -> None:
     registry = Registry()
     credentials = Credentials.from_mapping({})
-    try:
-        with ClosesKeptAliveConnections() as server:
+    with ClosesKeptAliveConnections() as server:
+        try:
             poller = registry.poller(server.url, credentials)
             for _ in range(3):
                 poller.invalidate()
                 assert poller.snapshot(max_age=60).models == {}
             assert server.answered == 3 and server.connections == 3, (server.answered, server.connections)
-    finally:
-        registry.close()
+        finally:
+            registry.close()  # closes the pooled connection the server waits on, so it can stop

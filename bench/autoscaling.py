@@ -39,7 +39,6 @@ from bench.common import (
     start_mlflow,
     uptime,
 )
-from serving_app.config import DEPLOYMENT_NAME
 
 MODEL = "bench_slow_echo"
 CONCURRENCY = 8
@@ -77,9 +76,7 @@ class Replicas:
         self.started = time.monotonic()
 
     def count(self) -> int:
-        deployments = (self.dashboard.applications().get(self.app) or {}).get("deployments") or {}
-        replicas = (deployments.get(DEPLOYMENT_NAME) or {}).get("replicas") or []
-        return sum(1 for replica in replicas if replica.get("state") == "RUNNING")
+        return self.dashboard.running_replicas(self.app)
 
     def __enter__(self) -> Replicas:
         self._thread.start()

@@ -20,8 +20,6 @@ from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
 
-from serving_app.config import DEPLOYMENT_NAME
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "autoscaled_echo"
@@ -53,9 +51,7 @@ class Cluster:
         self.dashboard = ServeDashboard(dashboard_url, token=ray_auth_token())
 
     def running_replicas(self, app: str) -> int:
-        deployments = (self.dashboard.applications().get(app) or {}).get("deployments") or {}
-        replicas = (deployments.get(DEPLOYMENT_NAME) or {}).get("replicas") or []
-        return sum(1 for replica in replicas if replica.get("state") == "RUNNING")
+        return self.dashboard.running_replicas(app)
 
     def ask(self, app: str, text: str, timeout: float = 60) -> httpx.Response:
         return httpx.post(f"{self.serve_url}/{app}/serve", json={"prompt": text}, timeout=timeout)

@@ -29,6 +29,7 @@ import yaml
 
 from regserve_operator.plan import Plan
 from regserve_operator.ports import CredentialsUnavailable, TargetConflict
+from serving_app.config import DEPLOYMENT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class ServeDashboard:
         response = self._http.get("/api/serve/applications/")
         response.raise_for_status()
         return dict(response.json().get("applications") or {})
+
+    def running_replicas(self, app: str) -> int:
+        """How many replicas of the app's serving deployment Serve runs now."""
+        deployments = (self.applications().get(app) or {}).get("deployments") or {}
+        replicas = (deployments.get(DEPLOYMENT_NAME) or {}).get("replicas") or []
+        return sum(1 for replica in replicas if replica.get("state") == "RUNNING")
 
     def put_applications(self, applications: list[dict[str, Any]], http_options: dict[str, Any]) -> None:
         body = {"http_options": http_options, "applications": applications}

@@ -45,6 +45,9 @@ LOCK_FILE = STATE_DIR / "lock"
 NETNS_PREFIX = "rsp"
 NETNS_DIR = Path("/run/netns")
 NETNS_ETC = Path("/etc/netns")
+# Where a kubelet projects a pod's service-account token; the pod runner bind-mounts each pod's own
+# files there inside the pod, so the mount point must exist on the host while a plane runs.
+SERVICE_ACCOUNT_MOUNT = Path("/run/secrets/kubernetes.io/serviceaccount")
 
 
 class NetworkUnavailable(RuntimeError):
@@ -134,6 +137,7 @@ def release() -> None:
 
 
 def _setup() -> None:
+    SERVICE_ACCOUNT_MOUNT.mkdir(parents=True, exist_ok=True)
     if ip("link", "show", BRIDGE, check=False).returncode != 0:
         ip("link", "add", BRIDGE, "type", "bridge")
     prefix = POD_CIDR.split("/")[1]
@@ -153,6 +157,10 @@ def _teardown() -> None:
     for cidr in (SERVICE_CIDR, NODE_CIDR):
         ip("route", "delete", "unreachable", cidr, check=False)
     ip("link", "delete", BRIDGE, check=False)
+    # Only the empty directories the setup made: a host that has its own /run/secrets keeps it.
+    for directory in (SERVICE_ACCOUNT_MOUNT, *list(SERVICE_ACCOUNT_MOUNT.parents)[:2]):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def owned() -> bool:

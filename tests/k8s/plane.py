@@ -276,6 +276,7 @@ def make_credentials(directory: Path) -> Credentials:
         x509.DNSName("kubernetes.default.svc"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+        x509.IPAddress(ipaddress.ip_address(network.BRIDGE_IP)),
     ]
     srv_cert = cert("kube-apiserver", srv_key, ca_cert.subject, ca_key, False, sans)
     sa_key = ec.generate_private_key(ec.SECP256R1())
@@ -624,6 +625,8 @@ class ControlPlane:
             environment=lambda: serving_env.install(log=self.log_dir / "serving-env.log"),
             hosts=self.cluster_hosts,
             extra_env=POD_NODE_ENV,
+            api_server=self.server,
+            ca_cert=self.creds.ca_cert if self.creds else None,
         ).start()
 
     def _prepare(self) -> None:
@@ -631,7 +634,9 @@ class ControlPlane:
         self.hosts_path.parent.mkdir(parents=True, exist_ok=True)
         self.cluster_hosts = ClusterHosts(self.hosts_path)
         self.creds = make_credentials(self.workdir / "pki")
-        self.server = f"https://127.0.0.1:{free_port()}"
+        # On the host's bridge address, which host processes reach locally and pods through their
+        # gateway: in-cluster clients (KubeRay's autoscaler) call the apiserver as in any cluster.
+        self.server = f"https://{network.BRIDGE_IP}:{free_port()}"
         for user, token in self.creds.tokens.items():
             name = "admin.kubeconfig" if user == "admin" else f"{user}.kubeconfig"
             write_kubeconfig(self.workdir / name, self.server, self.ca_pem, user, token)
@@ -673,8 +678,8 @@ class ControlPlane:
                 str(self.tools.kube),
                 "kube-apiserver",
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={network.BRIDGE_IP}",
+                f"--advertise-address={network.BRIDGE_IP}",
                 f"--secure-port={port}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={c.serving_cert}",
@@ -689,7 +694,8 @@ class ControlPlane:
                 # Pods would otherwise wait for the controller-manager to create each namespace's
                 # `default` ServiceAccount (envtest does the same).
                 "--disable-admission-plugins=ServiceAccount",
-                # The apiserver's own Endpoints reconciler rejects a loopback address and logs forever.
+                # The `kubernetes` Service's cluster IP is not routed here: pods get the apiserver's own
+                # address in their environment instead (the pod runner), and no Endpoints are needed.
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
                 "--profiling=false",

@@ -7,7 +7,10 @@ bind-mounts ``/etc/netns/NAME/*``) and a private ``/tmp`` (Ray and HAProxy use f
 init containers to completion, then each container's own command and args with its resolved environment,
 in a process group of its own with a parent-death signal; it runs the readiness probes and writes the
 pod's Ready condition and container statuses, and restarts a container that exits the way a kubelet
-would (``restartCount``, ``lastState``, back-off). When the pod goes, everything in its namespace is
+would (``restartCount``, ``lastState``, back-off). Every pod is told where the apiserver is
+(``KUBERNETES_SERVICE_HOST``/``PORT``: the plane's bridge address), and a pod with a service account finds
+a token bound to it and the cluster CA at ``/var/run/secrets/kubernetes.io/serviceaccount``, so in-cluster
+clients (KubeRay's autoscaler) work. When the pod goes, everything in its namespace is
 killed and the namespace deleted. Pods are keyed by UID: KWOK reuses addresses, so a departed pod is
 torn down before a new one is set up.
 
@@ -35,6 +38,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -361,17 +365,34 @@ class Sandbox:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.tmp.chmod(0o1777)
 
+    @property
+    def service_account(self) -> Path:
+        """The pod's projected service-account files (token, ca.crt, namespace), when it has an account."""
+        return self.root / self.uid / "serviceaccount"
+
     def argv(self, command: list[str]) -> list[str]:
-        """``command`` inside the pod: its network namespace, hosts, resolv.conf and private /tmp."""
-        prefix = ["ip", "netns", "exec", self.netns, "sh", "-c"]
+        """``command`` inside the pod: its network namespace, hosts, resolv.conf, private /tmp and, when it
+        has a service account, the account's files where in-cluster clients look for them."""
+        steps = []
+        if self.service_account.is_dir():
+            # Before /tmp is replaced: the plane's own files may live under the host's /tmp.
+            mount_point = shlex.quote(str(network.SERVICE_ACCOUNT_MOUNT))
+            steps.append(f"mount --bind {shlex.quote(str(self.service_account))} {mount_point}")
         tree = tree_under_tmp(REPO_ROOT)
-        if tree is None:
-            script = 'mount --bind "$0" /tmp && exec "$@"'
-            return [*prefix, script, str(self.tmp), *command]
-        # A working tree under /tmp (a clone made there) would be hidden by the private /tmp, and the
-        # pods import the project from it: it is bind-mounted at the same path inside the private one.
-        script = 'mkdir -p "$1" && mount --bind "$2" "$1" && mount --rbind "$0" /tmp && shift 2 && exec "$@"'
-        return [*prefix, script, str(self.tmp), str(self.tmp / tree), str(REPO_ROOT), *command]
+        if tree is not None:
+            # A working tree under /tmp (a clone made there) would be hidden by the private /tmp, and the
+            # pods import the project from it: it is bind-mounted at the same path inside the private one.
+            inside = shlex.quote(str(self.tmp / tree))
+            steps += [f"mkdir -p {inside}", f"mount --bind {shlex.quote(str(REPO_ROOT))} {inside}"]
+        steps.append(f"mount --rbind {shlex.quote(str(self.tmp))} /tmp")
+        script = " && ".join([*steps, 'exec "$@"'])
+        return ["ip", "netns", "exec", self.netns, "sh", "-c", script, "pod", *command]
+
+    def project_service_account(self, token: str, namespace: str, ca_cert: Path) -> None:
+        self.service_account.mkdir(parents=True, exist_ok=True)
+        (self.service_account / "token").write_text(token)
+        (self.service_account / "namespace").write_text(namespace)
+        shutil.copyfile(ca_cert, self.service_account / "ca.crt")
 
 
 def tree_under_tmp(path: Path) -> Path | None:
@@ -613,6 +634,8 @@ class PodWorker(threading.Thread):
         log.info("pod %s: sandbox %s at %s", self.name, self.sandbox.netns, self.sandbox.address)
         core = self.runner.core
         base_env = self.runner.base_env()
+        if not self._project_service_account(core):
+            return
         for init in self.pod.spec.init_containers or []:
             if not self._run_init(core, init, base_env):
                 return
@@ -652,6 +675,39 @@ class PodWorker(threading.Thread):
                     self._report()
                 self.stop_event.wait(1.0)
         return None
+
+    def _project_service_account(self, core: client.CoreV1Api) -> bool:
+        """Writes a token of the pod's service account, bound to the pod, with the cluster CA, where a
+        kubelet projects them. While the account does not exist the pod waits, reported as a container
+        config error (here the ServiceAccount admission plugin is off, so nothing refused the pod; KubeRay
+        creates the autoscaler's account alongside the head pod). False once the pod is going.
+
+        The token lives an hour and is not renewed: no plane runs that long.
+        """
+        spec = self.pod.spec
+        account = spec.service_account_name
+        if not account or spec.automount_service_account_token is False or self.runner.ca_cert is None:
+            return True
+        namespace = self.pod.metadata.namespace
+        while not self.stop_event.is_set():
+            try:
+                token = pod_token(core, self.pod, account)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                message = f"serviceaccount {namespace}/{account} not found"
+                log.warning("pod %s: %s", self.name, message)
+                self.containers = [
+                    ContainerRun(c, {}, self.log_dir / f"{c.name}.log") for c in spec.containers
+                ]
+                for waiting in self.containers:
+                    waiting.waiting_reason, waiting.waiting_message = "CreateContainerConfigError", message
+                self._report()
+                self.stop_event.wait(1.0)
+                continue
+            self.sandbox.project_service_account(token, namespace, self.runner.ca_cert)
+            return True
+        return False
 
     def _run_init(self, core: client.CoreV1Api, spec: Any, base: dict[str, str]) -> bool:
         env = self._container_env(core, spec, base)
@@ -757,6 +813,24 @@ class PodWorker(threading.Thread):
         self.last_status = key
 
 
+TOKEN_SECONDS = 3600
+
+
+def pod_token(core: client.CoreV1Api, pod: Any, account: str) -> str:
+    """A token of ``account`` bound to ``pod`` (the apiserver stops honouring it when the pod goes)."""
+    bound = client.V1BoundObjectReference(
+        api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+    )
+    # Empty audiences: the apiserver's own, so the token authenticates against it.
+    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS, bound_object_ref=bound)
+    issued = core.create_namespaced_service_account_token(
+        account, pod.metadata.namespace, client.AuthenticationV1TokenRequest(spec=spec)
+    )
+    if issued.status is None or not issued.status.token:
+        raise EnvError(f"TokenRequest for {pod.metadata.namespace}/{account} returned no token")
+    return str(issued.status.token)
+
+
 # --------------------------------------------------------------------------------------------------
 # The runner
 
@@ -772,6 +846,10 @@ class PodRunner:
     environment: Callable[[], Path]  # installs (or finds) the serving environment, returns its directory
     hosts: ClusterHosts
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The apiserver as pods reach it (``https://host:port``) and its CA: pods get the address in the
+    # environment a kubelet gives every pod, and pods with a service account its token and the CA.
+    api_server: str | None = None
+    ca_cert: Path | None = None
     netns_prefix: str = field(default_factory=lambda: network.netns_prefix(os.getpid()))
     workers: dict[str, PodWorker] = field(default_factory=dict)
     error: BaseException | None = None
@@ -820,7 +898,20 @@ class PodRunner:
             "PYTHONPATH": f"{REPO_ROOT / 'operator'}:{REPO_ROOT}",
             "HOME": "/tmp",
             "LANG": "C.UTF-8",
+            **self.api_server_env(),
             **self.extra_env,
+        }
+
+    def api_server_env(self) -> dict[str, str]:
+        """What a kubelet tells every pod about the apiserver (there, the `kubernetes` Service)."""
+        if self.api_server is None:
+            return {}
+        address = urllib.parse.urlsplit(self.api_server)
+        host, port = str(address.hostname), str(address.port or 443)
+        return {
+            "KUBERNETES_SERVICE_HOST": host,
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
         }
 
     def pod_logs(self, namespace: str, name: str) -> str:

@@ -26,9 +26,9 @@ import httpx
 import pytest
 from kubernetes import client
 from mlflow import MlflowClient
-from regserve_operator.builders import HAPROXY_ENV
+from regserve_operator.builders import AUTOSCALER_IDLE_TIMEOUT_S, HAPROXY_ENV
 from regserve_operator.sandbox.mlflow_server import MlflowServer
-from regserve_operator.sandbox.models import PHRASEBOOK_MODEL, log_phrasebook
+from regserve_operator.sandbox.models import PHRASEBOOK_MODEL, log_phrasebook, log_slow_echo
 from regserve_operator.sizing import GPU_RESOURCE
 from regserve_operator.webhook import register_webhook
 
@@ -40,7 +40,7 @@ from tests.k8s.operator_support import (
     operator_account,
     until,
 )
-from tests.k8s.podrunner import with_cluster_hosts
+from tests.k8s.podrunner import pod_ready, with_cluster_hosts
 from tests.reliability.delaying_proxy import DelayingProxy
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kuberay, pytest.mark.slow]
@@ -914,6 +914,112 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         lambda: serving.cluster.rayservice(pool) is None,
         timeout=120,
     )
+
+
+# Replica bounds of the autoscaling test: one replica per worker pod, as pods are sized today.
+ELASTIC_MAX = 2
+
+
+@pytest.mark.timeout(FIRST_SERVE_S + 3 * ROLLOUT_S + AUTOSCALER_IDLE_TIMEOUT_S + 300)
+def test_autoscaling_adds_worker_pods_under_load_and_scales_to_zero(serving: Serving) -> None:
+    """`serving.autoscaling` from zero replicas: under a load step Serve asks for more replicas and
+    KubeRay's autoscaler (a sidecar of the head pod calling the apiserver as its service account) adds a
+    worker pod for each, on the same RayCluster, without a failed request; when the load stops the replicas
+    go to zero and the idle worker pods are removed; the first request after that waits for a pod and a
+    replica and is answered by the serving version."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    name, model = "elastic", f"{MODEL}_slow"
+    version = log_slow_echo(serving.mlflow.url, model, delay_s=0.25)
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(model, "champion", version)
+    spec = _spec(serving.mlflow.url)
+    spec["model"] = {"name": model, "alias": "champion"}
+    spec["serving"]["autoscaling"] = {
+        "minReplicas": 0,
+        "maxReplicas": ELASTIC_MAX,
+        "targetOngoingRequests": 1,
+        "upscaleDelaySeconds": 0,
+        "downscaleDelaySeconds": 5,
+    }
+    serving.cluster.create_rms(name, spec)
+
+    def ask(text: str, timeout: float) -> httpx.Response:
+        return httpx.post(serving.url_at(name, name), json={"prompt": text}, timeout=timeout)
+
+    def settled() -> bool:
+        status = dict(serving.cluster.rms(name).get("status") or {})
+        ready = (cond({"status": status}, "Ready") or {}).get("status") == "True"
+        return ready and status.get("servingVersion") == version and not status.get("rolloutVersion")
+
+    def workers() -> list[Any]:
+        return serving.pods(serving.active_cluster(name)["metadata"]["name"], "worker")
+
+    def ready_workers() -> int:
+        return sum(1 for pod in workers() if not pod.metadata.deletion_timestamp and pod_ready(pod))
+
+    def replicas() -> int:
+        actors = serving.ray_state(serving.active_cluster(name), "/api/v0/actors?detail=true&limit=1000")
+        return sum(
+            1 for a in actors if a["class_name"].startswith(f"ServeReplica:{name}:") and a["state"] == "ALIVE"
+        )
+
+    clients: list[Client] = []
+    try:
+        until("the autoscaled resource serving", settled, timeout=FIRST_SERVE_S)
+        raycluster = serving.active_cluster(name)
+        uid = raycluster["metadata"]["uid"]
+        assert raycluster["spec"]["enableInTreeAutoscaling"] is True
+        (group,) = raycluster["spec"]["workerGroupSpecs"]
+        assert (group["minReplicas"], group["maxReplicas"]) == (0, ELASTIC_MAX), group
+        warm = ask("warm", timeout=ROLLOUT_S)  # from zero or not, whatever the rollout probe left
+        assert warm.status_code == 200 and warm.json() == [{"echo": "warm"}], warm.text
+
+        clients = [Client(serving, url=lambda: serving.url_at(name, name)) for _ in range(6)]
+        stepped = time.monotonic()
+        for client_thread in clients:
+            client_thread.start()
+        until(
+            f"{ELASTIC_MAX} replicas on {ELASTIC_MAX} worker pods",
+            lambda: replicas() == ELASTIC_MAX and ready_workers() == ELASTIC_MAX,
+            timeout=2 * ROLLOUT_S,
+        )
+        grew_s = time.monotonic() - stepped
+        for client_thread in clients:
+            client_thread.finish(more=5)
+        failures = [f for c in clients for f in c.failures()]
+        assert failures == [], failures[:5]
+        assert {v for c in clients for _, _, _, v in c.answers} == {version}
+
+        stopped = time.monotonic()
+        until("no replica left", lambda: replicas() == 0, timeout=ROLLOUT_S)
+        until(
+            "the idle worker pods removed",
+            lambda: not workers(),
+            timeout=AUTOSCALER_IDLE_TIMEOUT_S + ROLLOUT_S,
+        )
+        idle_s = time.monotonic() - stopped
+        assert [c["metadata"]["uid"] for c in serving.rayclusters(name)] == [uid]  # growth replaced nothing
+
+        woken = time.monotonic()
+        first = ask("wake up", timeout=2 * ROLLOUT_S)
+        wake_s = time.monotonic() - woken
+        assert first.status_code == 200, first.text
+        assert first.json() == [{"echo": "wake up"}]
+        assert first.headers["x-model-version"] == version
+        # The pod answered before its readiness probe caught up: Ready follows within a probe period.
+        until("one worker pod and one replica", lambda: ready_workers() == 1 and replicas() == 1, timeout=60)
+        print(
+            f"autoscaling on KubeRay: {ELASTIC_MAX} replicas on {ELASTIC_MAX} pods {grew_s:.0f} s into the"
+            f" load step, no replica and no worker pod {idle_s:.0f} s after it, first request after scale"
+            f" to zero answered in {wake_s:.1f} s"
+        )
+    finally:
+        for client_thread in clients:
+            client_thread.done.set()
+        serving.cluster.custom.delete_namespaced_custom_object(
+            "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name
+        )
+    until("the autoscaled RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120)
 
 
 def test_delete_removes_ray_pods_processes_and_namespaces(serving: Serving) -> None:

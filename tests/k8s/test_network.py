@@ -72,8 +72,10 @@ def test_ranges_are_released_by_the_last_owner() -> None:
         network.check_capable()
     except network.NetworkUnavailable as exc:
         pytest.skip(str(exc))
+    had_mount_point = network.SERVICE_ACCOUNT_MOUNT.exists()  # a host that is itself a pod has one
     network.acquire()
     assert network.owned()
+    assert network.SERVICE_ACCOUNT_MOUNT.is_dir()
     network.release()
     others = [int(p.name) for p in network.OWNERS_DIR.iterdir() if p.name.isdigit()]
     if network._held or any(network._alive(pid) for pid in others):
@@ -82,3 +84,4 @@ def test_ranges_are_released_by_the_last_owner() -> None:
         return
     assert not network.owned()
     assert network.BRIDGE not in network.ip("-br", "link").stdout
+    assert network.SERVICE_ACCOUNT_MOUNT.exists() == had_mount_point

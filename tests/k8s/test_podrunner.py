@@ -220,6 +220,61 @@ def test_pods_deleted_while_starting_leave_nothing_behind(
     assert not [pid for pid in pids if network._alive(pid) and not network._zombie(pid)]
 
 
+# What an in-cluster client does: the apiserver from the environment, the projected token and CA.
+WHO_AM_I = """
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+url = "https://%s:%s/apis/authentication.k8s.io/v1/selfsubjectreviews" % (
+    os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT_HTTPS"])
+body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode()
+request = urllib.request.Request(url, body, {
+    "Authorization": "Bearer " + open(sa + "/token").read(), "Content-Type": "application/json"})
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+review = json.load(urllib.request.urlopen(request, context=context, timeout=10))
+user = review["status"]["userInfo"]["username"]
+open("/tmp/whoami", "w").write(user + "|" + open(sa + "/namespace").read())
+"""
+
+
+def test_pod_with_a_service_account_calls_the_apiserver_as_it(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    """The pod waits while its account does not exist (as KubeRay's autoscaler pod may), then finds
+    the apiserver in its environment and authenticates with the token projected for it, over TLS
+    checked against the projected CA."""
+    ns = kube_plane.ray_namespace
+    name = f"sa-{uuid.uuid4().hex[:6]}"
+    body = _pod(name, f"python3 -c '{WHO_AM_I}' && " + SERVER)
+    body["spec"]["serviceAccountName"] = name
+    pods.create_namespaced_pod(ns, body)
+
+    def waiting_for_account() -> bool:
+        statuses = _read(pods, ns, name).status.container_statuses or []
+        return any(
+            s.state.waiting is not None
+            and s.state.waiting.reason == "CreateContainerConfigError"
+            and "serviceaccount" in (s.state.waiting.message or "")
+            for s in statuses
+        )
+
+    until("the missing account reported", waiting_for_account, timeout=60)
+    account = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name, labels={"test": "podrunner"}))
+    pods.create_namespaced_service_account(ns, account)
+    try:
+        address: list[str] = []
+
+        def answered() -> bool:
+            pod = _read(pods, ns, name)
+            address[:] = [pod.status.pod_ip or ""]
+            return bool(pod.status.pod_ip) and _get(f"http://{pod.status.pod_ip}:8080/whoami") is not None
+
+        until("the pod's review written", answered, timeout=60)
+        assert _get(f"http://{address[0]}:8080/whoami") == f"system:serviceaccount:{ns}:{name}|{ns}"
+        assert not Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()  # the pod's own
+    finally:
+        pods.delete_namespaced_service_account(name, ns)
+
+
 @pytest.mark.parametrize(
     ("limits", "expected"),
     [

@@ -46,7 +46,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.k8s import network, serving_env
-from tests.k8s.podrunner import ClusterHosts, PodRunner, with_cluster_hosts
+from tests.k8s.podrunner import ClusterHosts, PodRunner, issue_token, with_cluster_hosts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "tools" / "versions.env"
@@ -857,14 +857,7 @@ def request_token(
     except ApiException as exc:
         if exc.status != 409:  # already exists: fine
             raise
-    # Empty audiences: the apiserver's own, so the token authenticates against it.
-    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
-    issued = core.create_namespaced_service_account_token(
-        service_account, namespace, client.AuthenticationV1TokenRequest(spec=spec)
-    )
-    if issued.status is None or not issued.status.token:
-        raise PlaneError(f"TokenRequest for {namespace}/{service_account} returned no token")
-    return issued.status.token
+    return issue_token(core, namespace, service_account, expiration_seconds)
 
 
 def cpu_node() -> client.V1Node:

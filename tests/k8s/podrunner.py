@@ -691,7 +691,7 @@ class PodWorker(threading.Thread):
         namespace = self.pod.metadata.namespace
         while not self.stop_event.is_set():
             try:
-                token = pod_token(core, self.pod, account)
+                token = issue_token(core, namespace, account, pod=self.pod)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -816,18 +816,23 @@ class PodWorker(threading.Thread):
 TOKEN_SECONDS = 3600
 
 
-def pod_token(core: client.CoreV1Api, pod: Any, account: str) -> str:
-    """A token of ``account`` bound to ``pod`` (the apiserver stops honouring it when the pod goes)."""
-    bound = client.V1BoundObjectReference(
-        api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
-    )
+def issue_token(
+    core: client.CoreV1Api, namespace: str, account: str, seconds: int = TOKEN_SECONDS, pod: Any = None
+) -> str:
+    """A token of ``account`` from the TokenRequest API; bound to ``pod`` when given (the apiserver
+    stops honouring it when the pod goes)."""
+    bound = None
+    if pod is not None:
+        bound = client.V1BoundObjectReference(
+            api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+        )
     # Empty audiences: the apiserver's own, so the token authenticates against it.
-    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS, bound_object_ref=bound)
+    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds, bound_object_ref=bound)
     issued = core.create_namespaced_service_account_token(
-        account, pod.metadata.namespace, client.AuthenticationV1TokenRequest(spec=spec)
+        account, namespace, client.AuthenticationV1TokenRequest(spec=spec)
     )
     if issued.status is None or not issued.status.token:
-        raise EnvError(f"TokenRequest for {pod.metadata.namespace}/{account} returned no token")
+        raise EnvError(f"TokenRequest for {namespace}/{account} returned no token")
     return str(issued.status.token)
 
 

@@ -1,8 +1,9 @@
 """Replica autoscaling in local mode, with real Ray in HAProxy ingress mode (the default).
 
 Two resources from two files share the Ray cluster local mode starts (as `regserve dev -f a -f b`
-does): one scales between 1 and 3 replicas with load, the other scales to zero when idle and answers
-the first request after that.
+does): one, pinned to a version, scales between 1 and 3 replicas with load; the other follows the
+alias, scales to zero when idle and answers the first request after that, and its promotion leaves the
+first one's replicas alone.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ apiVersion: regserve.io/v1alpha1
 kind: RegisteredModelServing
 metadata: {{name: {name}}}
 spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 300}}
+  model: {{name: {model}, {selector}}}
+  registry: {{trackingUri: "{uri}", pollIntervalSeconds: {poll}}}
   serving:
     routePrefix: /{name}
     cpusPerReplica: 0.25
@@ -53,6 +54,15 @@ class Cluster:
     def running_replicas(self, app: str) -> int:
         return self.dashboard.running_replicas(app)
 
+    def replica_actors(self, app: str) -> set[str]:
+        deployments = (self.dashboard.applications().get(app) or {}).get("deployments") or {}
+        return {
+            replica["actor_id"]
+            for deployment in deployments.values()
+            for replica in deployment.get("replicas") or []
+            if replica.get("state") == "RUNNING"
+        }
+
     def ask(self, app: str, text: str, timeout: float = 60) -> httpx.Response:
         return httpx.post(f"{self.serve_url}/{app}/serve", json={"prompt": text}, timeout=timeout)
 
@@ -68,9 +78,14 @@ def cluster(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
     version = log_slow_echo(mlflow_server.url, MODEL, delay_s=0.25)
     MlflowClient(mlflow_server.url).set_registered_model_alias(MODEL, "champion", version)
     files = []
-    for name, autoscaling in (("elastic", ELASTIC), ("to-zero", TO_ZERO)):
+    resources = (
+        ("elastic", ELASTIC, f'version: "{version}"', 300),
+        ("to-zero", TO_ZERO, "alias: champion", 2),
+    )
+    for name, autoscaling, selector, poll in resources:
         path = workdir / f"{name}.yaml"
-        path.write_text(RMS.format(name=name, model=MODEL, uri=mlflow_server.url, autoscaling=autoscaling))
+        fields = {"autoscaling": autoscaling, "selector": selector, "poll": poll}
+        path.write_text(RMS.format(name=name, model=MODEL, uri=mlflow_server.url, **fields))
         files.append(path)
     dashboard_url, serve_port = f"http://127.0.0.1:{free_port()}", free_port()
     session = make_session(
@@ -142,3 +157,36 @@ def test_scaled_to_zero_the_first_request_waits_and_is_answered(cluster: Cluster
     assert response.json() == [{"echo": "wake up"}]
     assert response.headers["X-Model-Version"] == cluster.session.status("to-zero").serving_version
     assert cluster.running_replicas("to-zero") == 1
+
+
+def test_a_promotion_of_one_application_leaves_the_others_replicas_alone(
+    cluster: Cluster, mlflow_server: MlflowServer
+) -> None:
+    """The alias moves: `to-zero` rolls out the new version; `elastic`, on the same cluster, keeps the
+    same replica actors and answers throughout."""
+    before = cluster.replica_actors("elastic")
+    assert before
+    pinned = cluster.session.status("elastic").serving_version
+    promoted = log_slow_echo(mlflow_server.url, MODEL, delay_s=0.25)
+    stop = threading.Event()
+    answers: list[tuple[int, str]] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            response = cluster.ask("elastic", "steady")
+            answers.append((response.status_code, response.headers.get("X-Model-Version", "")))
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        MlflowClient(mlflow_server.url).set_registered_model_alias(MODEL, "champion", promoted)
+        deadline = time.monotonic() + 120
+        cluster.session.run(until=lambda: cluster.serving("to-zero", promoted) or time.monotonic() > deadline)
+        assert cluster.serving("to-zero", promoted), status_summary(cluster.session.status("to-zero"))
+    finally:
+        stop.set()
+        thread.join(timeout=70)
+    assert answers and set(answers) == {(200, pinned)}, sorted(set(answers))[:5]
+    # Autoscaling may add a replica under the client; none of those before was replaced.
+    assert before <= cluster.replica_actors("elastic")
+    assert cluster.ask("to-zero", "new").headers["X-Model-Version"] == promoted

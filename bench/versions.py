@@ -71,13 +71,27 @@ def bare_cold_ms(tracking_uri: str, version: str, row: list[float]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def served_cold_ms(url: str, version: str, row: list[float]) -> float:
+# The replica's steps of a cold load, from its `Server-Timing` header (serving_app/timing.py).
+COLD_STEPS = ("gate", "download", "load", "pinned")
+
+
+def served_cold_ms(url: str, version: str, row: list[float]) -> tuple[float, dict[str, float]]:
+    """The first pinned request's time as the client sees it, and the replica's own steps."""
     started = time.perf_counter()
     response = httpx.post(url, json=row, headers={HEADER: version}, timeout=300)
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200 or response.headers.get("x-model-version") != version:
         raise AssertionError(f"cold request for {version}: {response.status_code} {response.text[:300]}")
-    return elapsed
+    return elapsed, server_timing(response.headers.get("server-timing", ""))
+
+
+def server_timing(header: str) -> dict[str, float]:
+    steps = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name and duration:
+            steps[name] = float(duration)
+    return steps
 
 
 def main() -> None:
@@ -148,9 +162,10 @@ def main() -> None:
             for _ in range(args.cold):
                 version = next(fresh)
                 bare = bare_cold_ms(server.url, version, row)
-                served = served_cold_ms(targets[(mode, 1)][0], version, row)
-                cold.append({"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served})
-                print(f"  cold load v{version}: bare {bare:.0f} ms, served {served:.0f} ms", flush=True)
+                served, steps = served_cold_ms(targets[(mode, 1)][0], version, row)
+                record = {"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served}
+                cold.append({**record, "steps": steps})
+                print(f"  cold v{version}: bare {bare:.0f} ms, served {served:.0f} ms", steps, flush=True)
             cluster.stop()
             cluster = None
     finally:
@@ -191,17 +206,24 @@ def report(switching: list[dict[str, Any]], cold: list[dict[str, Any]], args: ar
         ],
         rows,
     )
+
+    def step_ms(c: dict[str, Any], name: str) -> float:
+        return float(c.get("steps", {}).get(name, float("nan")))
+
     cold_rows = [
-        [c["ingress"], c["version"], c["bare_ms"], c["served_ms"], c["served_ms"] / c["bare_ms"]]
+        [c["ingress"], c["version"], c["bare_ms"], c["served_ms"], c["served_ms"] / c["bare_ms"],
+         *(step_ms(c, name) for name in COLD_STEPS)]
         for c in cold
-    ]
+    ]  # fmt: skip
     for mode in sorted({c["ingress"] for c in cold}):
         mine = [c for c in cold if c["ingress"] == mode]
         bare = median([c["bare_ms"] for c in mine])
         served = median([c["served_ms"] for c in mine])
-        cold_rows.append([mode, "median", bare, served, served / bare])
+        steps = [median([step_ms(c, name) for c in mine]) for name in COLD_STEPS]
+        cold_rows.append([mode, "median", bare, served, served / bare, *steps])
     cold_text = markdown_table(
-        ["ingress", "version", "bare load_model+predict ms", "regserve first pinned request ms", "ratio"],
+        ["ingress", "version", "bare load_model+predict ms", "regserve first pinned request ms", "ratio"]
+        + [f"replica: {name} ms" for name in COLD_STEPS],
         cold_rows,
     )
     header = (

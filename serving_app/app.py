@@ -43,6 +43,7 @@ from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.replica_rollout import ReplicaRollout
 from serving_app.rollout import RequestRollout
 from serving_app.service import ModelService, PredictJob
+from serving_app.timing import current_timer, stop_timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -253,6 +254,7 @@ class ModelServer:
     ) -> Response:
         started = time.perf_counter()
         version = "none"
+        stop_timing()  # a request that loads a version starts its own timer (`service.resolve`)
         state = self._assign(request, route)
         self.service.in_flight += 1
         try:
@@ -273,6 +275,9 @@ class ModelServer:
             response = http.internal_error(error)
         finally:
             self.service.in_flight -= 1
+        timer = current_timer()
+        if timer is not None:
+            response.headers["Server-Timing"] = timer.header()
         if state is not None:
             self._finish(state, response, started)
         self.metrics.requests.inc(

@@ -34,6 +34,7 @@ from serving_app.mlmodel import (
     read_over_rest,
 )
 from serving_app.mlmodel_client import classify, read_in_process
+from serving_app.timing import step
 
 # Versions whose artifact location a replica remembers (registry versions are immutable, and loading
 # from it skips the `models:/` resolution round trips).
@@ -123,10 +124,11 @@ class ModelRegistry:
 
     def load(self, version: str) -> LoadedVersion:
         started = time.perf_counter()
-        prefetched = self.prefetches.take(version)
+        with step("download"):  # what is left of it: it started with the gate
+            prefetched = self.prefetches.take(version)
         source = prefetched.path if prefetched is not None else self._source(version)
         try:
-            with self._errors(version):
+            with self._errors(version), step("load"):
                 model = mlflow.pyfunc.load_model(source)
         except ServingError:
             if prefetched is not None:

@@ -33,6 +33,7 @@ from serving_app.metrics import ServingMetrics
 from serving_app.registry import LoadedVersion, ModelRegistry, VersionFacts
 from serving_app.rollout import RequestRollout
 from serving_app.schema import ApiSchema, build_api_schema
+from serving_app.timing import start_timing, step
 
 logger = logging.getLogger("ray.serve")
 
@@ -217,11 +218,13 @@ class ModelService:
             return default.loaded
         if not is_version_number(requested):
             raise InvalidVersion(f"version must be a registry version number, got {requested!r}")
+        start_timing()
         if (requested, default.fingerprint) not in self._verdicts:
             # Not judged yet, so most likely not loaded either: download while the signature is checked.
             self._registry.prefetches.start(requested)
         try:
-            differences = await self.differences(requested)
+            with step("gate"):
+                differences = await self.differences(requested)
             if differences:
                 raise IncompatibleVersion(
                     f"version {requested} is not compatible with the default version {default.version}",
@@ -232,7 +235,8 @@ class ModelService:
                 )
             if self.candidate is not None and self.candidate.version == requested:
                 return self.candidate  # pinned requests are unaffected by a rollout: it is loaded already
-            return await self._load_pinned(requested)
+            with step("pinned"):  # the multiplexer: a hit, or evicting the least recent and loading
+                return await self._load_pinned(requested)
         finally:
             # Refused, or already in the LRU: the download (if any was left) is not needed.
             self._registry.prefetches.discard(requested)

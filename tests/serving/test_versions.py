@@ -66,6 +66,23 @@ def test_lru_evicts_pinned_versions_but_never_the_default(versions: Versions) ->
     assert loaded(versions.url) == sorted([versions.de, versions.fr], key=int)
 
 
+def timing_steps(response: httpx.Response) -> list[str]:
+    header = response.headers.get("server-timing", "")
+    return [part.split(";")[0].strip() for part in header.split(",") if part.strip()]
+
+
+def test_a_request_that_loads_a_version_says_where_its_time_went(versions: Versions) -> None:
+    """`Server-Timing` on pinned requests: a cold one shows the gate, the download and the load inside
+    the multiplexer's step; a hit only the gate's cached verdict and the multiplexer; the default none."""
+    assert loaded(versions.url) == sorted([versions.de, versions.fr], key=int)
+    cold = ask(versions.url, versions.de_again)
+    assert cold.status_code == 200, cold.text
+    assert sorted(timing_steps(cold)) == ["download", "gate", "load", "pinned"], cold.headers
+    hit = ask(versions.url, versions.de_again)
+    assert sorted(timing_steps(hit)) == ["gate", "pinned"], hit.headers
+    assert "server-timing" not in ask(versions.url).headers
+
+
 def test_default_switch_under_concurrent_load(
     versions: Versions, local_ray: LocalRay, mlflow_server: MlflowServer
 ) -> None:

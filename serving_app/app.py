@@ -43,7 +43,7 @@ from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.replica_rollout import ReplicaRollout
 from serving_app.rollout import RequestRollout
 from serving_app.service import ModelService, PredictJob
-from serving_app.timing import current_timer, stop_timing
+from serving_app.timing import current_timer, step, stop_timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -171,11 +171,14 @@ class ModelServer:
         return await self.rollout.predict(job, self._predict_stable)
 
     async def _predict_stable(self, job: PredictJob) -> list[Any]:
-        # Batch only when others are waiting: a lone request must not sit out the batch timeout.
-        if self.args.batching and self.service.in_flight > 1:
-            result = await self._predict_batched(job)
-        else:
-            result = (await self.service.predict_many([job]))[0]
+        # Timed here, in the request's own task: the batch queue's task lives on, in the context of
+        # whichever request started it.
+        with step("predict"):
+            # Batch only when others are waiting: a lone request must not sit out the batch timeout.
+            if self.args.batching and self.service.in_flight > 1:
+                result = await self._predict_batched(job)
+            else:
+                result = (await self.service.predict_many([job]))[0]
         if isinstance(result, ServingError):
             raise result
         return result
@@ -277,6 +280,7 @@ class ModelServer:
             self.service.in_flight -= 1
         timer = current_timer()
         if timer is not None:
+            timer.steps.append(("total", (time.perf_counter() - started) * 1000))
             response.headers["Server-Timing"] = timer.header()
         if state is not None:
             self._finish(state, response, started)

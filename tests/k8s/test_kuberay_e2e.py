@@ -469,14 +469,7 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     finally:
         client_thread.done.set()
         registry.delete_webhook(hook)
-        serving.cluster.custom.patch_namespaced_custom_object(
-            "regserve.io",
-            "v1alpha1",
-            serving.namespace,
-            "registeredmodelservings",
-            NAME,
-            {"spec": {"registry": {"pollIntervalSeconds": 2}}},
-        )
+        _merge_spec(serving, NAME, {"registry": {"pollIntervalSeconds": 2}})
     promotion_s = answered - promoted
     print(f"promotion (webhook) → new version answering through KubeRay: {promotion_s:.1f} s")
     serving.facts["webhook_promotion_s"] = promotion_s
@@ -489,16 +482,16 @@ def test_promotion_by_webhook_is_answered_without_a_failed_request(
     serving.facts["good"] = hooked
 
 
+def _merge_spec(serving: Serving, name: str, spec: dict[str, Any]) -> Any:
+    """Merge-patch a resource's spec; returns the patched object."""
+    return serving.cluster.custom.patch_namespaced_custom_object(
+        "regserve.io", "v1alpha1", serving.namespace, "registeredmodelservings", name, {"spec": spec}
+    )
+
+
 def _patch_spec(serving: Serving, spec: dict[str, Any]) -> int:
     """Merge-patch the resource's spec and wait until the operator has seen it; returns the generation."""
-    patched: Any = serving.cluster.custom.patch_namespaced_custom_object(
-        "regserve.io",
-        "v1alpha1",
-        serving.namespace,
-        "registeredmodelservings",
-        NAME,
-        {"spec": spec},
-    )
+    patched = _merge_spec(serving, NAME, spec)
     generation = int(patched["metadata"]["generation"])
     until(
         f"the operator seeing {spec}",
@@ -887,14 +880,7 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         traffic = Client(serving, url=lambda: serving.url_at(pool, first))
         traffic.start()
         started = time.monotonic()
-        serving.cluster.custom.patch_namespaced_custom_object(
-            "regserve.io",
-            "v1alpha1",
-            serving.namespace,
-            "registeredmodelservings",
-            second,
-            {"spec": {"model": {"version": french}}},
-        )
+        _merge_spec(serving, second, {"model": {"version": french}})
         until("the second application promoted", lambda: answers(second, french), timeout=ROLLOUT_S)
         shared_s = time.monotonic() - started
         traffic.finish()
@@ -907,14 +893,7 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         # with a RayService of its own, for the comparison.
         target = german if serving.good != german else french
         started = time.monotonic()
-        serving.cluster.custom.patch_namespaced_custom_object(
-            "regserve.io",
-            "v1alpha1",
-            serving.namespace,
-            "registeredmodelservings",
-            NAME,
-            {"spec": {"model": {"alias": None, "version": target}}},
-        )
+        _merge_spec(serving, NAME, {"model": {"alias": None, "version": target}})
         until(
             "the resource with its own cluster promoted",
             lambda: serving.answered_by(target),

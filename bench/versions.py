@@ -45,6 +45,7 @@ from bench.common import (
     thin_app,
     uptime,
 )
+from serving_app.timing import parse_header
 
 MODEL = "bench_versions"
 HEADER = "serve-multiplexed-model-id"
@@ -88,16 +89,7 @@ def served_cold_ms(
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200 or response.headers.get("x-model-version") != version:
         raise AssertionError(f"cold request for {version}: {response.status_code} {response.text[:300]}")
-    return elapsed, server_timing(response.headers.get("server-timing", ""))
-
-
-def server_timing(header: str) -> dict[str, float]:
-    steps = {}
-    for part in header.split(","):
-        name, _, duration = part.strip().partition(";dur=")
-        if name and duration:
-            steps[name] = float(duration)
-    return steps
+    return elapsed, parse_header(response.headers.get("server-timing", ""))
 
 
 def main() -> None:
@@ -173,9 +165,10 @@ def main() -> None:
                 served, steps = served_cold_ms(http, targets[(mode, 1)][0], version, row)
                 # The same version again, loaded now: the request path's own share, for comparison.
                 warm, warm_steps = served_cold_ms(http, targets[(mode, 1)][0], version, row)
-                record = {"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served}
-                record.update(warm_ms=warm, warm_total_ms=warm_steps.get("total", nan))
-                cold.append({**record, "steps": steps})
+                cold.append(
+                    {"ingress": mode, "version": version, "bare_ms": bare, "served_ms": served,
+                     "steps": steps, "warm_ms": warm, "warm_total_ms": warm_steps.get("total", nan)}
+                )  # fmt: skip
                 print(f"  cold v{version}: bare {bare:.0f} ms, served {served:.0f} ms", steps, flush=True)
             http.close()
             cluster.stop()
@@ -220,7 +213,7 @@ def report(switching: list[dict[str, Any]], cold: list[dict[str, Any]], args: ar
     )
 
     def step_ms(c: dict[str, Any], name: str) -> float:
-        return float(c.get("steps", {}).get(name, float("nan")))
+        return float(c.get("steps", {}).get(name, nan))
 
     cold_rows = [
         [c["ingress"], c["version"], c["bare_ms"], c["served_ms"], c["served_ms"] / c["bare_ms"],

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving_app.timing import StepTimer, request_timer, start_timing, step
+from serving_app.timing import StepTimer, parse_header, request_timer, start_timing, step
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,7 @@ from serving_app.timing import StepTimer, request_timer, start_timing, step
 )
 def test_header_names_each_step_with_its_milliseconds(steps: list[tuple[str, float]], header: str) -> None:
     assert StepTimer(steps).header() == header
+    assert parse_header(header) == {name: round(ms, 1) for name, ms in steps}
 
 
 def test_steps_of_an_untimed_request_record_nothing() -> None:

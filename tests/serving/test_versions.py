@@ -14,6 +14,7 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import wait_for
 
+from serving_app.timing import parse_header
 from tests.serving.conftest import app_config
 from tests.support.ray_cluster import LocalRay, deployed_app
 
@@ -67,13 +68,12 @@ def test_lru_evicts_pinned_versions_but_never_the_default(versions: Versions) ->
 
 
 def timing_steps(response: httpx.Response) -> list[str]:
-    header = response.headers.get("server-timing", "")
-    return [part.split(";")[0].strip() for part in header.split(",") if part.strip()]
+    return list(parse_header(response.headers.get("server-timing", "")))
 
 
 def test_a_request_that_loads_a_version_says_where_its_time_went(versions: Versions) -> None:
     """`Server-Timing` on pinned requests: a cold one shows the gate, the download and the load inside
-    the multiplexer's step; a hit only the gate's cached verdict and the multiplexer; the default none."""
+    the multiplexer's step, the prediction and the total; a hit no download or load; the default none."""
     assert loaded(versions.url) == sorted([versions.de, versions.fr], key=int)
     cold = ask(versions.url, versions.de_again)
     assert cold.status_code == 200, cold.text

@@ -974,6 +974,14 @@ def test_autoscaling_adds_worker_pods_under_load_and_scales_to_zero(serving: Ser
         assert raycluster["spec"]["enableInTreeAutoscaling"] is True
         (group,) = raycluster["spec"]["workerGroupSpecs"]
         assert (group["minReplicas"], group["maxReplicas"]) == (0, ELASTIC_MAX), group
+        # Ready in status can come before KubeRay marks a pod behind the Serve Service.
+        assert serving.plane.cluster_hosts is not None
+        service = f"{name}-serve-svc.{serving.namespace}.svc"
+        until(
+            f"{service} with a ready endpoint",
+            lambda: service in serving.plane.cluster_hosts.entries,
+            timeout=ROLLOUT_S,
+        )
         warm = ask("warm", timeout=ROLLOUT_S)  # from zero or not, whatever the rollout probe left
         assert warm.status_code == 200 and warm.json() == [{"echo": "warm"}], warm.text
 

@@ -279,19 +279,25 @@ def read_over_rest(
         return None
     uri = models_uri(name, version)
     with auth.client(base, transport) as client:
-        answer = _get(client, auth, uri, DOWNLOAD_URI_PATH, {"name": name, "version": version})
-        location = _artifact_uri(answer, uri)
+        location = locate(client, auth, name, version)
         path = proxied_path(location, base)
         if path is None:
             scheme = urllib.parse.urlparse(location).scheme or "file"
             log.debug("%s: artifacts in a %r store: the mlflow client reads them", uri, scheme)
             return None
-        mlmodel = _get(client, auth, uri, f"{ARTIFACTS_PATH}{path}/MLmodel", missing=Unreadable)
+        mlmodel = get_answer(client, auth, uri, f"{ARTIFACTS_PATH}{path}/MLmodel", missing=Unreadable)
         document = parse_mlmodel(mlmodel.text, uri)
         requirements = (
             _requirements(client, f"{ARTIFACTS_PATH}{path}/requirements.txt") if with_requirements else ()
         )
     return MlmodelFile(source=location, document=document, requirements=requirements)
+
+
+def locate(client: httpx.Client, auth: RegistryAuth, name: str, version: str) -> str:
+    """Where the registry says the version's artifacts are (MLflow 3's logged-model sources resolved)."""
+    uri = models_uri(name, version)
+    answer = get_answer(client, auth, uri, DOWNLOAD_URI_PATH, {"name": name, "version": version})
+    return _artifact_uri(answer, uri)
 
 
 def _artifact_uri(answer: httpx.Response, uri: str) -> str:
@@ -310,7 +316,7 @@ def _requirements(client: httpx.Client, path: str) -> tuple[str, ...]:
     return parse_requirements(answer.text) if answer.status_code == 200 else ()
 
 
-def _get(
+def get_answer(
     client: httpx.Client,
     auth: RegistryAuth,
     uri: str,
@@ -325,10 +331,22 @@ def _get(
         answer = client.get(path, params=params)
     except httpx.HTTPError as error:
         raise Unreachable(f"{uri}: {type(error).__name__}") from error
-    if answer.status_code == 200:
-        return answer
+    if answer.status_code != 200:
+        raise_for_answer(answer, auth, uri, path, missing=missing)
+    return answer
+
+
+def raise_for_answer(
+    answer: httpx.Response,
+    auth: RegistryAuth,
+    uri: str,
+    path: str,
+    *,
+    missing: type[ReadError] | None = None,
+) -> None:
+    """Raise what a non-200 answer to `path` means (its body read already)."""
     if missing is not None and answer.status_code == 404:
-        raise missing(f"{uri}: no MLmodel in its artifacts")
+        raise missing(f"{uri}: no {urllib.parse.unquote(path.rsplit('/', 1)[-1])} in its artifacts")
     code, message = _mlflow_error(answer)
     if error_for_answer(code, message) is NotFound:
         # MLflow's own sentence ("Model Version (name=m, version=9) not found"), scrubbed all the same.

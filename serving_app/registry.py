@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.models.signature import ModelSignature
 
-from serving_app.bounded import LruDict
 from serving_app.errors import RegistryUnavailable, ServingError, UnknownVersion, VersionLoadFailed
 from serving_app.mlmodel import (
     MLFLOW_CLIENT_FAIL_FAST,
@@ -30,15 +30,13 @@ from serving_app.mlmodel import (
     RegistryAuth,
     SharedTransport,
     Unreachable,
+    Unreadable,
     models_uri,
     read_over_rest,
 )
 from serving_app.mlmodel_client import classify, read_in_process
+from serving_app.proxy_download import download_over_rest
 from serving_app.timing import step
-
-# Versions whose artifact location a replica remembers (registry versions are immutable, and loading
-# from it skips the `models:/` resolution round trips).
-SOURCES_CACHE_SIZE = 1024
 
 
 def configure_process(tracking_uri: str | None) -> str:
@@ -102,7 +100,6 @@ class ModelRegistry:
         # One pool and TLS context for every gate read: a client of its own per version built a TLS
         # context each time, 30 ms on a cold load's critical path.
         self._transport = SharedTransport(verify=auth.verify())
-        self._sources: LruDict[str, str] = LruDict(SOURCES_CACHE_SIZE)
         self.prefetches = Prefetches(self._download, workers=prefetch_workers)
 
     def fetch_facts(self, version: str) -> VersionFacts:
@@ -117,41 +114,50 @@ class ModelRegistry:
             )
             if found is None:
                 found = read_in_process(self.tracking_uri, self.model_name, version)
-            else:
-                self._sources.put(version, found.source)
         signature = ModelSignature.from_dict(dict(found.signature)) if found.signature else None
         return VersionFacts(version=version, signature=signature, flavors=found.flavors)
 
     def load(self, version: str) -> LoadedVersion:
         started = time.perf_counter()
-        with step("download"):  # what is left of it: it started with the gate
-            prefetched = self.prefetches.take(version)
-        source = prefetched.path if prefetched is not None else self._source(version)
+        with step("download"):  # what is left of it when it started with the gate
+            downloaded = self.prefetches.take(version)
+            if downloaded is None:
+                with self._errors(version):
+                    downloaded = self._download(version)
         try:
-            with self._errors(version), step("load"):
-                model = mlflow.pyfunc.load_model(source)
+            with self._errors(version, downloaded=True), step("load"):
+                model = mlflow.pyfunc.load_model(downloaded.path)
         except ServingError:
-            if prefetched is not None:
-                shutil.rmtree(prefetched.root, ignore_errors=True)
+            shutil.rmtree(downloaded.root, ignore_errors=True)
             raise
         return LoadedVersion(
             version=version,
             model=model,
             signature=model.metadata.signature,
             load_seconds=time.perf_counter() - started,
-            local_dir=prefetched.root if prefetched is not None else None,
+            local_dir=downloaded.root,
         )
 
     def close(self) -> None:
         self.prefetches.close()
         self._transport.shutdown()
 
-    def _source(self, version: str) -> str:
-        return self._sources.get(version) or models_uri(self.model_name, version)
-
     def _download(self, version: str) -> Download:
+        """The version's files in a directory of their own (deleted with the loaded model). Through
+        the tracking server's artifact proxy over the replica's pooled connection when they are
+        behind it, else with the mlflow client."""
         root = tempfile.mkdtemp(prefix=f"regserve-v{version}-")
         try:
+            proxied = download_over_rest(
+                self.tracking_uri,
+                self.model_name,
+                version,
+                Path(root),
+                auth=self._auth,
+                transport=self._transport,
+            )
+            if proxied:
+                return Download(root=root, path=root)
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=models_uri(self.model_name, version), dst_path=root
             )
@@ -161,16 +167,19 @@ class ModelRegistry:
         return Download(root=root, path=path)
 
     @contextmanager
-    def _errors(self, version: str) -> Iterator[None]:
-        """Any failure to read or load `version` as the error the app answers with."""
+    def _errors(self, version: str, *, downloaded: bool = False) -> Iterator[None]:
+        """Any failure to read or load `version` as the error the app answers with. Once its files
+        are `downloaded`, nothing the load says makes the version unknown: a missing file is a broken
+        version (mlflow reports a missing MLmodel as RESOURCE_DOES_NOT_EXIST)."""
         try:
             yield
         except ServingError:
             raise
         except Exception as error:
-            raise serving_error(
-                classify(error, models_uri(self.model_name, version)), self.model_name, version
-            ) from error
+            outcome = classify(error, models_uri(self.model_name, version))
+            if downloaded and isinstance(outcome, NotFound):
+                outcome = Unreadable(str(outcome))
+            raise serving_error(outcome, self.model_name, version) from error
 
 
 def serving_error(error: ReadError, model_name: str, version: str) -> ServingError:

@@ -15,7 +15,9 @@ from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
 
 from serving_app.errors import RegistryUnavailable, UnknownVersion, VersionLoadFailed
+from serving_app.examples import PHRASEBOOK_MODEL
 from serving_app.mlmodel import RegistryAuth
+from serving_app.proxy_download import download_over_rest
 from serving_app.registry import ModelRegistry, configure_process
 
 MODEL = "facts_model"
@@ -69,8 +71,11 @@ def test_rest_facts_match_mlflows_own_reading(tracking: str, registry: ModelRegi
 @pytest.mark.parametrize("model, version", [(MODEL, "999"), ("no_such_model", "1")])
 def test_unknown_versions_are_unknown(tracking: str, model: str, version: str) -> None:
     log_phrasebook(tracking, MODEL, lang_to="de")
+    registry = ModelRegistry(model, tracking, RegistryAuth())
     with pytest.raises(UnknownVersion):
-        ModelRegistry(model, tracking, RegistryAuth()).fetch_facts(version)
+        registry.fetch_facts(version)
+    with pytest.raises(UnknownVersion):
+        registry.load(version)
 
 
 def test_missing_mlmodel_is_a_broken_version_not_an_unknown_one(
@@ -80,6 +85,8 @@ def test_missing_mlmodel_is_a_broken_version_not_an_unknown_one(
     (artifact_dir(mlflow_server, version) / "MLmodel").unlink()
     with pytest.raises(VersionLoadFailed, match="no MLmodel"):
         registry.fetch_facts(version)
+    with pytest.raises(VersionLoadFailed):
+        registry.load(version)
 
 
 def test_garbage_mlmodel_is_a_broken_version(
@@ -97,8 +104,11 @@ def test_unreachable_registry_is_unavailable(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     configure_process(url)
     try:
+        registry = ModelRegistry(MODEL, url, RegistryAuth())
         with pytest.raises(RegistryUnavailable):
-            ModelRegistry(MODEL, url, RegistryAuth()).fetch_facts("1")
+            registry.fetch_facts("1")
+        with pytest.raises(RegistryUnavailable):
+            registry.load("1")
     finally:
         mlflow.set_tracking_uri(previous)
 
@@ -133,4 +143,46 @@ def test_discarded_download_is_deleted_when_it_finishes(tracking: str, registry:
     wait_for(lambda: not leftovers(), timeout=60, interval=0.1, message="discarded download deleted")
     # Loading afterwards fetches the version afresh (nothing stale is taken).
     loaded = registry.load(version)
-    assert loaded.local_dir is None
+    assert loaded.local_dir is not None and Path(loaded.local_dir, "MLmodel").exists()
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def test_proxy_download_writes_what_mlflow_downloads(tracking: str, tmp_path: Path) -> None:
+    """Nested folders, names that need quoting and an empty file, byte for byte as the mlflow client."""
+    glossary = tmp_path / "glossary"
+    (glossary / "sub dir").mkdir(parents=True)
+    (glossary / "sub dir" / "terms list+1.txt").write_text("Hello=Hallo\n")
+    (glossary / "empty.bin").write_bytes(b"")
+    (glossary / "weights.bin").write_bytes(bytes(range(256)) * 12_000)  # 3 MB: several chunks
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PHRASEBOOK_MODEL),
+            model_config={"lang_to": "de", "input_label": "prompt", "fail_on_load": False},
+            artifacts={"glossary": str(glossary)},
+            pip_requirements=["mlflow", "pandas"],
+            registered_model_name=MODEL,
+        )
+    version = str(info.registered_model_version)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    assert download_over_rest(tracking, MODEL, version, ours, auth=RegistryAuth())
+    theirs = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL}/{version}", dst_path=str(tmp_path / "theirs")
+        )
+    )
+    downloaded = tree(ours)
+    assert downloaded == tree(theirs)
+    assert downloaded["artifacts/glossary/sub dir/terms list+1.txt"] == b"Hello=Hallo\n"
+    assert downloaded["artifacts/glossary/empty.bin"] == b""
+    assert "MLmodel" in downloaded
+
+
+def test_other_stores_are_left_to_the_mlflow_client(tmp_path: Path) -> None:
+    for tracking_uri in ("sqlite:///nowhere.db", str(tmp_path / "mlruns"), "databricks"):
+        assert not download_over_rest(tracking_uri, MODEL, "1", tmp_path, auth=RegistryAuth())
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from typing import Any
 from regserve_operator.builders import Owner, serving_version_of
 from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
+from regserve_operator.spec import parse_status
 
 from .fakes import World, signature
 from .helpers import OWNER, make_spec
@@ -83,3 +84,27 @@ def test_a_steady_pass_leaves_the_status_as_it_was() -> None:
     driver.model_changed("translation_model")
     driver.run_once()
     assert (driver.status(OWNER).revision or 0) > (settled.revision or 0)
+
+
+def test_the_loop_gives_back_the_status_it_was_seeded_with() -> None:
+    """Between passes the loop holds spec and status as JSON: what comes back is what went in, the
+    fields kopf keeps in status included."""
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.aliases["champion"] = "1"
+    seeded = parse_status(
+        {
+            "servingVersion": "1",
+            "lastGoodVersion": "1",
+            "history": [{"version": "1", "outcome": "Serving", "at": "2026-12-01T00:00:00Z"}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Serving", "message": "v1"}],
+            "kopf": {"progress": {"reconcile": {"retries": 1}}},
+            "revision": 7,
+        }
+    )
+    driver = Driver(world.deps, clock=lambda: world.clock, now=lambda: world.now)
+    driver.apply(OWNER, world.spec, seeded)
+    assert driver.status(OWNER) == seeded
+    assert driver.status(OWNER) is not driver.status(OWNER)  # a copy each time: callers cannot alter it
+    assert [done.action for done in driver.run_once()] == ["create"]
+    assert driver.status(OWNER).model_extra == {"kopf": {"progress": {"reconcile": {"retries": 1}}}}

@@ -184,7 +184,7 @@ def test_captured_delivery_accepted_once_and_tampering_refused(mlflow_server: Ml
         assert accepted.status_code == 200, accepted.text
         outcomes = driver.run_once()
         assert len(outcomes) == 1 and fetches == [True]
-        assert outcomes[0].plan is not None and outcomes[0].plan.action == "patch_serve_config"
+        assert outcomes[0].action == "patch_serve_config"
         assert serving_version_of(target.get(OWNER.namespace, OWNER.name) or {}) == v2
         fetches.clear()
         target.applied.clear()

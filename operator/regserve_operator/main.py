@@ -1,14 +1,19 @@
-"""kopf registration. Handlers are thin: they mark resources due and delegate to
+"""kopf registration. kopf watches; one loop reconciles (`passes.py`). Handlers are thin: they keep the
+watch's latest copy of each resource and mark resources due; the loop hands each due one to
 `reconcile.reconcile_pass`, the same pass local mode runs. Operator-wide state (settings read at
-startup, the ports, the scheduler) lives in kopf's memo, set by the startup handler.
+startup, the ports, the scheduler, the loop) lives in kopf's memo, set by the startup handler.
 
-- create/resume/update: mark the resource due (the next tick reconciles it).
-- delete: forget it; the RayService goes with it through its owner reference (no finalizer).
-- timer (every second): when due, one reconcile pass; status written through kopf's `patch`, Events
-  through `kopf.event`.
-- RayService events (ours, by label): mark the owner due, so rollouts are judged as soon as KubeRay
+- resource events: keep the copy; a new resource or a changed spec is due at once; a deleted one is
+  forgotten (its RayService goes with it through its owner reference: no finalizer), and the other
+  members of a shared cluster are woken to drop its application.
+- the loop (every `tick_seconds`): reconcile the resources that are due; status as a merge patch of
+  the status subresource, Events posted on transitions (`reports.py`).
+- RayService events (ours, by label): wake their owners, so rollouts are judged as soon as KubeRay
   reports.
 - webhook deliveries: mark resources serving the named model due and refresh the registry snapshot.
+
+No change-detecting handler (create/update/resume/delete) is registered, so kopf writes nothing to the
+resources themselves: no finalizers, no progress or diff-base annotations.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import asyncio
 import copy
 import logging
 import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +34,8 @@ from regserve_operator import metrics, probe
 from regserve_operator import spec as s
 from regserve_operator.builders import LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
 from regserve_operator.conditions import READY, set_condition
-from regserve_operator.decide import Outcome, iso
+from regserve_operator.decide import Event, Outcome, iso
+from regserve_operator.passes import Seen, StatusWrites, Watched, key_of, run_forever, run_pass
 from regserve_operator.rbac import rule
 from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.registry import Registry
@@ -37,12 +45,8 @@ from regserve_operator.webhook import Receiver, Verdict, start_receiver
 
 log = logging.getLogger(__name__)
 
-rule(
-    __name__, [s.GROUP], [s.PLURAL], ["get", "list", "watch", "patch"], "kopf watches and annotates resources"
-)
-rule(__name__, [s.GROUP], [f"{s.PLURAL}/status"], ["get", "patch"], "status written through kopf's patch")
+rule(__name__, [s.GROUP], [s.PLURAL], ["list", "watch"], "kopf watches the resources")
 rule(__name__, ["ray.io"], ["rayservices"], ["list", "watch"], "wake owners when KubeRay reports status")
-rule(__name__, ["", "events.k8s.io"], ["events"], ["create", "patch"], "Events on transitions")
 rule(__name__, [""], ["namespaces"], ["list", "watch"], "kopf observes namespaces even for --namespace NAME")
 rule(
     __name__,
@@ -52,37 +56,50 @@ rule(
     "kopf follows CRD changes at startup",
 )
 
-# The timer only asks the scheduler whether a resource is due (no I/O), so its period is fixed here;
-# `Settings.tick_seconds` is how soon a resource is looked at again while a rollout is judged.
-TIMER_INTERVAL_S = 1.0
+PostEvent = Callable[[Mapping[str, Any], Event], None]
 
 
 class State:
-    """What the handlers share; built at startup and kept in kopf's memo."""
+    """What the handlers and the loop share; built at startup and kept in kopf's memo."""
 
-    def __init__(self, settings: Settings, deps: Deps) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        deps: Deps,
+        *,
+        post_event: PostEvent,
+        writes: StatusWrites | None = None,
+    ) -> None:
         self.settings = settings
         self.deps = deps
         self.scheduler = Scheduler()
+        self.watched = Watched()
+        self.post_event = post_event
+        self.writes = writes
+        self.pool = ThreadPoolExecutor(settings.reconcile_workers, thread_name_prefix="reconcile")
+        self.loop_task: asyncio.Task[None] | None = None
         self.receiver_runner: Any = None
+
+    def run_pass(self) -> list[Key]:
+        if self.writes is None:
+            raise RuntimeError("State built without a status writer cannot run the loop")
+        return run_pass(self.watched, self.scheduler, self.reconcile, self.writes, self.pool)
+
+    def reconcile(self, key: Key, seen: Seen) -> dict[str, Any]:
+        return handle(self, key, seen.uid, seen.generation, seen.body())
 
     def model_changed(self, model_name: str) -> None:
         self.deps.registry.model_changed(model_name)
         self.scheduler.wake_model(model_name)
 
 
-def _state(memo: Any) -> State:
-    state = getattr(memo, "state", None)
-    if not isinstance(state, State):
-        raise kopf.TemporaryError("operator not started yet", delay=1)
-    return state
+def build_state(settings: Settings) -> State:
+    from regserve_operator.reports import KubeReports
+    from regserve_operator.targets.kube import KubeTarget
 
-
-def build_state(settings: Settings, target: Any = None) -> State:
-    if target is None:
-        from regserve_operator.targets.kube import KubeTarget
-
-        target = KubeTarget(_api_client())
+    api_client = _api_client()
+    reports = KubeReports(api_client)
+    target = KubeTarget(api_client)
     deps = Deps(
         registry=Registry(on_poll=metrics.record_poll, facts_cache_size=settings.facts_cache_size),
         target=target,
@@ -92,7 +109,7 @@ def build_state(settings: Settings, target: Any = None) -> State:
         probe=probe.probe_app if settings.probes_serving else None,
         rollout_probe=probe.probe_rollout if settings.probes_serving else None,
     )
-    return State(settings, deps)
+    return State(settings, deps, post_event=reports.post_event, writes=StatusWrites(reports.write_status))
 
 
 def _api_client() -> Any:
@@ -114,27 +131,15 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-class QuietTicks(logging.Filter):
-    """Drops kopf's "Timer 'tick' succeeded." line: one per resource per tick (every second) says
-    nothing the metrics don't, and would bury the lines that do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Timer 'tick' succeeded."
-
-
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.posting.level = logging.INFO
-    objects_log = logging.getLogger("kopf.objects")
-    if not any(isinstance(f, QuietTicks) for f in objects_log.filters):
-        objects_log.addFilter(QuietTicks())
-    settings.persistence.finalizer = f"{s.GROUP}/finalizer"
-    # Handler progress in annotations only: status belongs to the resource's own fields.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=s.GROUP)
+    # Nothing of kopf's own is written to the resources (no change-detecting handlers), and its
+    # per-object logs would only repeat what the loop logs.
+    settings.posting.enabled = False
     current = Settings()
     state = build_state(current)
     memo.state = state
+    state.loop_task = asyncio.create_task(run_forever(state.run_pass, current.tick_seconds))
     metrics.serve(current.metrics_port)
     secret = current.webhook_secret.get_secret_value() if current.webhook_secret else ""
     if current.webhook_port and secret:
@@ -146,6 +151,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = getattr(memo, "state", None)
+    if isinstance(state, State) and state.loop_task is not None:
+        state.loop_task.cancel()
+        await asyncio.gather(state.loop_task, return_exceptions=True)
+        state.pool.shutdown(wait=False, cancel_futures=True)
     if isinstance(state, State) and state.receiver_runner is not None:
         await state.receiver_runner.cleanup()
     if isinstance(state, State) and isinstance(state.deps.registry, Registry):
@@ -156,30 +165,37 @@ def _count_delivery(verdict: Verdict) -> None:
     metrics.WEBHOOK_DELIVERIES.labels("accepted" if verdict.ok else "refused").inc()
 
 
-# Distinct ids: kopf keys handler progress by id.
-@kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-resume")
-@kopf.on.create(s.GROUP, s.VERSION, s.PLURAL, id="wake-on-create")
-@kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, field="spec", id="wake-on-update")
-def wake(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _state(memo).scheduler.wake((namespace or "", name))
+@kopf.on.event(s.GROUP, s.VERSION, s.PLURAL)
+async def watched(*, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event: keep the copy the loop reconciles from (async: no thread hop per event)."""
+    state = getattr(memo, "state", None)
+    if not isinstance(state, State):
+        return
+    key = key_of(body)
+    if type == "DELETED":
+        await asyncio.to_thread(forget, state, key, body)
+    elif state.watched.saw(body):
+        state.scheduler.wake(key)
 
 
-@kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, optional=True)
-def forget(*, namespace: str | None, name: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
-    state = _state(memo)
-    state.scheduler.forget((namespace or "", name))
-    metrics.forget_rollout(namespace or "", name)
-    cluster = (spec.get("placement") or {}).get("cluster")
+def forget(state: State, key: Key, body: Mapping[str, Any]) -> None:
+    namespace, name = key
+    state.watched.gone(key)
+    state.scheduler.forget(key)
+    if state.writes is not None:
+        state.writes.forget(key)
+    metrics.forget_rollout(namespace, name)
+    cluster = ((body.get("spec") or {}).get("placement") or {}).get("cluster")
     if cluster:
         # The other members drop its application at their next pass: make that now, not a poll later.
-        shared = state.deps.target.get(namespace or "", cluster) or {}
+        shared = state.deps.target.get(namespace, cluster) or {}
         for ref in (shared.get("metadata") or {}).get("ownerReferences") or []:
             if ref.get("kind") == s.KIND and ref.get("name") not in (None, name):
-                state.scheduler.wake((namespace or "", ref["name"]))
+                state.scheduler.wake((namespace, ref["name"]))
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MANAGED_BY: MANAGED_BY})
-def rayservice_changed(*, namespace: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+async def rayservice_changed(*, namespace: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """KubeRay reported on a RayService: wake its owners (every member of a shared one)."""
     state = getattr(memo, "state", None)
     if not isinstance(state, State):
@@ -189,43 +205,22 @@ def rayservice_changed(*, namespace: str | None, meta: kopf.Meta, memo: kopf.Mem
             state.scheduler.wake((namespace or "", ref["name"]))
 
 
-@kopf.timer(s.GROUP, s.VERSION, s.PLURAL, interval=TIMER_INTERVAL_S)
-def tick(
-    *,
-    namespace: str | None,
-    name: str,
-    uid: str,
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    state = _state(memo)
-    key: Key = (namespace or "", name)
-    generation = meta.get("generation")
-    if not state.scheduler.due(key, generation):
-        return
-    handle(state, key, uid, generation, body, patch)
-
-
 def handle(
     state: State,
     key: Key,
     uid: str,
     generation: int | None,
     body: Any,
-    patch: Any,
     now: datetime | None = None,
-) -> None:
+) -> dict[str, Any]:
+    """One resource's pass; returns its status merge patch (empty when nothing changed)."""
     namespace, name = key
     raw_status = state.scheduler.latest_status(key, copy.deepcopy(dict(body.get("status") or {})))
     now = now or datetime.now(UTC)
     try:
         spec = s.parse_spec(copy.deepcopy(dict(body["spec"])))
     except ValidationError as exc:
-        _invalid_spec(state, key, generation, body, patch, raw_status, exc, now)
-        return
+        return _invalid_spec(state, key, generation, body, raw_status, exc, now)
     status = s.parse_status(raw_status)
     outcome = reconcile_pass(
         state.scheduler,
@@ -236,27 +231,22 @@ def handle(
         state.deps,
         now=now,
         tick_s=state.settings.tick_seconds,
-        post_event=lambda event: kopf.event(
-            body, type=event.type, reason=event.reason, message=event.message
-        ),
+        post_event=lambda event: state.post_event(body, event),
     )
     if outcome is None:
         metrics.RECONCILES.labels("error").inc()
-        return
-    _write_status(patch, raw_status, s.status_to_wire(outcome.status))
+        return {}
     _record(outcome)
     metrics.record_rollout(namespace, name, outcome.status.rollout_phase, outcome.status.rollout_weight)
+    return status_patch(raw_status, s.status_to_wire(outcome.status))
 
 
-def _write_status(patch: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Merge-patch semantics: fields we cleared must be sent as null, or the old value stays."""
     ours = {f.alias or n for n, f in s.RegisteredModelServingStatus.model_fields.items()}
-    for field_name, value in new.items():
-        if old.get(field_name) != value:
-            patch.status[field_name] = value
-    for field_name in old:
-        if field_name in ours and field_name not in new:
-            patch.status[field_name] = None
+    changed = {name: value for name, value in new.items() if old.get(name) != value}
+    cleared = {name: None for name in old if name in ours and name not in new}
+    return {**changed, **cleared}
 
 
 def _invalid_spec(
@@ -264,11 +254,10 @@ def _invalid_spec(
     key: Key,
     generation: int | None,
     body: Any,
-    patch: Any,
     raw_status: dict[str, Any],
     exc: ValidationError,
     now: datetime,
-) -> None:
+) -> dict[str, Any]:
     message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1024]
     status = s.parse_status(raw_status)
     was = next((c for c in status.conditions or [] if c.type == READY), None)
@@ -277,10 +266,10 @@ def _invalid_spec(
     )
     status.revision = (status.revision or 0) + 1
     wire = s.status_to_wire(status)
-    _write_status(patch, raw_status, wire)
     if was is None or was.reason != "InvalidSpec":
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        state.post_event(body, Event("Warning", "InvalidSpec", message))
     state.scheduler.done(key, delay=300, model="", failed=False, generation=generation, status=lambda: wire)
+    return status_patch(raw_status, wire)
 
 
 def _record(outcome: Outcome) -> None:

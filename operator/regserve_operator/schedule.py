@@ -1,11 +1,11 @@
 """Which resources are due for a reconcile, and the last status each one wrote. Thread-safe, no I/O.
 
-kopf's timer ticks every resource every `tick_seconds`; the tick is free unless the resource is due:
-its poll interval passed, a webhook named its model, its RayService changed, its spec changed, or a
-backoff after an error expired.
+The loop (`passes.py`) asks about every resource every `tick_seconds`; asking is free, and only a due
+resource is reconciled: its poll interval passed, a webhook named its model, its RayService changed,
+its spec changed, or a backoff after an error expired.
 
-The status memo exists because a tick can run before the watch stream delivers the status the
-previous tick wrote; a stale status would repeat a transition (and its Event). Each write carries a
+The status memo exists because a pass can run before the watch stream delivers the status the
+previous pass wrote; a stale status would repeat a transition (and its Event). Each write carries a
 `revision`; the newer of memo and body wins, and a memo the body has caught up with is dropped (at
 thousands of resources a wire status per resource is a noticeable share of the operator's memory).
 Local mode keeps the statuses itself and turns the memo off (`keeps_statuses=False`).
@@ -87,6 +87,12 @@ class Scheduler:
             for key in keys:
                 self._entries[key].next_at = 0.0
             return keys
+
+    def postpone(self, key: Key, delay: float, generation: int | None) -> None:
+        """Not due for `delay` unless woken or its spec changes from `generation`."""
+        with self._lock:
+            entry = self._entries.setdefault(key, _Entry())
+            entry.next_at, entry.generation = self.clock() + delay, generation
 
     def forget(self, key: Key) -> None:
         with self._lock:

@@ -19,7 +19,14 @@ class Settings(BaseSettings):
     )
     ray_version: str = "2.60.0"
     tick_seconds: float = Field(
-        1.0, gt=0, le=60, description="How often each resource checks whether it is due (cheap, no I/O)."
+        1.0, gt=0, le=60, description="How often the loop looks for resources that are due (cheap, no I/O)."
+    )
+    reconcile_workers: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Resources reconciled at once. Each waits mostly on MLflow and the API server; one slow "
+        "registry then holds up this many, not every resource.",
     )
     settle_seconds: float = Field(
         10.0, ge=0, description="A rollout counts as done after the app is RUNNING this long after the patch."

@@ -1,12 +1,13 @@
-"""The kopf glue: status patches (merge semantics), events, scheduling. No cluster: kopf's Patch only."""
+"""One resource's pass as the operator's loop runs it: status merge patches, Events, scheduling. No
+cluster (the loop against the API server: tests/k8s/test_operator_*)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import kopf
 import pytest
 from regserve_operator import main
+from regserve_operator.decide import Event
 from regserve_operator.settings import Settings
 
 from .fakes import World, signature
@@ -19,9 +20,12 @@ def world_state(monkeypatch: pytest.MonkeyPatch) -> tuple[World, main.State, lis
     world.server.add("1", signature(prompt="string"))
     world.server.add("2", signature(text="string"))
     world.server.aliases["champion"] = "1"
-    state = main.State(Settings(webhook_port=0, metrics_port=0), world.deps)
     events: list[tuple[str, str]] = []
-    monkeypatch.setattr(main.kopf, "event", lambda body, type, reason, message: events.append((type, reason)))
+
+    def post(body: Any, event: Event) -> None:
+        events.append((event.type, event.reason))
+
+    state = main.State(Settings(webhook_port=0, metrics_port=0), world.deps, post_event=post)
     return world, state, events
 
 
@@ -33,10 +37,10 @@ def _body(world: World, status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _apply(status: dict[str, Any], patch: kopf.Patch) -> dict[str, Any]:
-    """JSON merge patch of the status, as the API server applies kopf's patch."""
+def _apply(status: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch of the status, as the API server applies it."""
     merged = dict(status)
-    for key, value in (patch.get("status") or {}).items():
+    for key, value in patch.items():
         if value is None:
             merged.pop(key, None)
         else:
@@ -48,17 +52,15 @@ def test_handle_writes_status_and_clears_fields(world_state: Any) -> None:
     world, state, events = world_state
     key = (OWNER.namespace, OWNER.name)
     stored: dict[str, Any] = {"kopf": {"progress": {}}}  # kopf's own field stays untouched
-    patch = kopf.Patch()
-    main.handle(state, key, OWNER.uid, 1, _body(world, stored), patch, world.now)
+    patch = main.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
     stored = _apply(stored, patch)
     assert stored["servingVersion"] == "1" and stored["rolloutVersion"] == "1" and "kopf" in stored
     assert events == [("Normal", "RolloutStarted"), ("Normal", "Created")]
 
     world.target.set_app_status("RUNNING")
     world.advance(11)
-    patch = kopf.Patch()
-    main.handle(state, key, OWNER.uid, 1, _body(world, stored), patch, world.now)
-    assert patch["status"]["rolloutVersion"] is None  # cleared fields are sent as null
+    patch = main.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
+    assert patch["rolloutVersion"] is None  # cleared fields are sent as null
     stored = _apply(stored, patch)
     assert "rolloutVersion" not in stored and stored["lastGoodVersion"] == "1"
 
@@ -66,16 +68,11 @@ def test_handle_writes_status_and_clears_fields(world_state: Any) -> None:
 def test_stale_body_does_not_repeat_events(world_state: Any) -> None:
     world, state, events = world_state
     key = (OWNER.namespace, OWNER.name)
-    patch = kopf.Patch()
-    main.handle(state, key, OWNER.uid, 1, _body(world, {}), patch, world.now)
+    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
     world.server.aliases["champion"] = "2"  # incompatible
     world.advance(31)
-    patch = kopf.Patch()
-    main.handle(
-        state, key, OWNER.uid, 1, _body(world, {}), patch, world.now
-    )  # body still shows no status at all
-    patch = kopf.Patch()
-    main.handle(state, key, OWNER.uid, 1, _body(world, {}), patch, world.now)
+    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)  # body still shows no status at all
+    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
     assert [r for _, r in events].count("SignatureIncompatible") == 1
     assert [r for _, r in events].count("Created") == 1
 
@@ -87,8 +84,7 @@ def test_invalid_spec_is_reported_once(world_state: Any) -> None:
     body["spec"]["model"]["version"] = "3"  # two selectors (the API server's CEL would refuse this)
     stored: dict[str, Any] = {}
     for _ in range(2):
-        patch = kopf.Patch()
-        main.handle(state, key, OWNER.uid, 1, {**body, "status": stored}, patch, world.now)
+        patch = main.handle(state, key, OWNER.uid, 1, {**body, "status": stored}, world.now)
         stored = _apply(stored, patch)
     ready = next(c for c in stored["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "exactly one" in ready["message"]
@@ -108,7 +104,7 @@ def test_metrics_count_reconciles_and_rollouts(world_state: Any) -> None:
         sample("regserve_reconciles_total", result="ok"),
         sample("regserve_rollouts_total", outcome="started"),
     )
-    main.handle(state, (OWNER.namespace, OWNER.name), OWNER.uid, 1, _body(world, {}), kopf.Patch(), world.now)
+    main.handle(state, (OWNER.namespace, OWNER.name), OWNER.uid, 1, _body(world, {}), world.now)
     after = (
         sample("regserve_reconciles_total", result="ok"),
         sample("regserve_rollouts_total", outcome="started"),
@@ -140,19 +136,3 @@ def test_rollout_phase_and_weight_gauges() -> None:
     assert (phase("a"), weight("a")) == (["Switching"], 100.0)
     metrics.forget_rollout("g", "a")
     assert (phase("a"), weight("a")) == ([], None)
-
-
-@pytest.mark.parametrize(
-    "message, kept",
-    [
-        ("Timer 'tick' succeeded.", False),
-        ("Timer 'tick' failed with an exception. Will retry.", True),
-        ("Handler 'on_delete' succeeded.", True),
-        ("rolling out version 2 (was 1)", True),
-    ],
-)
-def test_only_the_tick_success_line_is_quieted(message: str, kept: bool) -> None:
-    import logging
-
-    record = logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, message, None, None)
-    assert main.QuietTicks().filter(record) is kept

@@ -1,15 +1,24 @@
-"""The kube target's Secret read: passing apiserver refusals are asked again, real ones are not."""
+"""The kube target without a cluster: the Secret read (passing apiserver refusals are asked again, real
+ones are not), and RayServices read from the watch's copy with stale copies corrected by the writes."""
 
 from __future__ import annotations
 
 import base64
+import copy
 from typing import Any
 
+import jsonpatch
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from regserve_operator.builders import build_rayservice, serving_version_of
+from regserve_operator.plan import make_plan
 from regserve_operator.ports import CredentialsUnavailable
+from regserve_operator.sizing import size_replica
 from regserve_operator.targets.kube import CREDENTIAL_RETRY_PAUSES_S, KubeTarget
+from regserve_operator.targets.kube_cache import RayServiceCache
+
+from .helpers import DEFAULTS, OWNER, make_spec
 
 
 class SecretsAnswering:
@@ -52,3 +61,91 @@ def test_read_credentials_retries_only_passing_refusals(statuses: list[int], cal
         assert "s3cret" not in str(raised.value) and f"HTTP {statuses[-1]}" in str(raised.value)
     assert secrets.calls == calls
     assert pauses == list(CREDENTIAL_RETRY_PAUSES_S[: calls - 1])
+
+
+class RayServicesAnswering:
+    """CustomObjectsApi for RayServices: one stored object, a write refused as stale when asked to."""
+
+    def __init__(self, stored: dict[str, Any] | None, refuse_next_write: bool = False) -> None:
+        self.stored = stored
+        self.refuse_next_write = refuse_next_write
+        self.reads = 0
+
+    def get_namespaced_custom_object(self, *_: Any) -> Any:
+        self.reads += 1
+        if self.stored is None:
+            raise ApiException(status=404, reason="NotFound")
+        return copy.deepcopy(self.stored)
+
+    def create_namespaced_custom_object(self, *args: Any) -> Any:
+        body = args[-1]
+        if self.stored is not None:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.stored = {**copy.deepcopy(body), "status": {}}
+        self.stored["metadata"]["resourceVersion"] = "1"
+        return copy.deepcopy(self.stored)
+
+    def patch_namespaced_custom_object(self, *args: Any, **_: Any) -> Any:
+        if self.refuse_next_write:
+            self.refuse_next_write = False
+            raise ApiException(status=422, reason="Invalid")
+        assert self.stored is not None
+        self.stored = jsonpatch.apply_patch(self.stored, args[-1])
+        self.stored["metadata"]["resourceVersion"] = str(int(self.stored["metadata"]["resourceVersion"]) + 1)
+        return copy.deepcopy(self.stored)
+
+
+def _desired(version: str) -> dict[str, Any]:
+    spec = make_spec()
+    size = size_replica(
+        model_size_bytes=0, flavors=(), serving=spec.serving, resources=spec.resources, previous=None
+    )
+    return build_rayservice(OWNER, spec, version, size, DEFAULTS)
+
+
+def _target(api: RayServicesAnswering) -> tuple[KubeTarget, RayServiceCache]:
+    cache = RayServiceCache()
+    target = KubeTarget(client.ApiClient(client.Configuration()), cache=cache)
+    target._custom = api  # type: ignore[assignment]
+    return target, cache
+
+
+KEY = (OWNER.namespace, "translator")
+
+
+def test_reads_come_from_the_watch_copy_when_there_is_one() -> None:
+    api = RayServicesAnswering(None)
+    target, cache = _target(api)
+    assert target.get(*KEY) is None and api.reads == 1  # nothing kept: asked
+    target.apply(make_plan(_desired("1"), None))
+    reads = api.reads
+    kept = target.get(*KEY)  # the create's answer went in
+    assert kept is not None and serving_version_of(kept) == "1" and api.reads == reads
+    kept["spec"] = {}  # a copy: changing it changes nothing kept
+    assert serving_version_of(target.get(*KEY) or {}) == "1"
+    cache.gone(KEY)  # the watch saw it deleted
+    assert target.get(*KEY) is not None and api.reads == reads + 1
+
+
+def test_a_stale_copy_is_corrected_by_the_write_it_misled() -> None:
+    tests = [
+        # (name, what the copy says, what the API server has)
+        ("created behind the copy's back", None, "1"),
+        ("patched since the copy", "1", "2"),
+    ]
+    for name, copied, stored in tests:
+        api = RayServicesAnswering(None)
+        target, cache = _target(api)
+        target.apply(make_plan(_desired(stored), None))
+        assert api.stored is not None
+        if copied is None:
+            cache.gone(KEY)
+        else:
+            stale = copy.deepcopy(api.stored)
+            stale["spec"]["serveConfigV2"] = _desired(copied)["spec"]["serveConfigV2"]
+            stale["metadata"]["resourceVersion"] = "0"
+            cache.saw(stale)
+        api.refuse_next_write = copied is not None  # the resourceVersion test fails on the stale copy
+        target.apply(make_plan(_desired("3"), cache.get(KEY)))
+        assert serving_version_of(api.stored) == "3", name
+        assert serving_version_of(target.get(*KEY) or {}) == "3", name

@@ -21,6 +21,7 @@ from regserve_operator.builders import SERVE_PORT
 from regserve_operator.plan import Plan, make_plan
 from regserve_operator.ports import CredentialsUnavailable, TargetConflict
 from regserve_operator.rbac import rule
+from regserve_operator.targets.kube_cache import RayServiceCache
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,23 @@ rule(__name__, [""], ["secrets"], ["get"], "read the one credentials Secret a re
 
 class KubeTarget:
     def __init__(
-        self, api_client: client.ApiClient | None = None, *, sleep: Callable[[float], None] = time.sleep
+        self,
+        api_client: client.ApiClient | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        cache: RayServiceCache | None = None,
     ) -> None:
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._sleep = sleep
+        self._cache = cache
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RayService: the watch's copy when there is one (see kube_cache.py), else asked for."""
+        cached = self._cache.get((namespace, name)) if self._cache is not None else None
+        return cached if cached is not None else self._read(namespace, name)
+
+    def _read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj = self._custom.get_namespaced_custom_object(
                 RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name
@@ -85,7 +96,7 @@ class KubeTarget:
                 log.info(
                     "RayService %s/%s changed since it was read; planning again", plan.namespace, plan.name
                 )
-                fresh = make_plan(plan.desired, self.get(plan.namespace, plan.name))
+                fresh = make_plan(plan.desired, self._read(plan.namespace, plan.name))
                 if fresh.action == "conflict":
                     raise TargetConflict(fresh.message) from None
                 if not fresh.writes:
@@ -94,13 +105,14 @@ class KubeTarget:
         self._write(plan)
 
     def _write(self, plan: Plan) -> None:
+        written: Any = None
         try:
             if plan.action == "create":
-                self._custom.create_namespaced_custom_object(
+                written = self._custom.create_namespaced_custom_object(
                     RAY_GROUP, RAY_VERSION, plan.namespace, RAY_PLURAL, plan.desired
                 )
             elif plan.action in ("patch_serve_config", "patch_cluster"):
-                self._custom.patch_namespaced_custom_object(
+                written = self._custom.patch_namespaced_custom_object(
                     RAY_GROUP,
                     RAY_VERSION,
                     plan.namespace,
@@ -112,8 +124,12 @@ class KubeTarget:
         except ApiException as exc:
             # 409: created meanwhile; 422 from a failed resourceVersion `test`: changed meanwhile.
             if exc.status == 409 or (exc.status == 422 and self._moved_past(plan)):
+                if self._cache is not None:  # behind the API server: the next read asks it
+                    self._cache.gone((plan.namespace, plan.name))
                 raise TargetConflict(f"RayService {plan.namespace}/{plan.name} changed meanwhile") from exc
             raise
+        if self._cache is not None and isinstance(written, dict):
+            self._cache.saw(written)
 
     def _moved_past(self, plan: Plan) -> bool:
         """Whether the object is no longer at the resourceVersion the plan's patch tests for.
@@ -131,7 +147,7 @@ class KubeTarget:
         )
         if guard is None:
             return False
-        current = self.get(plan.namespace, plan.name)
+        current = self._read(plan.namespace, plan.name)
         return current is None or (current.get("metadata") or {}).get("resourceVersion") != guard
 
     def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:

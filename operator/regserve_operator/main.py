@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from regserve_operator import metrics, probe
 from regserve_operator import spec as s
-from regserve_operator.allocator import release_free_heap
+from regserve_operator.allocator import limit_arenas, release_free_heap
 from regserve_operator.builders import LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
 from regserve_operator.conditions import READY, set_condition
 from regserve_operator.decide import Event, Outcome, iso
@@ -58,6 +58,14 @@ rule(
     ["list", "watch"],
     "kopf follows CRD changes at startup",
 )
+
+# glibc malloc arenas for the whole process (allocator.py): the threads mostly wait on I/O, and an arena
+# each kept its own peak.
+OPERATOR_ARENAS = 2
+
+# Objects per page of kopf's initial listing, and how long its per-object worker outlives an event.
+LIST_CHUNK = 500
+WORKER_IDLE_S = 0.5
 
 PostEvent = Callable[[Mapping[str, Any], Event], None]
 
@@ -158,6 +166,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # KubeRay report); what happened to a resource is in the loop's own log lines.
     settings.posting.enabled = False
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # kopf parses the initial listing whole unless told a chunk size, and each object's worker keeps
+    # its last event for `idle_timeout` after handling it: at startup with 10,000 resources, every
+    # body at once. The heap that peak needs stays mapped after it (the few objects that outlive it
+    # are spread through it), so the peak is what the operator keeps.
+    settings.watching.chunk_size = LIST_CHUNK
+    settings.queueing.idle_timeout = WORKER_IDLE_S
     current = Settings()
     state = build_state(current)
     memo.state = state
@@ -315,6 +329,7 @@ def run(namespaces: list[str], all_namespaces: bool, standalone: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not namespaces and not all_namespaces:
         raise SystemExit("pass --namespace NS (repeatable) or --all-namespaces")
+    limit_arenas(OPERATOR_ARENAS)  # before kopf and the loop start their threads
     asyncio.run(
         kopf.operator(
             standalone=standalone,

@@ -6,13 +6,15 @@ its spec changed, or a backoff after an error expired.
 
 The status memo exists because a pass can run before the watch stream delivers the status the
 previous pass wrote; a stale status would repeat a transition (and its Event). Each write carries a
-`revision`; the newer of memo and body wins, and a memo the body has caught up with is dropped (at
-thousands of resources a wire status per resource is a noticeable share of the operator's memory).
+`revision`; the newer of memo and body wins, and a memo the body has caught up with is dropped. Only a
+status newer than the body the pass started from is kept, and as JSON: a steady pass changes nothing,
+and at 10,000 resources a wire status each was ~60 MB of the operator's memory.
 Local mode keeps the statuses itself and turns the memo off (`keeps_statuses=False`).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +29,9 @@ class _Entry:
     next_at: float = 0.0
     model: str | None = None
     failures: int = 0
-    memo: dict[str, Any] | None = None
+    memo: tuple[int, bytes] | None = None  # (revision, the status as JSON)
     generation: int | None = None
+    body_revision: int = 0  # of the status the last pass started from
 
 
 @dataclass
@@ -62,7 +65,12 @@ class Scheduler:
             entry.next_at = self.clock() + delay
             entry.model = model
             entry.generation = generation
-            entry.memo = status() if self.keeps_statuses else None
+            entry.memo = None
+            if self.keeps_statuses:
+                wire = status()
+                revision = wire.get("revision") or 0
+                if revision > entry.body_revision:
+                    entry.memo = (revision, json.dumps(wire, separators=(",", ":")).encode())
             return entry.failures
 
     def woken(self, key: Key) -> bool:
@@ -99,11 +107,16 @@ class Scheduler:
             self._entries.pop(key, None)
 
     def latest_status(self, key: Key, from_body: dict[str, Any]) -> dict[str, Any]:
+        body_revision = from_body.get("revision") or 0
         with self._lock:
             entry = self._entries.get(key)
-            memo = entry.memo if entry else None
-            if memo is not None and (memo.get("revision") or 0) > (from_body.get("revision") or 0):
-                return memo
-            if entry is not None:
-                entry.memo = None
+            if entry is None:
+                return from_body
+            memo = entry.memo
+            if memo is not None and memo[0] > body_revision:
+                newer: dict[str, Any] = json.loads(memo[1])
+                entry.body_revision = body_revision
+                return newer
+            entry.memo = None
+            entry.body_revision = body_revision
         return from_body

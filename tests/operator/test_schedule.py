@@ -65,6 +65,24 @@ def test_memo_dropped_once_the_body_caught_up() -> None:
     assert sched.latest_status(key, {"revision": 4, "x": "older body"})["x"] == "older body"
 
 
+def test_a_pass_that_changed_nothing_keeps_no_memo() -> None:
+    sched = Scheduler(clock=Clock())
+    key = ("ns", "a")
+    sched.done(
+        key, delay=1, model="m", failed=False, generation=1, status=lambda: {"revision": 5, "x": "memo"}
+    )
+    assert sched.latest_status(key, {"revision": 5, "x": "body"})["x"] == "body"
+    # The next pass started from revision 5 and decided the same status: the body already has it.
+    sched.done(
+        key, delay=1, model="m", failed=False, generation=1, status=lambda: {"revision": 5, "x": "same"}
+    )
+    assert sched._entries[key].memo is None
+    sched.done(
+        key, delay=1, model="m", failed=False, generation=1, status=lambda: {"revision": 6, "x": "new"}
+    )
+    assert sched.latest_status(key, {"revision": 5, "x": "body"}) == {"revision": 6, "x": "new"}
+
+
 def test_statuses_not_kept_when_the_caller_keeps_them() -> None:
     built: list[dict[str, int]] = []
 

@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def _tag_writes(proxy: Any) -> int:
+def tag_writes(proxy: Any) -> int:
     return sum(count for path, count in proxy.counts.items() if path.endswith("/set-tag"))
 
 
@@ -107,10 +107,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         # Each resource tags its serving version in the registry once the rollout has settled: one
         # write per resource, once, so part of the first reconcile rather than of a poll cycle.
         for _ in range(SETTLE_PASSES):
-            tags = _tag_writes(proxy)
+            tags = tag_writes(proxy)
             clock[0] += POLL_S + 1
             driver.run_once()
-            if tags and _tag_writes(proxy) == tags:
+            if tags and tag_writes(proxy) == tags:
                 break
         setup = {
             "requests": proxy.total(),

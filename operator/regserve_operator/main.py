@@ -37,11 +37,11 @@ from regserve_operator.builders import LABEL_MANAGED_BY, MANAGED_BY, BuildDefaul
 from regserve_operator.conditions import READY, set_condition
 from regserve_operator.decide import Event, Outcome, iso
 from regserve_operator.driver import TRIM_AFTER_RESOURCES
-from regserve_operator.passes import Seen, StatusWrites, Watched, key_of, run_forever, run_pass
+from regserve_operator.passes import Seen, StatusWrites, Watched, run_forever, run_pass
 from regserve_operator.rbac import rule
 from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.registry import Registry
-from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.schedule import Key, Scheduler, key_of
 from regserve_operator.settings import Settings
 from regserve_operator.targets.kube_cache import RayServiceCache
 from regserve_operator.webhook import Receiver, Verdict, start_receiver

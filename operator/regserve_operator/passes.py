@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.schedule import Key, Scheduler, key_of
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ class Seen:
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = json.loads(self.body_json)
         return body
-
-
-def key_of(body: Mapping[str, Any]) -> Key:
-    meta = body.get("metadata") or {}
-    return (meta.get("namespace") or "", meta.get("name") or "")
 
 
 class Watched:

@@ -17,12 +17,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-Key = tuple[str, str]  # (namespace, name)
-
-
-def _key(body: Mapping[str, Any]) -> Key:
-    meta = body.get("metadata") or {}
-    return (meta.get("namespace") or "", meta.get("name") or "")
+from regserve_operator.schedule import Key, key_of
 
 
 class RayServiceCache:
@@ -35,7 +30,7 @@ class RayServiceCache:
         # dict(): kopf hands a read-only view over the object, json wants the dict under it.
         packed = zlib.compress(json.dumps(dict(body), separators=(",", ":")).encode(), 1)
         with self._lock:
-            self._objects[_key(body)] = packed
+            self._objects[key_of(body)] = packed
 
     def gone(self, key: Key) -> None:
         with self._lock:

@@ -92,6 +92,9 @@ def stale_files(helm: Path | None = None) -> list[Path]:
 
 
 def main() -> int:
+    # The operator Deployment carries a checksum of the rules file as rendered: write that file first.
+    RULES_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RULES_FILE.write_text(rules_yaml())
     for path, text in expected_files().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

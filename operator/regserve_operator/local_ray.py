@@ -41,7 +41,7 @@ from typing import Literal
 import httpx
 
 from regserve_operator.builders import HAPROXY_ENV
-from regserve_operator.sandbox.processes import free_port, start_and_wait, stop
+from regserve_operator.sandbox.processes import port_for_later, start_and_wait, stop
 from regserve_operator.targets.local import ray_auth_token
 
 log = logging.getLogger("regserve.dev")
@@ -63,16 +63,16 @@ class RayPorts:
     """Every port a local cluster listens on that Ray would otherwise take at a fixed number."""
 
     dashboard: int
-    gcs: int = field(default_factory=free_port)
-    client_server: int = field(default_factory=free_port)
-    metrics_export: int = field(default_factory=free_port)
-    dashboard_agent: int = field(default_factory=free_port)
-    dashboard_metrics: int = field(default_factory=free_port)
-    autoscaler_metrics: int = field(default_factory=free_port)
-    haproxy_stats: int = field(default_factory=free_port)
-    haproxy_metrics: int = field(default_factory=free_port)
-    fallback_proxy_http: int = field(default_factory=free_port)
-    fallback_proxy_grpc: int = field(default_factory=free_port)
+    gcs: int = field(default_factory=port_for_later)
+    client_server: int = field(default_factory=port_for_later)
+    metrics_export: int = field(default_factory=port_for_later)
+    dashboard_agent: int = field(default_factory=port_for_later)
+    dashboard_metrics: int = field(default_factory=port_for_later)
+    autoscaler_metrics: int = field(default_factory=port_for_later)
+    haproxy_stats: int = field(default_factory=port_for_later)
+    haproxy_metrics: int = field(default_factory=port_for_later)
+    fallback_proxy_http: int = field(default_factory=port_for_later)
+    fallback_proxy_grpc: int = field(default_factory=port_for_later)
 
 
 def ray_environment(ingress_mode: IngressMode, ports: RayPorts, temp_dir: Path) -> dict[str, str]:

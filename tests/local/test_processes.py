@@ -104,3 +104,15 @@ def test_an_mlflow_server_that_cannot_bind_fails_with_its_error_not_a_timeout(tm
             server.start()
     # (`mlflow server` exits with code 0 after uvicorn's bind error: the exit itself is what counts.)
     assert "address already in use" in failure.value.tail
+
+
+def test_ports_for_later_come_from_below_the_ephemeral_range_and_are_free_everywhere() -> None:
+    import socket
+
+    from regserve_operator.sandbox.processes import RESERVED_LOW, _ephemeral_low, port_for_later
+
+    ports = {port_for_later() for _ in range(20)}
+    assert all(RESERVED_LOW <= port < _ephemeral_low() for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", port))  # still free: nothing of ours took it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,6 +36,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Above Ray's worker ports (10002-19999 by default) and below the kernel's ephemeral range.
+RESERVED_LOW = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_for_later() -> int:
+    """A free port for a server that binds it some seconds from now, on every address.
+
+    `free_port()` takes one from the kernel's ephemeral range, the range outgoing connections take
+    their local ports from: one of them can hold it by the time the server binds (seen: HAProxy's
+    stats port, "Address already in use", and local mode without an ingress). This one comes from below
+    that range, checked free on every address."""
+    rng = random.SystemRandom()
+    high = _ephemeral_low() - 1
+    for _ in range(50):
+        port = rng.randint(RESERVED_LOW, high) if high > RESERVED_LOW else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    return free_port()
 
 
 def start(

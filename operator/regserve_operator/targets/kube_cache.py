@@ -44,7 +44,3 @@ class RayServiceCache:
             return None
         obj: dict[str, Any] = json.loads(zlib.decompress(packed))
         return obj
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._objects)

@@ -4,8 +4,8 @@
 the args into `AppArgs`). What the args size is set when a replica starts: the multiplexed LRU is
 built in `__init__` (Ray 2.60 detects a multiplexed loader stored on the instance), `@serve.batch` is
 retuned with its setters, and `max_ongoing_requests` goes through `.options()`.
-No `from __future__ import annotations` here: FastAPI must see the route parameters' real types
-through Ray's class-based view, and Ray the builder's `AppArgs` annotation.
+Requests arrive at `__call__` and are routed by `serving_app.routes` (no FastAPI on the request path).
+No `from __future__ import annotations` here: Ray must see the builder's `AppArgs` annotation.
 """
 
 import asyncio
@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from mlflow.exceptions import MlflowException
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serving_app import http
+from serving_app import http, routes
 from serving_app.board import BoardClient
 from serving_app.config import (
     DEPLOYMENT_NAME,
@@ -106,12 +106,13 @@ def _auth_token(args: AppArgs) -> str | None:
     return token
 
 
-# The document is built per default version by `/openapi.json`; FastAPI's own routes stay off.
-api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+# What `/openapi.json` documents (with the default version's schemas filled in per request).
+documented_routes = routes.openapi_app()
+
+RouteHandler = Callable[[Request, str], Awaitable[Response]]
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 0.5})
-@serve.ingress(api)
 class ModelServer:
     async def __init__(self, args: AppArgs) -> None:  # type: ignore[misc]
         self.args = args
@@ -132,6 +133,9 @@ class ModelServer:
         self.rollout = ReplicaRollout(self.service, self.counters, self.metrics)
         self.board = BoardClient(app_name, self.counters)
         self._board_pusher = asyncio.get_running_loop().create_task(self.board.run())
+        self._routes: dict[str, RouteHandler] = {
+            route.handler: getattr(self, route.handler) for route in routes.ROUTES
+        }
         if args.default_version:
             await self.service.set_default(args.default_version)
 
@@ -185,24 +189,26 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------- routes
 
-    @api.post("/serve", summary="Predict with records shaped by the model signature")
-    async def serve_records(self, request: Request) -> Response:
+    async def __call__(self, request: Request) -> Response:
+        found = routes.match(request.method, routes.route_path(request.scope))
+        if isinstance(found, routes.Refused):
+            allow = {"Allow": found.allow} if found.allow else None
+            return http.json_response(found.body, status_code=found.status_code, headers=allow)
+        return await self._routes[found.route.handler](request, found.rest)
+
+    async def serve_records(self, request: Request, _rest: str) -> Response:
         return await self._answer(request, "serve", self._serve_records)
 
-    @api.post("/invocations", summary="MLflow scoring protocol")
-    async def invocations(self, request: Request) -> Response:
+    async def invocations(self, request: Request, _rest: str) -> Response:
         return await self._answer(request, "invocations", self._invocations)
 
-    @api.api_route("/v2{path:path}", methods=["GET", "POST"], summary="Open Inference Protocol (KServe v2)")
-    async def open_inference(self, request: Request, path: str) -> Response:
-        return await self.oip.answer(request, path, self._answer)
+    async def open_inference(self, request: Request, rest: str) -> Response:
+        return await self.oip.answer(request, rest, self._answer)
 
-    @api.get("/healthz", summary="Liveness, readiness, the default version and a failed switch")
-    async def healthz(self) -> Response:
+    async def healthz(self, _request: Request, _rest: str) -> Response:
         return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
 
-    @api.get("/rollout", summary="The rollout's figures summed over every replica (docs/rollouts.md)")
-    async def rollout_report(self) -> Response:
+    async def rollout_report(self, _request: Request, _rest: str) -> Response:
         # Open like /healthz: figures and stable codes only (the operator reads it).
         try:
             report = await self.board.report()
@@ -211,20 +217,18 @@ class ModelServer:
             report = {**rollout_report([self.counters.snapshot()]), "partial": True}
         return http.json_response(report)
 
-    @api.get("/metadata", summary="Model, default version, signature and loaded versions")
-    async def metadata(self, request: Request) -> Response:
+    async def metadata(self, request: Request, _rest: str) -> Response:
         if denied := self._denied(request):
             return denied
         return http.json_response(self.service.metadata(sorted(self.pinned_versions)))
 
-    @api.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request) -> Response:
+    async def openapi(self, request: Request, _rest: str) -> Response:
         # The document is the signature: with auth on, only callers with the token read it.
         if denied := self._denied(request):
             return denied
         default = self.service.default
         document = http.build_openapi(
-            api,
+            documented_routes,
             default.api,
             title=f"{self.args.model_name} (regserve)",
             version=default.version,
@@ -232,8 +236,7 @@ class ModelServer:
         )
         return http.json_response(document)
 
-    @api.get("/docs", include_in_schema=False)
-    async def docs(self, request: Request) -> Response:
+    async def docs(self, request: Request, _rest: str) -> Response:
         if denied := self._denied(request):
             return denied
         root = request.scope.get("root_path", "").rstrip("/")

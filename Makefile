@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv tools lint typecheck plane lock chart-sync bench clean
+.PHONY: demo test venv tools lint typecheck plane lock chart-sync bench wrk clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ chart-sync: venv
 	$(BIN)/python -m tests.install.chart_sync
 
 # Benchmarks (bench/README.md): about 25 minutes on 2 cores; prints tables, writes bench/results/.
-bench: venv
+bench: venv wrk
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.versions --rounds 2 --duration 2 --cold 2
 	$(BIN)/python -m bench.promotion
@@ -58,6 +58,10 @@ bench: venv
 # Re-pins constraints.txt from the current virtualenv.
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^regserve' > constraints.txt
+
+# The benchmarks' load generator (bench/wrk.py).
+wrk:
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from regserve_operator.builders import REPLICA_ENV
 from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
 from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+
+from bench import wrk
 
 if TYPE_CHECKING:
     from regserve_operator.local import DevSession
@@ -128,9 +131,18 @@ class RayCluster:
 
 
 def regserve_app(
-    name: str, model: str, version: str, tracking_uri: str, *, batch: int = 1, replicas: int = 1, **extra: Any
+    name: str,
+    model: str,
+    version: str,
+    tracking_uri: str,
+    *,
+    batch: int = 1,
+    replicas: int = 1,
+    access_log: bool = False,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """A Serve config application as local mode writes it (version in user_config)."""
+    """A Serve config application as local mode writes it (version in user_config; Serve's access
+    log off unless `serving.accessLog`; the replica's env)."""
     return {
         "name": name,
         "route_prefix": f"/{name}",
@@ -143,7 +155,13 @@ def regserve_app(
             **extra,
         },
         "deployments": [
-            {"name": "ModelServer", "num_replicas": replicas, "user_config": {"default_version": version}}
+            {
+                "name": "ModelServer",
+                "num_replicas": replicas,
+                "user_config": {"default_version": version},
+                "logging_config": {"enable_access_log": access_log},
+                "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": REPLICA_ENV}},
+            }
         ],
     }
 
@@ -241,18 +259,8 @@ def cell(
 
 
 def load_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run cells one after the other in ONE load-generator process (its own, beside the servers)."""
-    budget = sum(float(c["duration_s"]) + float(c["warmup_s"]) + 5 for c in cells) + 60
-    result = subprocess.run(
-        [PYTHON, str(REPO / "bench" / "loadgen.py"), json.dumps({"cells": cells})],
-        capture_output=True,
-        text=True,
-        timeout=budget,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"load generator failed: {result.stderr[-2000:]}")
-    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+    """Run cells one after the other, each from a `wrk` process of its own beside the servers."""
+    return [wrk.run_cell(spec) for spec in cells]
 
 
 def load(url: str, body: Any, **options: Any) -> dict[str, Any]:

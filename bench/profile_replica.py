@@ -1,8 +1,9 @@
 """Where a replica's time goes at c=1: py-spy samples of regserve's and the bare deployment's replicas.
 
     .venv/bin/python -m bench.profile_replica [--ingress haproxy] [--seconds 15] [--cold 8]
+        [--concurrency 32 --batch 32]
 
-Same sklearn model, same ingress mode, one at a time under c=1 load from bench/loadgen.py while
+Same sklearn model, same ingress mode, one at a time under c=1 load from wrk (bench/wrk.py) while
 `py-spy record` samples the replica process (idle threads excluded). Prints, per replica, the share of
 samples under each of a few buckets (the `predict` itself, pandas/numpy conversion, regserve's
 request handling, FastAPI/Starlette, Ray Serve's replica machinery) and the top frames; writes the
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--ingress", default="haproxy")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--cold", type=int, default=0, help="profile N cold pinned requests instead")
+    parser.add_argument("--concurrency", type=int, default=1, help="closed-loop clients during sampling")
+    parser.add_argument("--batch", type=int, default=1, help="max_batch_size of both deployments")
     args = parser.parse_args()
     if args.cold:
         exit_cleanly_on_sigterm()
@@ -171,8 +174,8 @@ def main() -> None:
         cluster = RayCluster(args.ingress, workdir).start()
         cluster.deploy(
             [
-                regserve_app("prof-rs", "bench_profile", version, server.url),
-                bare_app("prof-bare", f"models:/bench_profile/{version}"),
+                regserve_app("prof-rs", "bench_profile", version, server.url, batch=args.batch),
+                bare_app("prof-bare", f"models:/bench_profile/{version}", batch=args.batch),
             ]
         )
         # label → (application whose replica is sampled, url, body)
@@ -190,7 +193,7 @@ def main() -> None:
             result: dict[str, object] = {}
             driver = threading.Thread(
                 target=lambda u=url, b=body, r=result: r.update(
-                    load(u, b, concurrency=1, duration_s=args.seconds + 2, warmup_s=0.5)
+                    load(u, b, concurrency=args.concurrency, duration_s=args.seconds + 2, warmup_s=0.5)
                 )
             )
             driver.start()

@@ -11,7 +11,7 @@ batching, and the same bare model behind a thin ingress deployment that forwards
 multiplexed model deployment (`bench/thin_app.py`: the third ingress design, whose `÷ bare` is the
 extra hop's cost). `mlflow models serve` (uvicorn, one worker) runs beside it all the time; every
 round measures every target at c=1, 8, 32 in turn, so baseline and candidates see the same machine
-load. Load comes from `bench/loadgen.py` in its own process. Prints medians over rounds and ratios
+load. Load comes from `wrk` in its own process (bench/wrk.py). Prints medians over rounds and ratios
 against the baseline; writes bench/results/serving.{json,md,png}.
 
 Peer (`--peers mlserver`, the default): MLServer 1.7.1 with the MLflow runtime (`bench/mlserver.py`, its
@@ -201,7 +201,7 @@ def targets_for(case: ModelCase, cluster: RayCluster) -> list[Target]:
             "regserve /invocations batch", mode, f"{base}/rsb-{case.key}/invocations", case.invocations_body
         ),
         Target(
-            "regserve /invocations no access log",
+            "regserve /invocations access log on",
             mode,
             f"{base}/rsq-{case.key}/invocations",
             case.invocations_body,
@@ -224,7 +224,7 @@ def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[d
     apps = [
         regserve_app(f"rs-{case.key}", case.name, case.version, tracking_uri),
         regserve_app(f"rsb-{case.key}", case.name, case.version, tracking_uri, batch=32),
-        without_access_log(regserve_app(f"rsq-{case.key}", case.name, case.version, tracking_uri)),
+        regserve_app(f"rsq-{case.key}", case.name, case.version, tracking_uri, access_log=True),
         throughput_optimized(regserve_app(f"rst-{case.key}", case.name, case.version, tracking_uri)),
         bare_app(f"bare-{case.key}", uri),
         bare_app(f"bareb-{case.key}", uri, batch=32),
@@ -235,14 +235,6 @@ def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[d
             thin_app(f"thinb-{case.key}", case.name, case.version, batch=32),
         ]
     return apps
-
-
-def without_access_log(app: dict[str, Any]) -> dict[str, Any]:
-    """The same application with Ray Serve's per-request access log off (a Serve config setting of the
-    deployment, `logging_config.enable_access_log`): what that log costs per request."""
-    for deployment in app["deployments"]:
-        deployment["logging_config"] = {"enable_access_log": False}
-    return app
 
 
 def throughput_optimized(app: dict[str, Any]) -> dict[str, Any]:
@@ -569,8 +561,8 @@ def peer_table(index: dict[tuple[str, str, str, int], dict[str, Any]]) -> str:
                     get(f"regserve /serve{suffix}", "p50_ms") / peer_p50,
                     get(f"bare Ray Serve{suffix}", "rps") / peer_rps,
                     get("mlflow models serve", "rps") / peer_rps,
-                    get(f"regserve /invocations no access log{suffix}", "rps") / peer_rps,
-                    get(f"regserve /invocations no access log{suffix}", "p50_ms") / peer_p50,
+                    get(f"regserve /invocations access log on{suffix}", "rps") / peer_rps,
+                    get(f"regserve /invocations access log on{suffix}", "p50_ms") / peer_p50,
                     get(f"regserve /invocations throughput-optimized{suffix}", "rps") / peer_rps,
                     get(f"regserve /invocations throughput-optimized{suffix}", "p50_ms") / peer_p50,
                 ]
@@ -579,8 +571,8 @@ def peer_table(index: dict[tuple[str, str, str, int], dict[str, Any]]) -> str:
         "model", "Ray ingress", "c", "batching", "MLServer /invocations req/s", "p50 ms", "MLServer v2 req/s",
         "v2 p50 ms", "regserve /invocations req/s", "p50 ms", "req/s ÷ MLServer", "p50 ÷ MLServer",
         "regserve /serve req/s ÷ MLServer", "/serve p50 ÷ MLServer", "bare Ray Serve req/s ÷ MLServer",
-        "mlflow models serve req/s ÷ MLServer", "no access log req/s ÷ MLServer",
-        "no access log p50 ÷ MLServer", "throughput-optimized req/s ÷ MLServer",
+        "mlflow models serve req/s ÷ MLServer", "access log on req/s ÷ MLServer",
+        "access log on p50 ÷ MLServer", "throughput-optimized req/s ÷ MLServer",
         "throughput-optimized p50 ÷ MLServer",
     ]  # fmt: skip
     return markdown_table(headers, table) if table else ""

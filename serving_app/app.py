@@ -179,6 +179,10 @@ class ModelServer:
         # whichever request started it.
         with step("predict"):
             # Batch only when others are waiting: a lone request must not sit out the batch timeout.
+            # One turn of the loop first: requests that arrived meanwhile reach this point too (light
+            # models predict on the loop, so nothing else would suspend this request before it does).
+            if self.args.batching:
+                await asyncio.sleep(0)
             if self.args.batching and self.service.in_flight > 1:
                 result = await self._predict_batched(job)
             else:

@@ -23,6 +23,7 @@ import mlflow
 from mlflow.models.signature import ModelSignature
 
 from serving_app.errors import RegistryUnavailable, ServingError, UnknownVersion, VersionLoadFailed
+from serving_app.inline import PredictTime
 from serving_app.mlmodel import (
     MLFLOW_CLIENT_FAIL_FAST,
     NotFound,
@@ -72,6 +73,7 @@ class LoadedVersion:
     signature: ModelSignature | None
     load_seconds: float
     on_release: Callable[[], None] | None = field(default=None, repr=False)
+    predict_time: PredictTime = field(default_factory=PredictTime, repr=False)
     local_dir: str | None = field(default=None, repr=False)  # ours to delete with the model
     _released: bool = field(default=False, repr=False)
 

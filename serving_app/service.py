@@ -298,7 +298,10 @@ class ModelService:
         model_input = concat_model_inputs([job.model_input for job in group])
         loaded = group[0].loaded
         try:
-            prediction = await asyncio.to_thread(loaded.model.predict, model_input, group[0].params)
+            if loaded.predict_time.inline:
+                prediction = _timed_predict(loaded, model_input, group[0].params)
+            else:
+                prediction = await asyncio.to_thread(_timed_predict, loaded, model_input, group[0].params)
             items = prediction_items(prediction)
             return split_items(items, [job.rows for job in group])
         except Exception as error:  # the model's own code: report, never crash the replica
@@ -337,6 +340,15 @@ class ModelService:
             "candidate": self.candidate.version if self.candidate else None,
             "version_loads": dict(self.version_loads),
         }
+
+
+def _timed_predict(loaded: LoadedVersion, model_input: Any, params: dict[str, Any] | None) -> Any:
+    """`predict`, its time recorded for the version (which decides where its next call runs)."""
+    started = time.perf_counter()
+    try:
+        return loaded.model.predict(model_input, params)
+    finally:
+        loaded.predict_time.record((time.perf_counter() - started) * 1000)
 
 
 def _mlmodel_form(signature: ModelSignature | None) -> Signature | None:

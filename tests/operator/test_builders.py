@@ -137,6 +137,16 @@ def test_ingress_mode_env(serving: dict[str, Any], env_has_haproxy: bool) -> Non
             {"serving": {"hideSchemaInErrors": True}},
             lambda body: _app(body)["args"]["expose_schema_in_errors"] is False,
         ),
+        ({}, lambda body: _app(body)["deployments"][0]["logging_config"] == {"enable_access_log": False}),
+        (
+            {},
+            lambda body: _app(body)["deployments"][0]["ray_actor_options"]["runtime_env"]
+            == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+        ),
+        (
+            {"serving": {"accessLog": True}},
+            lambda body: _app(body)["deployments"][0]["logging_config"] == {"enable_access_log": True},
+        ),
         (
             {"rayService": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}}},
             lambda body: body["spec"]["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade"},

@@ -4,7 +4,7 @@ as the baselines measured in the same run.
 
     .venv/bin/python -m bench.autoscaling [--rounds 1] [--step 40] [--delay 0.1]
 
-Per target and round: a closed-loop load step (c=8, one load-generator process of its own) while the
+Per target and round: a closed-loop load step (c=8, from a wrk process of its own) while the
 replicas Serve runs are sampled every 0.5 s from the dashboard; after the step, how long the elastic one
 takes to fall back to one replica. Table: req/s and latency during the step and ratios against the
 fixed baselines, errors, time to 2 and to 3 replicas, replica-seconds used over the step (what the

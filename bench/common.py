@@ -264,7 +264,7 @@ def load_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load(url: str, body: Any, **options: Any) -> dict[str, Any]:
-    """One measurement in a load-generator process of its own."""
+    """One measurement from a wrk process of its own."""
     return load_cells([cell(url, body, **options)])[0]
 
 

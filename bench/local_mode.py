@@ -5,8 +5,8 @@
 (run from the repository root). Local mode runs as `regserve dev` does (`local.make_session`: it starts
 its own Ray cluster, HAProxy ingress by default, and reconciles two resources for the same registered
 model: one unbatched, one with `maxBatchSize` 32 / 5 ms). `mlflow models serve` (uvicorn, one worker)
-serves the same version beside it. Every round measures every target at c=1 and c=32 in turn (one
-load-generator process), so baseline and candidates see the same machine load; prints medians over
+serves the same version beside it. Every round measures every target at c=1 and c=32 in turn (a wrk
+process per cell), so baseline and candidates see the same machine load; prints medians over
 rounds and ratios against the baseline: the targets are c=1 p50 at most 1.2x and, batched, c=32 at least 3.5x.
 """
 

@@ -2,8 +2,8 @@
 
 `ModelServer` is a module-level deployment and `build_app` a typed builder over it (Ray validates
 the args into `AppArgs`). What the args size is set when a replica starts: the multiplexed LRU is
-built in `__init__` (Ray 2.60 detects a multiplexed loader stored on the instance), `@serve.batch` is
-retuned with its setters, and `max_ongoing_requests` goes through `.options()`.
+built in `__init__` (Ray 2.60 detects a multiplexed loader stored on the instance), and so is the
+batcher (`serving_app.batcher`); `max_ongoing_requests` goes through `.options()`.
 Requests arrive at `__call__` and are routed by `serving_app.routes` (no FastAPI on the request path).
 No `from __future__ import annotations` here: Ray must see the builder's `AppArgs` annotation.
 """
@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving_app import http, routes
+from serving_app.batcher import MicroBatcher
 from serving_app.board import BoardClient
 from serving_app.config import (
     DEPLOYMENT_NAME,
@@ -121,12 +122,15 @@ class ModelServer:
         self.metrics = ServingMetrics.create()
         self.pinned_versions: set[str] = set()
         self._load_pinned = _multiplexed(self._load_into_lru, pinned_slots(args))
-        # The batch queue is the method's, built on first use: tuned here, before any request.
-        self._predict_batched.set_max_batch_size(args.max_batch_size)  # type: ignore[attr-defined]
-        self._predict_batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)  # type: ignore[attr-defined]
         auth = RegistryAuth.from_environment(os.environ)
         registry = ModelRegistry(args.model_name, tracking_uri, auth)
         self.service = ModelService(args, registry, self._load_pinned, self.metrics)
+        self.batcher: MicroBatcher[PredictJob] = MicroBatcher(
+            self.service.predict_many,
+            max_size=args.max_batch_size,
+            wait_s=args.batch_wait_timeout_s,
+            in_flight=lambda: self.service.in_flight,
+        )
         self.oip = OipHandlers(args, self.service, self._predict, lambda: sorted(self.pinned_versions))
         app_name, replica_id = _replica_identity()
         self.counters = ReplicaCounters(replica_id)
@@ -167,16 +171,11 @@ class ModelServer:
         loaded.on_release = released
         return loaded
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # sizes set per replica in __init__
-    async def _predict_batched(self, jobs: list[PredictJob]) -> list[Any]:
-        return await self.service.predict_many(jobs)
-
     async def _predict(self, job: PredictJob) -> list[Any]:
         return await self.rollout.predict(job, self._predict_stable)
 
     async def _predict_stable(self, job: PredictJob) -> list[Any]:
-        # Timed here, in the request's own task: the batch queue's task lives on, in the context of
-        # whichever request started it.
+        # Timed here, in the request's own task: the batcher sends batches from a task of its own.
         with step("predict"):
             # Batch only when others are waiting: a lone request must not sit out the batch timeout.
             # One turn of the loop first: requests that arrived meanwhile reach this point too (light
@@ -184,7 +183,7 @@ class ModelServer:
             if self.args.batching:
                 await asyncio.sleep(0)
             if self.args.batching and self.service.in_flight > 1:
-                result = await self._predict_batched(job)
+                result = await self.batcher.submit(job)
             else:
                 result = (await self.service.predict_many([job]))[0]
         if isinstance(result, ServingError):
@@ -285,6 +284,7 @@ class ModelServer:
             response = http.internal_error(error)
         finally:
             self.service.in_flight -= 1
+            self.batcher.request_finished()
         timer = current_timer()
         if timer is not None:
             timer.steps.append(("total", (time.perf_counter() - started) * 1000))

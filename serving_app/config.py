@@ -47,7 +47,7 @@ class AppArgs(BaseModel):
     )
     max_models_per_replica: int = Field(default=2, ge=1, le=64)
     max_batch_size: int = Field(
-        default=1, ge=1, le=1024, description="Largest batch `@serve.batch` forms; 1 turns batching off."
+        default=1, ge=1, le=1024, description="Largest batch the batcher forms; 1 turns batching off."
     )
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

@@ -140,8 +140,10 @@ def test_ingress_mode_env(serving: dict[str, Any], env_has_haproxy: bool) -> Non
         ({}, lambda body: _app(body)["deployments"][0]["logging_config"] == {"enable_access_log": False}),
         (
             {},
-            lambda body: _app(body)["deployments"][0]["ray_actor_options"]["runtime_env"]
-            == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+            lambda body: (
+                _app(body)["deployments"][0]["ray_actor_options"]["runtime_env"]
+                == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+            ),
         ),
         (
             {"serving": {"accessLog": True}},

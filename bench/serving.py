@@ -1,7 +1,7 @@
 """Serving throughput and latency: regserve vs `mlflow models serve`, a bare Ray Serve deployment, MLServer.
 
     .venv/bin/python -m bench.serving [--rounds 2] [--duration 1.5] [--modes proxy,haproxy] [--models sklearn]
-        [--peers mlserver] [--no-thin]
+        [--peers mlserver] [--no-thin] [--lean]
 
 (run from the repository root).
 
@@ -219,11 +219,24 @@ def targets_for(case: ModelCase, cluster: RayCluster) -> list[Target]:
     ]
 
 
-def apps_for(case: ModelCase, tracking_uri: str, *, thin: bool = True) -> list[dict[str, Any]]:
+# `--lean`: regserve as shipped, batched and not, and nothing else on the Ray cluster.
+LEAN_TARGETS = frozenset(
+    {"regserve /serve", "regserve /serve batch", "regserve /invocations", "regserve /invocations batch"}
+)
+
+
+def apps_for(
+    case: ModelCase, tracking_uri: str, *, thin: bool = True, lean: bool = False
+) -> list[dict[str, Any]]:
     uri = f"models:/{case.name}/{case.version}"
-    apps = [
+    shipped = [
         regserve_app(f"rs-{case.key}", case.name, case.version, tracking_uri),
         regserve_app(f"rsb-{case.key}", case.name, case.version, tracking_uri, batch=32),
+    ]
+    if lean:
+        return shipped
+    apps = [
+        *shipped,
         regserve_app(f"rsq-{case.key}", case.name, case.version, tracking_uri, access_log=True),
         throughput_optimized(regserve_app(f"rst-{case.key}", case.name, case.version, tracking_uri)),
         bare_app(f"bare-{case.key}", uri),
@@ -378,6 +391,11 @@ def main() -> None:
     parser.add_argument(
         "--thin", action=argparse.BooleanOptionalAction, default=True, help="thin-ingress rows"
     )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="only regserve as shipped (batched and not) on the Ray cluster: no bare, thin or variant apps",
+    )
     args = parser.parse_args()
     before = uptime()
     print(f"# serving benchmark, {stamp()}\n# load before: {before}", flush=True)
@@ -402,14 +420,16 @@ def main() -> None:
             start_peers(cases, server.url, workdir, peers)
         for mode in args.modes.split(","):
             cluster = RayCluster(cast(IngressMode, mode), workdir).start()
-            apps = [app for case in cases for app in apps_for(case, server.url, thin=args.thin)]
+            apps = [
+                app for case in cases for app in apps_for(case, server.url, thin=args.thin, lean=args.lean)
+            ]
             started = time.perf_counter()
             cluster.deploy(apps, timeout=900)  # a loaded 2-core box can need more than 300 s
             print(
                 f"[{mode}] {len(apps)} applications running after {time.perf_counter() - started:.0f} s",
                 flush=True,
             )
-            plan = plan_for(cases, cluster, baselines, peers, thin=args.thin)
+            plan = plan_for(cases, cluster, baselines, peers, thin=args.thin, lean=args.lean)
             for _case, target in plan:
                 check(target.url, target.body)
             same_answers(plan, peers)
@@ -437,13 +457,18 @@ def plan_for(
     peers: Peers,
     *,
     thin: bool,
+    lean: bool = False,
 ) -> list[tuple[ModelCase, Target]]:
     plan: list[tuple[ModelCase, Target]] = []
     for case in cases:
         baseline = Target(
             "mlflow models serve", "uvicorn", f"{baselines[case.key].url}/invocations", case.invocations_body
         )
-        ray_targets = [t for t in targets_for(case, cluster) if thin or not t.ingress.endswith("+thin")]
+        ray_targets = [
+            t
+            for t in targets_for(case, cluster)
+            if (thin or not t.ingress.endswith("+thin")) and (not lean or t.label in LEAN_TARGETS)
+        ]
         plan += [(case, t) for t in [baseline, *ray_targets, *peers.targets.get(case.key, [])]]
     return plan
 

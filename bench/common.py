@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from regserve_operator.builders import REPLICA_ENV
+from regserve_operator.builders import replica_process_options
 from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
@@ -159,8 +159,7 @@ def regserve_app(
                 "name": "ModelServer",
                 "num_replicas": replicas,
                 "user_config": {"default_version": version},
-                "logging_config": {"enable_access_log": access_log},
-                "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": REPLICA_ENV}},
+                **replica_process_options({"num_cpus": 0.5}, access_log=access_log),
             }
         ],
     }

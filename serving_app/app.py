@@ -180,9 +180,11 @@ class ModelServer:
             # Batch only when others are waiting: a lone request must not sit out the batch timeout.
             # One turn of the loop first: requests that arrived meanwhile reach this point too (light
             # models predict on the loop, so nothing else would suspend this request before it does).
+            others_waiting = False
             if self.args.batching:
                 await asyncio.sleep(0)
-            if self.args.batching and self.service.in_flight > 1:
+                others_waiting = self.service.in_flight > 1
+            if others_waiting:
                 result = await self.batcher.submit(job)
             else:
                 result = (await self.service.predict_many([job]))[0]

@@ -120,6 +120,15 @@ def replica_options(serving: s.Serving) -> dict[str, Any]:
     return {"num_replicas": fewest}
 
 
+def replica_process_options(actor_options: dict[str, Any], *, access_log: bool) -> dict[str, Any]:
+    """The replica's actor options with its env, and Serve's access log: deployment fields every
+    regserve application has (tests and benchmarks deploy theirs with these too)."""
+    return {
+        "ray_actor_options": {**actor_options, "runtime_env": {"env_vars": REPLICA_ENV}},
+        "logging_config": {"enable_access_log": access_log},
+    }
+
+
 def build_serve_config(
     owner_name: str,
     spec: s.RegisteredModelServingSpec,
@@ -145,11 +154,7 @@ def build_serve_config(
                         **replica_options(spec.serving),
                         "max_ongoing_requests": max_ongoing_requests(spec.serving.batching.max_batch_size),
                         "user_config": user_config,
-                        "ray_actor_options": {
-                            **size.actor_options(),
-                            "runtime_env": {"env_vars": REPLICA_ENV},
-                        },
-                        "logging_config": {"enable_access_log": spec.serving.access_log},
+                        **replica_process_options(size.actor_options(), access_log=spec.serving.access_log),
                     }
                 ],
             }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from regserve_operator.builders import REPLICA_ENV
+from regserve_operator.builders import replica_process_options
 
 
 def app_config(
@@ -21,8 +21,7 @@ def app_config(
             {
                 "name": "ModelServer",
                 "user_config": {"default_version": default_version},
-                "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": REPLICA_ENV}},
-                "logging_config": {"enable_access_log": False},
+                **replica_process_options({"num_cpus": 0.5}, access_log=False),
             }
         ],
     }

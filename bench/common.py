@@ -78,6 +78,7 @@ class RayCluster:
     ingress: IngressMode
     workdir: Path
     num_cpus: int = 8
+    ingress_metrics: bool = False
     dashboard_port: int = field(default_factory=free_port)
     serve_port: int = field(default_factory=free_port)
     cluster: LocalCluster | None = None
@@ -97,7 +98,11 @@ class RayCluster:
 
     def start(self) -> RayCluster:
         self.cluster = start_cluster(
-            self.dashboard_url, ingress_mode=self.ingress, num_cpus=self.num_cpus, log_dir=self.workdir
+            self.dashboard_url,
+            ingress_mode=self.ingress,
+            num_cpus=self.num_cpus,
+            log_dir=self.workdir,
+            ingress_metrics=self.ingress_metrics,
         )
         self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token(), timeout_s=60)
         return self

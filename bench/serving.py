@@ -396,6 +396,11 @@ def main() -> None:
         action="store_true",
         help="only regserve as shipped (batched and not) on the Ray cluster: no bare, thin or variant apps",
     )
+    parser.add_argument(
+        "--ingress-metrics",
+        action="store_true",
+        help="HAProxy's per-request metrics on (serving.ingressMetrics; off as shipped)",
+    )
     args = parser.parse_args()
     before = uptime()
     print(f"# serving benchmark, {stamp()}\n# load before: {before}", flush=True)
@@ -419,7 +424,9 @@ def main() -> None:
         if "mlserver" in args.peers.split(","):
             start_peers(cases, server.url, workdir, peers)
         for mode in args.modes.split(","):
-            cluster = RayCluster(cast(IngressMode, mode), workdir).start()
+            cluster = RayCluster(
+                cast(IngressMode, mode), workdir, ingress_metrics=args.ingress_metrics
+            ).start()
             apps = [
                 app for case in cases for app in apps_for(case, server.url, thin=args.thin, lean=args.lean)
             ]

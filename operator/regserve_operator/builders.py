@@ -32,6 +32,7 @@ FAST_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumpe
 # Name of the Serve deployment `build_app` creates; the version override targets it.
 AUTH_TOKEN_ENV = "REGSERVE_AUTH_TOKEN"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_METRICS_ENV = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
 # The replica runs the app on its own event loop, not on a second loop in another thread: one hop less
 # per request (bench/README.md). The app never blocks its loop (predicts and loads run in threads).
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
@@ -199,6 +200,7 @@ def _env(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
     if spec.serving.ingress_mode == "haproxy":
         # Read by the Ray processes at import time, so it belongs in the pod env, not the operator's.
         env.append({"name": HAPROXY_ENV, "value": "1"})
+        env.append({"name": HAPROXY_METRICS_ENV, "value": "1" if spec.serving.ingress_metrics else "0"})
     if spec.serving.auth:
         ref = spec.serving.auth.token_secret_ref
         env.append(

@@ -224,7 +224,14 @@ def make_session(
     log_dir: Path = Path(".regserve"),
 ) -> DevSession:
     ingress_mode = wanted_ingress_mode(r.spec.serving.ingress_mode for r in resources)
-    cluster = ensure_ray(dashboard_url, ingress_mode=ingress_mode, num_cpus=num_cpus, log_dir=log_dir)
+    cluster = ensure_ray(
+        dashboard_url,
+        ingress_mode=ingress_mode,
+        num_cpus=num_cpus,
+        log_dir=log_dir,
+        # One cluster for every resource: on when any of them asks.
+        ingress_metrics=any(r.spec.serving.ingress_metrics for r in resources),
+    )
     target = LocalRayTarget(ServeDashboard(dashboard_url, token=ray_auth_token()), serve_port=serve_port)
     import ray
 

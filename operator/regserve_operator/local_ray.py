@@ -5,7 +5,8 @@
 - **Ingress as on Kubernetes.** `haproxy` puts `RAY_SERVE_ENABLE_HA_PROXY=1` in the env of every Ray
   process, as the builders put it in the Ray pods' env (Ray reads it at import time, so it must be
   there when the processes start). Attached to a cluster someone else started, local mode cannot change
-  its mode; it says so when the cluster runs another one.
+  its mode; it says so when the cluster runs another one. HAProxy's per-request metrics are off unless
+  a resource asks for them (`serving.ingressMetrics`), as in the pods.
 - **Loopback only.** `ray start` replaces a loopback `--node-ip-address` by the machine's external
   address unless the cluster is single-node (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which is what a
   local cluster is). With that, the GCS, raylet, workers and agents listen on 127.0.0.1, and the
@@ -40,7 +41,7 @@ from typing import Literal
 
 import httpx
 
-from regserve_operator.builders import HAPROXY_ENV
+from regserve_operator.builders import HAPROXY_ENV, HAPROXY_METRICS_ENV
 from regserve_operator.sandbox.processes import port_for_later, start_and_wait, stop
 from regserve_operator.targets.local import ray_auth_token
 
@@ -75,7 +76,9 @@ class RayPorts:
     fallback_proxy_grpc: int = field(default_factory=port_for_later)
 
 
-def ray_environment(ingress_mode: IngressMode, ports: RayPorts, temp_dir: Path) -> dict[str, str]:
+def ray_environment(
+    ingress_mode: IngressMode, ports: RayPorts, temp_dir: Path, *, ingress_metrics: bool = False
+) -> dict[str, str]:
     """The env of the Ray processes of a local cluster (added to this process's env)."""
     # Short: HAProxy adds a 56-character node id below it and refuses socket paths over 97 characters.
     haproxy = temp_dir / "h"
@@ -85,6 +88,7 @@ def ray_environment(ingress_mode: IngressMode, ports: RayPorts, temp_dir: Path) 
         # Nothing to drain on a local cluster: stop in seconds, not half a minute.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         HAPROXY_ENV: "1" if ingress_mode == "haproxy" else "0",
+        HAPROXY_METRICS_ENV: "1" if ingress_metrics else "0",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
@@ -132,17 +136,33 @@ class LocalCluster:
 
 
 def ensure_ray(
-    dashboard_url: str, *, ingress_mode: IngressMode, num_cpus: int, log_dir: Path
+    dashboard_url: str,
+    *,
+    ingress_mode: IngressMode,
+    num_cpus: int,
+    log_dir: Path,
+    ingress_metrics: bool = False,
 ) -> LocalCluster:
     """Attach to the Ray cluster whose dashboard answers at `dashboard_url`, or start one there."""
     if dashboard_up(dashboard_url):
         watch_attached_mode(dashboard_url, ingress_mode)
         return LocalCluster(dashboard_url)
-    return start_cluster(dashboard_url, ingress_mode=ingress_mode, num_cpus=num_cpus, log_dir=log_dir)
+    return start_cluster(
+        dashboard_url,
+        ingress_mode=ingress_mode,
+        num_cpus=num_cpus,
+        log_dir=log_dir,
+        ingress_metrics=ingress_metrics,
+    )
 
 
 def start_cluster(
-    dashboard_url: str, *, ingress_mode: IngressMode, num_cpus: int, log_dir: Path
+    dashboard_url: str,
+    *,
+    ingress_mode: IngressMode,
+    num_cpus: int,
+    log_dir: Path,
+    ingress_metrics: bool = False,
 ) -> LocalCluster:
     url = httpx.URL(dashboard_url)
     if url.host not in ("127.0.0.1", "localhost"):
@@ -159,7 +179,7 @@ def start_cluster(
             what=f"`ray start` (dashboard {dashboard_url})",
             timeout=180,
             interval=0.5,
-            env=ray_environment(ingress_mode, ports, temp_dir),
+            env=ray_environment(ingress_mode, ports, temp_dir, ingress_metrics=ingress_metrics),
         )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)

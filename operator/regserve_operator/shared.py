@@ -93,6 +93,7 @@ def cluster_settings(spec: s.RegisteredModelServingSpec, defaults: BuildDefaults
         ("registry.trackingUri", registry.tracking_uri),
         ("registry.credentialsSecretRef", credentials),
         ("serving.ingressMode", serving.ingress_mode),
+        ("serving.ingressMetrics", "on" if serving.ingress_metrics else "off"),
         ("serving.auth", auth),
         ("serving.autoscaling", "on" if serving.autoscaling is not None else "off"),
         ("rayService.serviceAccountName", overrides.service_account_name or ""),

@@ -195,6 +195,15 @@ class Serving(_Model):
             "prefer it with several replicas and several versions in traffic."
         ),
     )
+    ingress_metrics: bool = Field(
+        False,
+        description=(
+            "HAProxy ingress only: Ray's per-request ingress metrics (serve_num_http_requests, "
+            "serve_http_request_latency_ms). Off by default: HAProxy sends a log line per request that Ray's "
+            "HAProxy manager parses in Python, about 0.1 ms of a light request at c=1 (bench/README.md), and "
+            "the regserve_requests metrics count every answer by route, version and status."
+        ),
+    )
     auth: Auth | None = None
     hide_schema_in_errors: bool = Field(False, description="Omit field-level detail from 422 answers.")
     access_log: bool = Field(

@@ -92,6 +92,7 @@ class DevRun:
     gcs_address: str
     temp_dir: Path
     haproxy_ports: set[int]
+    haproxy_config: str
     listeners_while_running: list[Listener]
     prediction: object
     expected: object
@@ -141,6 +142,7 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
                 int(environ["RAY_SERVE_HAPROXY_STATS_PORT"]),
                 int(environ["RAY_SERVE_HAPROXY_METRICS_PORT"]),
             },
+            haproxy_config="".join(path.read_text() for path in temp_dir.rglob("haproxy.cfg")),
             listeners_while_running=listeners(set(session_members(session))),
             prediction=answers(),
             expected=[int(p) for p in predictions[:2]],
@@ -159,6 +161,12 @@ def test_serves_with_haproxy_ingress_by_default(dev_run: DevRun) -> None:
     assert haproxy, "no HAProxy in the cluster regserve dev started (ingressMode defaults to haproxy)"
     serve_port = httpx.URL(dev_run.serve_url).port
     assert any(lst.port == serve_port for lst in haproxy), "HAProxy does not front the Serve port"
+
+
+def test_haproxy_sends_no_per_request_metrics_by_default(dev_run: DevRun) -> None:
+    """`serving.ingressMetrics` defaults to off: no log line per request to Ray's metrics collector."""
+    assert "frontend http_frontend" in dev_run.haproxy_config
+    assert "format rfc5424" not in dev_run.haproxy_config
 
 
 def test_ray_listens_on_loopback_only_but_for_what_ray_hard_codes(dev_run: DevRun) -> None:

@@ -29,9 +29,14 @@ def test_start_command_and_env_keep_ray_on_loopback_and_off_fixed_ports(tmp_path
     for mode, flag in modes:
         env = ray_environment(mode, ports, tmp_path)
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == flag
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+        with_metrics = ray_environment(mode, ports, tmp_path, ingress_metrics=True)
+        assert with_metrics["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
         # Without it `ray start` swaps the loopback node IP for the machine's external address.
         assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-        haproxy_files = [v for k, v in env.items() if "HAPROXY" in k and not k.endswith("_PORT")]
+        haproxy_files = [
+            v for k, v in env.items() if "HAPROXY" in k and not k.endswith(("_PORT", "_ENABLED"))
+        ]
         assert haproxy_files and all(path.startswith(str(tmp_path)) for path in haproxy_files)
         numbers = {int(value) for key, value in env.items() if key.endswith("_PORT")}
         assert numbers and not numbers & RAY_FIXED_PORTS

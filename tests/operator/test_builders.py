@@ -96,23 +96,32 @@ def test_credentials_by_reference_only() -> None:
             "valueFrom": {"secretKeyRef": {"name": "endpoint", "key": "token"}},
         }
         assert all(
-            "value" not in e or e["name"] in ("MLFLOW_TRACKING_URI", b.HAPROXY_ENV) for e in container["env"]
+            "value" not in e or e["name"] in ("MLFLOW_TRACKING_URI", b.HAPROXY_ENV, b.HAPROXY_METRICS_ENV)
+            for e in container["env"]
         )
     assert _app(body)["args"]["auth_token_env"] == b.AUTH_TOKEN_ENV
 
 
 @pytest.mark.parametrize(
-    ("serving", "env_has_haproxy"),
-    [({}, True), ({"ingressMode": "proxy"}, False), ({"ingressMode": "haproxy"}, True)],
+    ("serving", "haproxy", "haproxy_metrics"),
+    [
+        ({}, "1", "0"),
+        ({"ingressMode": "proxy"}, None, None),
+        ({"ingressMode": "haproxy"}, "1", "0"),
+        ({"ingressMetrics": True}, "1", "1"),
+        # The Python proxy records them whatever the setting.
+        ({"ingressMode": "proxy", "ingressMetrics": True}, None, None),
+    ],
 )
-def test_ingress_mode_env(serving: dict[str, Any], env_has_haproxy: bool) -> None:
+def test_ingress_env(serving: dict[str, Any], haproxy: str | None, haproxy_metrics: str | None) -> None:
     body = _build(make_spec(serving=serving))
     for group in [
         body["spec"]["rayClusterConfig"]["headGroupSpec"],
         body["spec"]["rayClusterConfig"]["workerGroupSpecs"][0],
     ]:
         env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
-        assert (env.get(b.HAPROXY_ENV) == "1") is env_has_haproxy
+        assert env.get(b.HAPROXY_ENV) == haproxy
+        assert env.get(b.HAPROXY_METRICS_ENV) == haproxy_metrics
 
 
 @pytest.mark.parametrize(

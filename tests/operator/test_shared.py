@@ -197,6 +197,12 @@ def test_a_promotion_changes_only_its_own_application() -> None:
             ["serving.ingressMode"],
         ),
         (
+            "HAProxy's ingress metrics where the leader has them off",
+            Resource("b", B.created, spec_of(serving={"ingressMetrics": True})),
+            "ClusterConflict",
+            ["serving.ingressMetrics"],
+        ),
+        (
             "the route prefix of an older member",
             Resource("b", B.created, spec_of(serving={"routePrefix": "/a"})),
             "ClusterConflict",

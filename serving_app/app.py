@@ -350,5 +350,6 @@ class ModelServer:
                 error.message if self.args.expose_schema_in_errors else "request body is not valid input"
             )
             raise InvalidInput(message) from None
-        job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params)
+        enforced_for = default.loaded.signature if parsed.enforced else None
+        job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params, enforced_for)
         return {"predictions": await self._predict(job)}, loaded.version

@@ -31,6 +31,7 @@ class ParsedInvocation:
     data: Any
     params: dict[str, Any] | None
     rows: int
+    enforced: bool  # against the default version's signature (CSV bodies are not: predict enforces them)
 
 
 def parse_invocation(
@@ -46,7 +47,7 @@ def parse_invocation(
         except UnicodeDecodeError as error:
             raise MlflowException(f"CSV body is not UTF-8: {error}", error_code=BAD_REQUEST) from error
         data = scoring_server.parse_csv_input(StringIO(text), schema=input_schema)  # type: ignore[arg-type]
-        return ParsedInvocation(data, None, _rows(data))
+        return ParsedInvocation(data, None, _rows(data), enforced=False)
     if mime != "application/json":
         raise UnsupportedMediaType(f"/invocations takes application/json or text/csv, got {content_type!r}")
     if plan is not None:
@@ -56,11 +57,11 @@ def parse_invocation(
             payload = None
         fast = fastparse.parse(payload, plan)
         if fast is not None:
-            return ParsedInvocation(fast.data, None, fast.rows)
+            return ParsedInvocation(fast.data, None, fast.rows, enforced=True)
         if isinstance(payload, dict):
             body = payload  # type: ignore[assignment]  # decoded once; MLflow takes the object too
     data, params = parse_scoring_json(body, default)
-    return ParsedInvocation(data, params, _rows(data))
+    return ParsedInvocation(data, params, _rows(data), enforced=True)
 
 
 def parse_scoring_json(json_input: bytes | dict[str, Any], default: LoadedVersion) -> tuple[Any, Any]:

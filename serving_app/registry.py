@@ -22,6 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.models.signature import ModelSignature
 
+from serving_app.enforced import EnforcedPredict, enforced_predict
 from serving_app.errors import RegistryUnavailable, ServingError, UnknownVersion, VersionLoadFailed
 from serving_app.inline import PredictTime
 from serving_app.mlmodel import (
@@ -74,6 +75,8 @@ class LoadedVersion:
     load_seconds: float
     on_release: Callable[[], None] | None = field(default=None, repr=False)
     predict_time: PredictTime = field(default_factory=PredictTime, repr=False)
+    # Predicts input already enforced against `signature` (None: `model.predict` does it all).
+    enforced: EnforcedPredict | None = field(default=None, repr=False)
     local_dir: str | None = field(default=None, repr=False)  # ours to delete with the model
     _released: bool = field(default=False, repr=False)
 
@@ -138,6 +141,7 @@ class ModelRegistry:
             signature=model.metadata.signature,
             load_seconds=time.perf_counter() - started,
             local_dir=downloaded.root,
+            enforced=enforced_predict(model),
         )
 
     def close(self) -> None:

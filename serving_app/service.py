@@ -63,6 +63,8 @@ class PredictJob:
     model_input: Any
     rows: int
     params: dict[str, Any] | None = None
+    # The signature the input and params were enforced against; None when predict must enforce them.
+    enforced_for: ModelSignature | None = None
     params_key: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -297,11 +299,14 @@ class ModelService:
     async def _predict_group(self, group: Sequence[PredictJob]) -> list[list[Any]]:
         model_input = concat_model_inputs([job.model_input for job in group])
         loaded = group[0].loaded
+        enforced = all(_enforced_for(job, loaded) for job in group)
         try:
             if loaded.predict_time.inline:
-                prediction = _timed_predict(loaded, model_input, group[0].params)
+                prediction = _timed_predict(loaded, model_input, group[0].params, enforced)
             else:
-                prediction = await asyncio.to_thread(_timed_predict, loaded, model_input, group[0].params)
+                prediction = await asyncio.to_thread(
+                    _timed_predict, loaded, model_input, group[0].params, enforced
+                )
             items = prediction_items(prediction)
             return split_items(items, [job.rows for job in group])
         except Exception as error:  # the model's own code: report, never crash the replica
@@ -342,10 +347,24 @@ class ModelService:
         }
 
 
-def _timed_predict(loaded: LoadedVersion, model_input: Any, params: dict[str, Any] | None) -> Any:
-    """`predict`, its time recorded for the version (which decides where its next call runs)."""
+def _enforced_for(job: PredictJob, loaded: LoadedVersion) -> bool:
+    """Whether the job's input is enforced against `loaded`'s own signature (a pinned version's may
+    differ from the default's, against which requests are parsed)."""
+    enforced_for = job.enforced_for
+    if enforced_for is None or loaded.enforced is None:
+        return False
+    return enforced_for is loaded.signature or enforced_for == loaded.signature
+
+
+def _timed_predict(
+    loaded: LoadedVersion, model_input: Any, params: dict[str, Any] | None, enforced: bool
+) -> Any:
+    """`predict` (without enforcing the signature again when `enforced`), its time recorded for the
+    version (which decides where its next call runs)."""
     started = time.perf_counter()
     try:
+        if enforced and loaded.enforced is not None:
+            return loaded.enforced(model_input, params)
         return loaded.model.predict(model_input, params)
     finally:
         loaded.predict_time.record((time.perf_counter() - started) * 1000)

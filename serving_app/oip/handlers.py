@@ -102,7 +102,7 @@ class OipHandlers:
         check_requested_outputs(infer_request, outputs_schema)
         scoring = scoring_input(infer_request, default.signature.inputs if default.signature else None)
         data, params = self._parse(scoring.payload, default)
-        items = await self.predict(PredictJob(loaded, data, scoring.rows, params))
+        items = await self.predict(PredictJob(loaded, data, scoring.rows, params, default.signature))
         content, header_length = infer_response(
             output_tensors(items, outputs_schema),
             infer_request,

@@ -36,7 +36,7 @@ from serving_app.config import (
 from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.counters import ReplicaCounters, rollout_report
 from serving_app.errors import InvalidInput, ServingError
-from serving_app.invocations import parse_invocation
+from serving_app.invocations import enforce_signature, parse_invocation
 from serving_app.metrics import ServingMetrics
 from serving_app.mlmodel import RegistryAuth
 from serving_app.oip.handlers import OipHandlers
@@ -331,8 +331,17 @@ class ModelServer:
         if not records:
             raise InvalidInput("the request holds no records")
         model_input = records_to_model_input(records, default.api.input_shape)
-        job = PredictJob(loaded, model_input, len(records), params)
+        try:
+            # Here rather than in predict: once per request, and a refusal is the caller's error.
+            model_input, params = enforce_signature(model_input, params, default.loaded)
+        except MlflowException as error:
+            raise self._invalid_input(error) from None
+        job = PredictJob(loaded, model_input, len(records), params, default.loaded.signature)
         return await self._predict(job), loaded.version
+
+    def _invalid_input(self, error: MlflowException) -> InvalidInput:
+        message = error.message if self.args.expose_schema_in_errors else "request body is not valid input"
+        return InvalidInput(message)
 
     async def _invocations(self, request: Request) -> tuple[Any, str]:
         body = await http.read_body(request, self.args.max_body_bytes)
@@ -346,10 +355,7 @@ class ModelServer:
                 default.api.fast_plan,
             )
         except MlflowException as error:
-            message = (
-                error.message if self.args.expose_schema_in_errors else "request body is not valid input"
-            )
-            raise InvalidInput(message) from None
+            raise self._invalid_input(error) from None
         enforced_for = default.loaded.signature if parsed.enforced else None
         job = PredictJob(loaded, parsed.data, parsed.rows, parsed.params, enforced_for)
         return {"predictions": await self._predict(job)}, loaded.version

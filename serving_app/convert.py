@@ -42,12 +42,24 @@ def records_to_model_input(records: Sequence[Any], shape: InputShape) -> Any:
     if shape.kind == "columns" and _all_columns(records, shape.names):
         # Every record has exactly the signature's columns: one list per column, a quarter of
         # `from_records`' time, the same frame (tested).
-        return pd.DataFrame({name: [record[name] for record in records] for name in shape.names})
+        return pd.DataFrame(
+            {
+                name: _column([record[name] for record in records], dtype)
+                for name, dtype in zip(shape.names, shape.dtypes, strict=True)
+            }
+        )
     frame = pd.DataFrame.from_records(list(records))
     if shape.kind == "columns":
         present = [name for name in shape.names if name in frame.columns]
         frame = frame[present]
     return frame
+
+
+def _column(values: list[Any], dtype: str) -> Any:
+    """A column of the signature's narrow type (float32, int32) where JSON gave it a wider one."""
+    if not dtype or any(value is None for value in values):
+        return values  # an optional column's gaps: left to MLflow's enforcement, as before
+    return np.asarray(values, dtype=dtype)
 
 
 def _all_columns(records: Sequence[Any], names: tuple[str, ...]) -> bool:

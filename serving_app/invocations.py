@@ -75,10 +75,10 @@ def parse_scoring_json(json_input: bytes | dict[str, Any], default: LoadedVersio
         raise MlflowException(
             f"the body is not valid JSON input: {type(error).__name__}", BAD_REQUEST
         ) from None
-    return _enforce_signature(parsed.data, parsed.params, default)
+    return enforce_signature(parsed.data, parsed.params, default)
 
 
-def _enforce_signature(data: Any, params: dict[str, Any] | None, default: LoadedVersion) -> tuple[Any, Any]:
+def enforce_signature(data: Any, params: dict[str, Any] | None, default: LoadedVersion) -> tuple[Any, Any]:
     """Check the input against the default version's signature before predicting, so a body off the
     signature is the caller's error (422), not the model's (500). Pinned versions are compatible with
     the default, so its schema holds for them too."""

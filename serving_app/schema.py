@@ -40,7 +40,8 @@ class InputShape:
 
     kind: str  # "columns" | "unnamed_columns" | "tensor" | "named_tensors" | "free"
     names: tuple[str, ...] = ()  # column or tensor names, in signature order
-    dtypes: tuple[str, ...] = ()  # numpy dtype per tensor
+    # numpy dtype per tensor; per column, the narrow ones JSON values do not give ("" for the others)
+    dtypes: tuple[str, ...] = ()
     record_is_list: bool = False  # a single record is itself a JSON list (tensor rows, unnamed columns)
     record_depth: int = 0  # list nesting of one record, to tell one record from a list of them
 
@@ -105,7 +106,18 @@ def _record_type(schema: Schema | None, *, title: str) -> tuple[Any, InputShape]
         for spec in specs
     }
     record = _typed_dict(title, fields)
-    return record, InputShape(kind="columns", names=tuple(str(spec.name) for spec in specs))
+    return record, InputShape(
+        kind="columns",
+        names=tuple(str(spec.name) for spec in specs),
+        dtypes=tuple(
+            _NARROW_COLUMNS.get(spec.type, "") if isinstance(spec.type, DataType) else "" for spec in specs
+        ),
+    )
+
+
+# JSON numbers arrive as int64 and float64 columns, which MLflow's enforcement refuses to narrow (its
+# own parser casts them to the signature's type first, as `records_to_model_input` does with these).
+_NARROW_COLUMNS = {DataType.float: "float32", DataType.integer: "int32"}
 
 
 def _tensor_record_type(specs: list[Any], *, title: str) -> tuple[Any, InputShape]:

@@ -21,9 +21,11 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from serving_app import fastparse
+from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.enforced import EnforcedPredict, enforced_predict
-from serving_app.invocations import parse_invocation
+from serving_app.invocations import enforce_signature, parse_invocation
 from serving_app.registry import LoadedVersion
+from serving_app.schema import build_api_schema
 from serving_app.service import PredictJob, _enforced_for
 from tests.serving.test_fastparse import CASES, SIGNATURES, assert_same
 
@@ -91,6 +93,32 @@ def test_params_are_enforced_once_as_predict_would(echo_models: dict[str, Any], 
     assert parsed.params is not None and "mode" in parsed.params
     assert version.enforced is not None
     _assert_same_call(version.enforced(parsed.data, parsed.params), model.predict(parsed.data, parsed.params))
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("f64x4", [[0.5, -1.25, 3.0, 2.0]]),
+        ("f64x4", [[1, 2, 3, 4], [0.5, 0.25, 0.125, 0]]),
+        ("f32x4", [0.1, 0.2, 0.3, 0.4]),
+        ("i32x4", [[1, 2, 3, 4]]),
+        ("mixed", {"a": 1.5, "f": 2.25, "n": 3, "i": 4, "t": True, "s": "x"}),
+        ("mixed", [{"a": 1, "f": 2, "n": 3, "i": 4, "t": False, "s": ""}] * 2),
+        ("prompt", [{"prompt": "Hello"}, {"prompt": "world"}]),
+    ],
+)
+def test_serve_records_get_what_predict_would_give_them(
+    echo_models: dict[str, Any], name: str, body: Any
+) -> None:
+    """`/serve`: the records' model input, enforced once before predict."""
+    model = echo_models[name]
+    version = _loaded(model)
+    assert version.enforced is not None
+    api = build_api_schema(version.signature)
+    records = normalise_records(api.request_adapter.validate_python(body), api.input_shape)
+    model_input = records_to_model_input(records, api.input_shape)
+    data, params = enforce_signature(model_input, None, version)
+    _assert_same_call(version.enforced(data, params), model.predict(model_input, None))
 
 
 def test_csv_bodies_are_left_to_predict(echo_models: dict[str, Any]) -> None:

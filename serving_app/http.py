@@ -22,9 +22,13 @@ logger = logging.getLogger("ray.serve")
 VERSION_HEADER = "serve_multiplexed_model_id"
 
 
+# Built once: `json.dumps` with arguments builds an encoder per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     try:
-        body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        body = _COMPACT_JSON.encode(payload)
     except (TypeError, ValueError):
         body = json.dumps(payload, cls=NumpyEncoder, separators=(",", ":"))
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)

@@ -179,8 +179,8 @@ class ModelServer:
         with step("predict"):
             # One turn of the loop first: requests that arrived meanwhile reach this point too (light
             # models predict on the loop, so nothing else would suspend this request before it does).
-            # Taken without batching as well: in five runs a c=1 request was 2-4 % faster with it
-            # (bench/README.md, seventh run), though the reason is in Serve's request path, not here.
+            # Taken without batching as well: c=1 requests were 2-4 % faster with it in every run
+            # (bench/README.md, seventh run); which part of Serve's request path gains was not found.
             await asyncio.sleep(0)
             # Batch only when others are waiting: a lone request must not sit out the batch timeout.
             others_waiting = self.args.batching and self.service.in_flight > 1

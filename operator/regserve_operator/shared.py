@@ -93,7 +93,8 @@ def cluster_settings(spec: s.RegisteredModelServingSpec, defaults: BuildDefaults
         ("registry.trackingUri", registry.tracking_uri),
         ("registry.credentialsSecretRef", credentials),
         ("serving.ingressMode", serving.ingress_mode),
-        ("serving.ingressMetrics", "on" if serving.ingress_metrics else "off"),
+        # HAProxy's setting: the Python proxy records these metrics whatever it says.
+        ("serving.ingressMetrics", str(serving.ingress_metrics) if serving.ingress_mode == "haproxy" else ""),
         ("serving.auth", auth),
         ("serving.autoscaling", "on" if serving.autoscaling is not None else "off"),
         ("rayService.serviceAccountName", overrides.service_account_name or ""),

@@ -295,3 +295,14 @@ def test_the_worker_pod_shape_stays_while_it_holds_every_member() -> None:
     alone = small.write(None, [small.peer()])
     assert isinstance(alone, dict)
     assert alone["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"] != shape
+
+
+@pytest.mark.parametrize(
+    ("mode", "shareable"),
+    [("haproxy", False), ("proxy", True)],  # the Python proxy records ingress metrics whatever they say
+)
+def test_ingress_metrics_split_clusters_only_where_they_act(mode: str, shareable: bool) -> None:
+    with_metrics = spec_of(serving={"ingressMode": mode, "ingressMetrics": True})
+    without = spec_of(serving={"ingressMode": mode})
+    same = shared.cluster_settings(with_metrics, DEFAULTS) == shared.cluster_settings(without, DEFAULTS)
+    assert same is shareable

@@ -299,13 +299,13 @@ class ModelService:
     async def _predict_group(self, group: Sequence[PredictJob]) -> list[list[Any]]:
         model_input = concat_model_inputs([job.model_input for job in group])
         loaded = group[0].loaded
-        enforced = all(_enforced_for(job, loaded) for job in group)
+        predict = _predict_for(group, loaded)
         try:
             if loaded.predict_time.inline:
-                prediction = _timed_predict(loaded, model_input, group[0].params, enforced)
+                prediction = _timed_predict(loaded, predict, model_input, group[0].params)
             else:
                 prediction = await asyncio.to_thread(
-                    _timed_predict, loaded, model_input, group[0].params, enforced
+                    _timed_predict, loaded, predict, model_input, group[0].params
                 )
             items = prediction_items(prediction)
             return split_items(items, [job.rows for job in group])
@@ -351,21 +351,24 @@ def _enforced_for(job: PredictJob, loaded: LoadedVersion) -> bool:
     """Whether the job's input is enforced against `loaded`'s own signature (a pinned version's may
     differ from the default's, against which requests are parsed)."""
     enforced_for = job.enforced_for
-    if enforced_for is None or loaded.enforced is None:
-        return False
-    return enforced_for is loaded.signature or enforced_for == loaded.signature
+    return enforced_for is not None and (enforced_for is loaded.signature or enforced_for == loaded.signature)
+
+
+def _predict_for(group: Sequence[PredictJob], loaded: LoadedVersion) -> Callable[[Any, Any], Any]:
+    """The version's predict without a second enforcement when every job's input had its one, else
+    the model's own `predict`."""
+    if loaded.enforced is not None and all(_enforced_for(job, loaded) for job in group):
+        return loaded.enforced
+    return loaded.model.predict
 
 
 def _timed_predict(
-    loaded: LoadedVersion, model_input: Any, params: dict[str, Any] | None, enforced: bool
+    loaded: LoadedVersion, predict: Callable[[Any, Any], Any], model_input: Any, params: dict[str, Any] | None
 ) -> Any:
-    """`predict` (without enforcing the signature again when `enforced`), its time recorded for the
-    version (which decides where its next call runs)."""
+    """`predict`, its time recorded for the version (which decides where its next call runs)."""
     started = time.perf_counter()
     try:
-        if enforced and loaded.enforced is not None:
-            return loaded.enforced(model_input, params)
-        return loaded.model.predict(model_input, params)
+        return predict(model_input, params)
     finally:
         loaded.predict_time.record((time.perf_counter() - started) * 1000)
 

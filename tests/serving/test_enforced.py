@@ -26,7 +26,7 @@ from serving_app.enforced import EnforcedPredict, enforced_predict
 from serving_app.invocations import enforce_signature, parse_invocation
 from serving_app.registry import LoadedVersion
 from serving_app.schema import build_api_schema
-from serving_app.service import PredictJob, _enforced_for
+from serving_app.service import PredictJob, _predict_for
 from tests.serving.test_fastparse import CASES, SIGNATURES, assert_same
 
 WITH_PARAMS = ModelSignature(
@@ -164,22 +164,27 @@ OTHER_SIGNATURE = SIGNATURES["f32x4"]
 
 
 @pytest.mark.parametrize(
-    ("enforced_for", "version_signature", "has_enforced", "skips_enforcement"),
+    ("jobs_enforced_for", "version_signature", "has_enforced", "skips_enforcement"),
     [
-        (None, SIGNATURE, True, False),  # CSV bodies, /serve
-        (SIGNATURE, SIGNATURE, True, True),  # the default version
-        (EQUAL_SIGNATURE, SIGNATURE, True, True),  # a pinned version with the default's signature
-        (SIGNATURE, OTHER_SIGNATURE, True, False),  # a compatible pinned version with another signature
-        (SIGNATURE, SIGNATURE, False, False),  # a model whose predict does more than enforce
+        ([None], SIGNATURE, True, False),  # CSV bodies, shadows
+        ([SIGNATURE], SIGNATURE, True, True),  # the default version
+        ([EQUAL_SIGNATURE], SIGNATURE, True, True),  # a pinned version with the default's signature
+        ([SIGNATURE], OTHER_SIGNATURE, True, False),  # a compatible pinned version with another signature
+        ([SIGNATURE], SIGNATURE, False, False),  # a model whose predict does more than enforce
+        ([SIGNATURE, SIGNATURE], SIGNATURE, True, True),  # a batch of enforced inputs
+        ([SIGNATURE, None], SIGNATURE, True, False),  # a batch with one input left to predict
     ],
 )
 def test_when_enforcement_is_skipped(
-    enforced_for: ModelSignature | None,
+    jobs_enforced_for: list[ModelSignature | None],
     version_signature: ModelSignature,
     has_enforced: bool,
     skips_enforcement: bool,
 ) -> None:
     enforced = EnforcedPredict(lambda data: data, takes_params=False, model_id=None) if has_enforced else None
-    version = LoadedVersion("2", object(), version_signature, 0.0, enforced=enforced)
-    job = PredictJob(version, pd.DataFrame(), 1, None, enforced_for)
-    assert _enforced_for(job, version) is skips_enforcement
+    model = types.SimpleNamespace(predict=lambda data, params=None: data)
+    version = LoadedVersion("2", model, version_signature, 0.0, enforced=enforced)
+    jobs = [PredictJob(version, pd.DataFrame(), 1, None, signature) for signature in jobs_enforced_for]
+    predict = _predict_for(jobs, version)
+    assert (predict is enforced) is skips_enforcement
+    assert skips_enforcement or predict == model.predict

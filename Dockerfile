@@ -56,4 +56,6 @@ COPY --chown=1000:100 serving_app/ serving_app/
 # Ray itself is already in the image at the pinned version; the constraints keep pip from moving it.
 RUN pip install -c constraints.txt ".[${EXTRAS}]" \
  && python -c "import ray, serving_app.app; assert ray.__version__ == '2.60.0', ray.__version__"
-USER 1000
+# Ray pods run as this uid and group (the `ray` user of the base image): the operator sets runAsUser 1000,
+# runAsGroup 100 and runAsNonRoot on them.
+USER 1000:100

@@ -51,6 +51,7 @@ bench: venv wrk
 	$(BIN)/python -m bench.versions --rounds 2 --duration 2 --cold 2
 	$(BIN)/python -m bench.promotion
 	$(BIN)/python -m bench.registry_load
+	$(BIN)/python -m bench.hostile_registry
 	$(BIN)/python -m bench.profile_replica
 	$(BIN)/python -m bench.shared_cluster
 	$(BIN)/python -m bench.autoscaling

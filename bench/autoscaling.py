@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from regserve_operator.local import DevSession, load_resources, make_session
 from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port
-from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+from regserve_operator.targets.local import ServeDashboard
 
 from bench.common import (
     RESULTS,
@@ -162,7 +162,7 @@ def main() -> None:
         if not all_serving(running, version):
             raise SystemExit("the resources never served")
         url = f"http://127.0.0.1:{serve_port}"
-        dashboard = ServeDashboard(dashboard_url, token=ray_auth_token())
+        dashboard = ServeDashboard(dashboard_url, token=running.cluster.token())
         for name in TARGETS:
             check(f"{url}/{name}/serve", {"prompt": "warm"})
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in TARGETS}

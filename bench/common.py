@@ -20,7 +20,7 @@ from regserve_operator.builders import replica_process_options
 from regserve_operator.local_ray import IngressMode, LocalCluster, start_cluster
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port, start_and_wait, stop, wait_for
-from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+from regserve_operator.targets.local import ServeDashboard
 
 from bench import wrk
 
@@ -104,7 +104,7 @@ class RayCluster:
             log_dir=self.workdir,
             ingress_metrics=self.ingress_metrics,
         )
-        self.dashboard = ServeDashboard(self.dashboard_url, token=ray_auth_token(), timeout_s=60)
+        self.dashboard = ServeDashboard(self.dashboard_url, token=self.cluster.token(), timeout_s=60)
         return self
 
     def deploy(self, apps: list[dict[str, Any]], *, timeout: float = 300) -> None:

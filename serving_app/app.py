@@ -32,6 +32,7 @@ from serving_app.config import (
     candidate_generation,
     max_ongoing_requests,
     parse_user_config,
+    pinning_error,
 )
 from serving_app.convert import normalise_records, records_to_model_input
 from serving_app.counters import ReplicaCounters, rollout_report
@@ -107,6 +108,14 @@ def _auth_token(args: AppArgs) -> str | None:
     return token
 
 
+def without_free_text(report: dict[str, Any]) -> dict[str, Any]:
+    """A `/rollout` report with codes only: the smoke test's message dropped."""
+    smoke = report.get("smoke")
+    if not isinstance(smoke, dict) or smoke.get("message") is None:
+        return report
+    return {**report, "smoke": {**smoke, "message": None}}
+
+
 # What `/openapi.json` documents (with the default version's schemas filled in per request).
 documented_routes = routes.openapi_app()
 
@@ -148,6 +157,10 @@ class ModelServer:
         version = config.default_version or self.args.default_version
         if version is None:
             raise ValueError("no default version: set args.default_version or user_config.default_version")
+        if problem := pinning_error(user_config):
+            logger.error("%s; every pinned request is refused until a valid policy arrives", problem)
+        # First: a version the operator just held is refused even while the default switch loads.
+        self.service.set_pin_policy(config.pinning.policy())
         await self.service.set_default(version)
         # After the default: a candidate never holds up (or fails) the default's switch.
         await self.rollout.apply(
@@ -214,12 +227,15 @@ class ModelServer:
         return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
 
     async def rollout_report(self, _request: Request, _rest: str) -> Response:
-        # Open like /healthz: figures and stable codes only (the operator reads it).
+        # Open like /healthz (the operator reads it): figures and stable codes. The smoke test's message
+        # quotes the model's own error, so with auth on it is left out (its code stays).
         try:
             report = await self.board.report()
         except Exception as error:
             logger.warning("rollout board unavailable, answering this replica's figures: %s", error)
             report = {**rollout_report([self.counters.snapshot()]), "partial": True}
+        if self.token is not None:
+            report = without_free_text(report)
         return http.json_response(report)
 
     async def metadata(self, request: Request, _rest: str) -> Response:

@@ -7,9 +7,11 @@ The default version therefore travels in `user_config`, which Ray applies in pla
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serving_app.pinning import MAX_POLICY_VERSIONS, REFUSE_ALL, PinningMode, PinPolicy
 
 # A registry version number as MLflow prints it (bounded: a client-sent version string stays short).
 VERSION_PATTERN = r"^[1-9][0-9]{0,9}$"
@@ -59,6 +61,14 @@ class AppArgs(BaseModel):
         default=True, description="Field-level detail in 422 answers; off hides the schema from callers."
     )
     registry_retry_after_s: int = Field(default=5, ge=1, le=600)
+    pinned_cold_loads: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Loads of pinned versions a replica does not hold, allowed at once and per "
+        "`pinned_cold_load_window_s`; past that a cold pinned request is answered 429.",
+    )
+    pinned_cold_load_window_s: float = Field(default=10.0, gt=0.0, le=3600.0)
 
     @property
     def batching(self) -> bool:
@@ -90,6 +100,30 @@ class Candidate(BaseModel):
     _as_text = field_validator("version", mode="before")(_version_as_text)
 
 
+def _versions_as_text(value: object) -> object:
+    return [_version_as_text(item) for item in value] if isinstance(value, list) else value
+
+
+PolicyVersions = list[Annotated[str, Field(pattern=VERSION_PATTERN)]]
+
+
+class Pinning(BaseModel):
+    """Which versions clients may pin (`serving_app.pinning`): the mode is the owner's
+    `spec.serving.pinning`, the lists follow the registry and the operator's rollouts, so they travel
+    in `user_config` (applied in place) and not in the args."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: PinningMode = "Compatible"
+    allowed: PolicyVersions = Field(default_factory=list, max_length=MAX_POLICY_VERSIONS)
+    refused: PolicyVersions = Field(default_factory=list, max_length=MAX_POLICY_VERSIONS)
+
+    _as_text = field_validator("allowed", "refused", mode="before")(_versions_as_text)
+
+    def policy(self) -> PinPolicy:
+        return PinPolicy(mode=self.mode, allowed=frozenset(self.allowed), refused=frozenset(self.refused))
+
+
 class UserConfig(BaseModel):
     """The in-place part of the application's configuration."""
 
@@ -97,6 +131,8 @@ class UserConfig(BaseModel):
 
     default_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
     candidate: Candidate | None = None
+    # Absent (an app deployed by hand, or by an operator from before pinning): today's behaviour.
+    pinning: Pinning = Field(default_factory=Pinning)
 
     _as_text = field_validator("default_version", mode="before")(_version_as_text)
 
@@ -108,23 +144,44 @@ class UserConfig(BaseModel):
 
 
 def parse_user_config(raw: dict[str, Any] | None) -> tuple[UserConfig, str | None]:
-    """`user_config` as the replica applies it: a broken `candidate` never takes the default down.
+    """`user_config` as the replica applies it: a broken `candidate` or `pinning` never takes the
+    default down.
 
     Returns the config (without the candidate when the candidate part is invalid) and the
-    candidate's validation error, if any; an invalid default version still raises."""
+    candidate's validation error, if any; an invalid default version still raises. An invalid
+    pinning policy becomes one that refuses every pinned request: failing closed."""
     try:
         return UserConfig.model_validate(raw or {}), None
     except ValidationError as error:
-        if not raw or "candidate" not in raw:
+        # The only model-wide rule (no location) is the candidate's.
+        broken = {str(item["loc"][0]) if item["loc"] else "candidate" for item in error.errors()}
+        if not broken <= {"candidate", "pinning"} or not broken <= set(raw or {}):
             raise
-        without = {key: value for key, value in raw.items() if key != "candidate"}
+        without = {key: value for key, value in (raw or {}).items() if key not in broken}
+        if "pinning" in broken:
+            without["pinning"] = {"mode": REFUSE_ALL.mode}
         config = UserConfig.model_validate(without)  # raises when the rest is wrong too
-        return config, _candidate_errors(error)
+        return config, _candidate_errors(error) if "candidate" in broken else None
+
+
+def pinning_error(raw: dict[str, Any] | None) -> str | None:
+    """Why `user_config.pinning` was refused (the replica then refuses every pin), or None."""
+    if "pinning" not in (raw or {}):
+        return None
+    try:
+        Pinning.model_validate((raw or {})["pinning"])
+    except ValidationError as error:
+        return f"invalid pinning: {error.error_count()} error(s), first at " + ".".join(
+            str(part) for part in error.errors(include_url=False)[0]["loc"]
+        )
+    return None
 
 
 def _candidate_errors(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False):
+        if item["loc"] and item["loc"][0] != "candidate":
+            continue
         where = ".".join(str(part) for part in item["loc"]) or "candidate"
         parts.append(f"{where}: {item['msg']}")
     return "invalid candidate: " + "; ".join(parts)

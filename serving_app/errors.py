@@ -32,6 +32,13 @@ class Unauthorized(ServingError):
     code = "unauthorized"
 
 
+class VersionNotAllowed(ServingError):
+    """The resource's pinning policy (`spec.serving.pinning`) refuses the pinned version."""
+
+    status_code = 403
+    code = "version_not_allowed"
+
+
 class UnknownVersion(ServingError):
     status_code = 404
     code = "unknown_version"
@@ -55,6 +62,13 @@ class UnsupportedMediaType(ServingError):
 class InvalidInput(ServingError):
     status_code = 422
     code = "invalid_input"
+
+
+class TooManyColdLoads(ServingError):
+    """The replica loaded as many pinned versions it did not hold as it may for now (Retry-After)."""
+
+    status_code = 429
+    code = "too_many_cold_loads"
 
 
 class PredictionFailed(ServingError):

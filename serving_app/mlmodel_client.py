@@ -11,7 +11,9 @@ only: `download_artifacts` has no parameter for a token or an AWS key. So:
   process that gets them in its own environment (`read_in_child`): the operator. No request ever
   changes the parent's environment, and the parent never imports mlflow.
 
-`python -m serving_app.mlmodel_client TRACKING_URI NAME VERSION [--requirements]` is that child.
+`python -I -m serving_app.mlmodel_client` is that child. What it reads comes as JSON on its stdin,
+never on its command line (the tracking URI and model name are a tenant's words, and a command line
+is world-readable in `/proc`); its environment is built by `serving_app.child_env`, never inherited.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import sys
 import tempfile
 from collections.abc import Mapping
 
+from serving_app.child_env import child_environment
 from serving_app.mlmodel import (
+    MLFLOW_CLIENT_FAIL_FAST,
     MlmodelFile,
     NotFound,
     ReadError,
@@ -36,7 +40,6 @@ from serving_app.mlmodel import (
     models_uri,
     parse_mlmodel,
     parse_requirements,
-    with_fail_fast,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 # A child imports mlflow (seconds) and, with the fail-fast settings, gives up on a dead registry in
 # well under this.
 CHILD_TIMEOUT_S = 120.0
+# Largest MLmodel or requirements.txt the child reads (real ones are a few KiB).
+MAX_FILE_BYTES = 4 * 1024 * 1024
 
 # How the mlflow client words a connection failure it wraps in an MlflowException.
 _CONNECTION_MARKERS = ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out")
@@ -93,7 +98,9 @@ def _download(tracking_uri: str, uri: str, with_requirements: bool) -> tuple[str
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{uri}/{path}", dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
-        with open(local, encoding="utf-8") as handle:
+        if os.path.getsize(local) > MAX_FILE_BYTES:
+            raise Unreadable(f"{uri}: its {path} is larger than {MAX_FILE_BYTES} bytes")
+        with open(local, encoding="utf-8", errors="replace") as handle:
             return handle.read()
 
     with tempfile.TemporaryDirectory(prefix="regserve-mlmodel-") as tmp:
@@ -115,34 +122,45 @@ def read_in_child(
     name: str,
     version: str,
     *,
-    env: Mapping[str, str],
+    credentials: Mapping[str, str],
     with_requirements: bool = False,
     timeout_s: float = CHILD_TIMEOUT_S,
 ) -> MlmodelFile:
-    """`read_in_process` in a child process whose environment is this one's plus `env` (credentials,
-    artifact-store keys) and the fail-fast settings where neither sets them."""
+    """`read_in_process` in a child process whose environment is only the allowed `credentials` (see
+    `serving_app.child_env`), the tracking server and the fail-fast settings."""
     uri = models_uri(name, version)
     if importlib.util.find_spec("mlflow") is None:
         raise Unreachable(
             f"{uri}: its artifacts are outside the tracking server's artifact proxy, and reading them "
             "needs the mlflow package (plus the store's client library), which is not installed here"
         )
-    server = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
-    command = [sys.executable, "-m", __name__, tracking_uri, name, version]
-    if with_requirements:
-        command.append("--requirements")
-    try:
-        done = subprocess.run(
-            command,
-            env=with_fail_fast({**os.environ, **env, **server}),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise Unreachable(f"{uri}: the mlflow client gave no answer in {timeout_s:.0f} s") from error
-    return _answer_of(done, uri, RegistryAuth.of(env))
+    fixed = {
+        **MLFLOW_CLIENT_FAIL_FAST,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+    }
+    request = {
+        "tracking_uri": tracking_uri,
+        "name": name,
+        "version": version,
+        "requirements": with_requirements,
+    }
+    with tempfile.TemporaryDirectory(prefix="regserve-child-") as home:
+        env = child_environment(credentials, path=os.environ.get("PATH", os.defpath), home=home, fixed=fixed)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-m", __name__],
+                input=json.dumps(request),
+                env=env,
+                cwd=home,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise Unreachable(f"{uri}: the mlflow client gave no answer in {timeout_s:.0f} s") from error
+    return _answer_of(done, uri, RegistryAuth.of(credentials))
 
 
 def _answer_of(done: subprocess.CompletedProcess[str], uri: str, auth: RegistryAuth) -> MlmodelFile:
@@ -161,11 +179,14 @@ def _answer_of(done: subprocess.CompletedProcess[str], uri: str, auth: RegistryA
     )
 
 
-def main(argv: list[str]) -> int:
-    tracking_uri, name, version, *flags = argv
-    uri = models_uri(name, version)
+def main(request_text: str) -> int:
+    request = json.loads(request_text)
+    tracking_uri, uri = (
+        str(request["tracking_uri"]),
+        models_uri(str(request["name"]), str(request["version"])),
+    )
     try:
-        mlmodel, requirements = _download(tracking_uri, uri, "--requirements" in flags)
+        mlmodel, requirements = _download(tracking_uri, uri, bool(request.get("requirements")))
         answer = {"mlmodel": mlmodel, "requirements": requirements}
     except ReadError as error:
         answer = {"error": type(error).__name__, "message": str(error)}
@@ -174,4 +195,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.stdin.read()))

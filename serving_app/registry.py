@@ -243,14 +243,20 @@ class Prefetches:
             return None
 
     def discard(self, version: str) -> None:
+        """Drop `version`'s download: still queued, it never starts; running, its files are deleted
+        when it ends."""
         with self._lock:
             future = self._pending.pop(version, None)
-        if future is not None:
+        if future is not None and not future.cancel():
             future.add_done_callback(_delete_download)
 
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def versions(self) -> list[str]:
+        with self._lock:
+            return list(self._pending)
 
     def close(self) -> None:
         with self._lock:

@@ -27,9 +27,12 @@ from serving_app.errors import (
     NotReady,
     PredictionFailed,
     ServingError,
+    TooManyColdLoads,
     VersionLoadFailed,
+    VersionNotAllowed,
 )
 from serving_app.metrics import ServingMetrics
+from serving_app.pinning import LoadBucket, PinPolicy, pin_allowed, retry_after_header
 from serving_app.registry import LoadedVersion, ModelRegistry, VersionFacts
 from serving_app.rollout import RequestRollout
 from serving_app.schema import ApiSchema, build_api_schema
@@ -119,6 +122,16 @@ class ModelService:
         self.request_rollout: contextvars.ContextVar[RequestRollout | None] = contextvars.ContextVar(
             f"regserve_request_rollout_{id(self)}", default=None
         )
+        # Which versions clients may pin (`user_config.pinning`, applied by reconfigure()).
+        self.pin_policy = PinPolicy()
+        # Pinned versions in Ray's LRU (added on load, removed on eviction): a pin of one of these is warm.
+        self._pinned_loaded: set[str] = set()
+        self._cold_loads = LoadBucket.full(
+            args.pinned_cold_loads, args.pinned_cold_load_window_s, time.monotonic()
+        )
+        # Cold pins admitted and not answered yet, per version: concurrent first requests for one
+        # version share its token (bounded by the requests in flight).
+        self._cold_admitted: dict[str, int] = {}
         self.in_flight = 0
         self.model_calls = 0
         self.largest_batch = 0
@@ -194,8 +207,53 @@ class ModelService:
         """The body of the deployment's `@serve.multiplexed` loader."""
         loaded = await self._load_and_count(version)
         evictions = self.metrics.evictions
-        loaded.on_release = lambda: evictions.inc(tags={"version": version})
+        self._pinned_loaded.add(version)
+
+        def released() -> None:
+            self._pinned_loaded.discard(version)
+            evictions.inc(tags={"version": version})
+
+        loaded.on_release = released
         return loaded
+
+    def set_pin_policy(self, policy: PinPolicy) -> None:
+        """Apply the operator's policy; downloads started for versions it now refuses are dropped
+        (their requests, past the gate, are refused before the load)."""
+        self.pin_policy = policy
+        for version in self._registry.prefetches.versions():
+            if not self._pin_allowed(version):
+                self._registry.prefetches.discard(version)
+
+    def _pin_allowed(self, version: str) -> bool:
+        default = self._default.version if self._default is not None else None
+        candidate = self.candidate.version if self.candidate is not None else None
+        return pin_allowed(self.pin_policy, version, default=default, candidate=candidate)
+
+    def _check_pin(self, version: str) -> None:
+        if not self._pin_allowed(version):
+            raise VersionNotAllowed(f"version {version} may not be pinned on this model")
+
+    def _admit_cold_load(self, version: str) -> None:
+        """Take a token for a cold load of `version` (a request joining one already admitted takes
+        none); TooManyColdLoads when the replica's bucket is empty."""
+        if version in self._cold_admitted:
+            self._cold_admitted[version] += 1
+            return
+        wait_s = self._cold_loads.take(time.monotonic())
+        if wait_s > 0:
+            raise TooManyColdLoads(
+                f"this replica loads at most {self.args.pinned_cold_loads} versions it does not hold per "
+                f"{self.args.pinned_cold_load_window_s:g}s; retry later or use a version already loaded",
+                headers={"Retry-After": retry_after_header(wait_s)},
+            )
+        self._cold_admitted[version] = 1
+
+    def _cold_load_done(self, version: str) -> None:
+        left = self._cold_admitted.get(version, 0) - 1
+        if left > 0:
+            self._cold_admitted[version] = left
+        else:
+            self._cold_admitted.pop(version, None)
 
     # ----------------------------------------------------------------------------------- versions
 
@@ -220,6 +278,21 @@ class ModelService:
             return default.loaded
         if not is_version_number(requested):
             raise InvalidVersion(f"version must be a registry version number, got {requested!r}")
+        # Before anything is fetched: a refused version costs the registry nothing.
+        self._check_pin(requested)
+        held = self.candidate is not None and self.candidate.version == requested
+        if held or requested in self._pinned_loaded:
+            return await self._resolve_pinned(requested, default)
+        known_incompatible = bool(self._verdicts.get((requested, default.fingerprint)))
+        if not known_incompatible:
+            self._admit_cold_load(requested)
+        try:
+            return await self._resolve_pinned(requested, default)
+        finally:
+            if not known_incompatible:
+                self._cold_load_done(requested)
+
+    async def _resolve_pinned(self, requested: str, default: DefaultVersion) -> LoadedVersion:
         start_timing()
         if (requested, default.fingerprint) not in self._verdicts:
             # Not judged yet, so most likely not loaded either: download while the signature is checked.
@@ -237,6 +310,7 @@ class ModelService:
                 )
             if self.candidate is not None and self.candidate.version == requested:
                 return self.candidate  # pinned requests are unaffected by a rollout: it is loaded already
+            self._check_pin(requested)  # the policy may have changed while the gate ran
             with step("pinned"):  # the multiplexer: a hit, or evicting the least recent and loading
                 return await self._load_pinned(requested)
         finally:
@@ -344,6 +418,11 @@ class ModelService:
             "last_default_switch_failure": failure.report(with_message=True) if failure else None,
             "candidate": self.candidate.version if self.candidate else None,
             "version_loads": dict(self.version_loads),
+            "pinning": {
+                "mode": self.pin_policy.mode,
+                "allowed": sorted(self.pin_policy.allowed, key=int),
+                "refused": sorted(self.pin_policy.refused, key=int),
+            },
         }
 
 

@@ -55,6 +55,34 @@ AUTOSCALER_RESOURCES = {
 }
 # Worker pods idle this long are removed; Serve has already stopped their replicas by then.
 AUTOSCALER_IDLE_TIMEOUT_S = 60
+# Ray pods run as the `ray` user of the rayproject/ray images (uid 1000, group `users` 100), which the
+# Dockerfile's serving target keeps. A numeric uid lets the kubelet check runAsNonRoot before starting.
+RAY_UID = 1000
+RAY_GID = 100
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RAY_UID,
+    "runAsGroup": RAY_GID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+# The root filesystem is read-only: Ray writes its sessions, logs and spilled objects under /tmp/ray,
+# HAProxy its config and socket under /tmp/haproxy-serve, MLflow downloads artifacts to a temp dir, and
+# libraries that cache under $HOME (Hugging Face, matplotlib) write there: all of it goes to an emptyDir.
+TMP_VOLUME = "tmp"
+TMP_PATH = "/tmp"
+# No pod mounts its ServiceAccount token: tenant model code runs in the Ray containers, and the
+# autoscaler's account may patch the RayCluster. The head of an autoscaling cluster gets the files a
+# kubelet would project as kube-api-access in a volume of its own, mounted only into KubeRay's
+# autoscaler sidecar, where Ray's KubeRay node provider reads them.
+API_ACCESS_VOLUME = "autoscaler-api-access"
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_ACCESS_TOKEN_SECONDS = 3607  # what Kubernetes asks for its own kube-api-access volume
 # Hash of the cluster shape we last wrote (rayClusterConfig without worker bounds): detects our own
 # removals (e.g. a dropped nodeSelector), which a subset comparison against the server's defaulted
 # copy cannot see.
@@ -136,12 +164,16 @@ def build_serve_config(
     version: str,
     size: ReplicaSize,
     candidate: dict[str, Any] | None = None,
+    pinning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Serve config (what `serve deploy` takes): one application, version in user_config only; a
-    candidate being smoke-tested, canaried or shadowed travels there too (docs/rollouts.md)."""
+    candidate being smoke-tested, canaried or shadowed travels there too (docs/rollouts.md), and so
+    does the pinning policy (`regserve_operator.pinning`), whose lists follow the registry."""
     user_config: dict[str, Any] = {"default_version": version}
     if candidate is not None:
         user_config["candidate"] = candidate
+    if pinning is not None:
+        user_config["pinning"] = pinning
     return {
         "applications": [
             {
@@ -220,8 +252,11 @@ def _container(
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "env": _env(spec),
+        # $HOME of the image is on the read-only root.
+        "env": [*_env(spec), {"name": "HOME", "value": TMP_PATH}],
         "resources": resources,
+        "securityContext": _copy(CONTAINER_SECURITY_CONTEXT),
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": TMP_PATH}],
     }
     env_from = _env_from(spec)
     if env_from:
@@ -229,8 +264,53 @@ def _container(
     return container
 
 
-def _pod_spec(spec: s.RegisteredModelServingSpec, container: dict[str, Any]) -> dict[str, Any]:
-    pod: dict[str, Any] = {"containers": [container]}
+def _pod_metadata() -> dict[str, Any]:
+    """Ray pods carry the managed-by label: the chart's NetworkPolicy selects them by it."""
+    return {"labels": {LABEL_MANAGED_BY: MANAGED_BY}}
+
+
+def _copy(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value))  # nested: callers may change what they get
+
+
+def _api_access_volume() -> dict[str, Any]:
+    """Kubernetes' own kube-api-access volume, under another name: the admission plugin adds that one
+    to every container, this one is mounted where the pod says."""
+    return {
+        "name": API_ACCESS_VOLUME,
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": API_ACCESS_TOKEN_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ],
+        },
+    }
+
+
+def _pod_spec(
+    spec: s.RegisteredModelServingSpec, container: dict[str, Any], *, api_access: bool = False
+) -> dict[str, Any]:
+    """`api_access`: the head of an autoscaling cluster carries the autoscaler sidecar's API access
+    volume; no container of ours mounts it."""
+    volumes: list[dict[str, Any]] = [{"name": TMP_VOLUME, "emptyDir": {}}]
+    if api_access:
+        volumes.append(_api_access_volume())
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "automountServiceAccountToken": False,
+        "securityContext": _copy(POD_SECURITY_CONTEXT),
+        "volumes": volumes,
+    }
     overrides = spec.ray_service
     if overrides.service_account_name:
         pod["serviceAccountName"] = overrides.service_account_name
@@ -280,7 +360,10 @@ def build_cluster_config(
         "headGroupSpec": {
             # Replicas go to the workers, whose pods are sized for them; the head runs Serve's controller.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-            "template": {"spec": _pod_spec(spec, head)},
+            "template": {
+                "metadata": _pod_metadata(),
+                "spec": _pod_spec(spec, head, api_access=spec.serving.autoscaling is not None),
+            },
         },
         "workerGroupSpecs": [
             {
@@ -289,7 +372,7 @@ def build_cluster_config(
                 "minReplicas": bounds.fewest,
                 "maxReplicas": bounds.most,
                 "rayStartParams": {},
-                "template": {"spec": worker_pod},
+                "template": {"metadata": _pod_metadata(), "spec": worker_pod},
             }
         ],
     }
@@ -301,6 +384,13 @@ def build_cluster_config(
             "upscalingMode": "Default",
             "idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_S,
             "resources": {part: dict(values) for part, values in AUTOSCALER_RESOURCES.items()},
+            # KubeRay builds the sidecar's container. Its root stays writable: KubeRay mounts only
+            # /tmp/ray into it and sets its environment itself.
+            "securityContext": {**_copy(CONTAINER_SECURITY_CONTEXT), "readOnlyRootFilesystem": False},
+            # KubeRay appends these to the sidecar's own mounts: it alone gets the token.
+            "volumeMounts": [
+                {"name": API_ACCESS_VOLUME, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": True}
+            ],
         }
     return cluster
 
@@ -322,6 +412,7 @@ def build_rayservice(
     size: ReplicaSize,
     defaults: BuildDefaults,
     candidate: dict[str, Any] | None = None,
+    pinning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cluster = build_cluster_config(spec, size, defaults)
     body: dict[str, Any] = {
@@ -336,7 +427,7 @@ def build_rayservice(
         },
         "spec": {
             "serveConfigV2": serve_config_yaml(
-                build_serve_config(owner.name, spec, version, size, candidate)
+                build_serve_config(owner.name, spec, version, size, candidate, pinning)
             ),
             "rayClusterConfig": cluster,
         },

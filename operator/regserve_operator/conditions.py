@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +15,8 @@ SIGNATURE_COMPATIBLE = "SignatureCompatible"
 ROLLOUT_IN_PROGRESS = "RolloutInProgress"
 REQUIREMENTS_MATCH = "RequirementsMatch"
 REGISTRY_TAGS_WRITTEN = "RegistryTagsWritten"  # the deployment state tags on the model versions
+# Whether every key of the credentials Secret is one the operator's registry reads use.
+CREDENTIALS_ACCEPTED = "CredentialsAccepted"
 
 Status = Literal["True", "False", "Unknown"]
 
@@ -24,6 +27,17 @@ REGISTRY_UNAVAILABLE = "registry unavailable"
 # Ray Serve application states (ray.serve.schema.ApplicationStatus) as KubeRay mirrors them.
 APP_RUNNING = "RUNNING"
 APP_FAILED = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
+
+
+# Control characters (newlines, ANSI escapes) in text that came from a tenant or a registry would
+# forge log lines or drive a terminal where status and Events are printed.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MESSAGE_LIMIT = 1024
+
+
+def printable(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` bounded and with every control character shown as a space."""
+    return _CONTROL.sub(" ", text[:limit])
 
 
 def get_condition(conditions: list[Condition] | None, type_: str) -> Condition | None:
@@ -52,7 +66,7 @@ def set_condition(
         type=type_,
         status=status,
         reason=reason,
-        message=message[:1024],
+        message=printable(message),
         last_transition_time=now if changed or old is None else old.last_transition_time,
         observed_generation=generation,
     )
@@ -68,6 +82,7 @@ _ORDER = {
     SIGNATURE_COMPATIBLE: 3,
     ROLLOUT_IN_PROGRESS: 4,
     REQUIREMENTS_MATCH: 5,
+    CREDENTIALS_ACCEPTED: 6,
 }
 
 

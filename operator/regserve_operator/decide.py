@@ -39,8 +39,12 @@ from regserve_operator.builders import (
     build_rayservice,
     rayservice_name,
     serving_version_of,
+    user_config_of,
 )
+from regserve_operator.pinning import PinningInputs, pinning_config
 from regserve_operator.plan import Plan, make_plan
+from regserve_operator.policy import OFF, Policy, Violation, effective_resources, violations
+from regserve_operator.policy import message as policy_message
 from regserve_operator.ports import ModelFacts, RegistryError, RegistryUnreachable
 from regserve_operator.probe import AppReport, RolloutReport, RolloutUnsupported
 from regserve_operator.requirements import check_requirements
@@ -63,7 +67,8 @@ log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 10
 # Ready reasons this pass set for what stopped it before the RayService: Ray's state does not replace them.
-NOT_MIRRORED = ("Conflict", "CredentialsUnavailable", "ClusterConflict", "DoesNotFit")
+NOT_MIRRORED = ("Conflict", "CredentialsUnavailable", "ClusterConflict", "DoesNotFit", "PolicyViolation")
+POLICY_VIOLATION = "PolicyViolation"
 MAX_STAGE_RECORDS = 16  # canary steps are at most 10, plus the smoke test, a shadow and the switch
 
 
@@ -83,6 +88,8 @@ class Observation:
 
     url: str
     credentials_problem: str | None = None  # the named Secret could not be read: nothing else was asked
+    # The named Secret's keys the operator does not use (None: no Secret named).
+    ignored_credential_keys: tuple[str, ...] | None = None
     existing: dict[str, Any] | None = None  # the RayService as the target returned it
     resolved: str | RegistryError | None = None  # the selector's version, or why it is unknown
     facts: Mapping[str, FactsResult] = field(default_factory=dict)
@@ -91,6 +98,12 @@ class Observation:
     rollout: RolloutReport | RolloutUnsupported | None = None
     # The resources sharing the cluster this one names (`spec.placement`), itself among them.
     peers: tuple[Peer, ...] = ()
+    # Versions an alias or stage of the model points to (read for `serving.pinning: Promoted` only;
+    # None: not read, or the registry could not answer).
+    promoted: frozenset[str] | None = None
+    # What the spec asks for beyond the cluster's policy: nothing else was read (a refused tracking URI
+    # is never contacted).
+    refused: tuple[Violation, ...] = ()
 
     def with_facts(self, version: str, result: FactsResult) -> Observation:
         return replace(self, facts={**self.facts, version: result})
@@ -109,6 +122,7 @@ class Inputs:
     # The app's /rollout can be asked (REGSERVE_PROBE_SERVING): without it no candidate could ever get a
     # verdict, so the smoke test, canary and shadow are skipped (with a warning) rather than timing out.
     judges_candidates: bool = True
+    policy: Policy = OFF
 
 
 @dataclass(frozen=True)
@@ -214,7 +228,7 @@ class _Draft:
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         if any(e.reason == reason for e in self.out.events):
             return
-        self.out.events.append(Event(type_, reason, message))
+        self.out.events.append(Event(type_, reason, c.printable(message)))
 
     def history(
         self, version: str, outcome: Literal["Serving", "Held", "RolledBack", "Superseded"], msg: str
@@ -294,6 +308,10 @@ def _decide(d: _Draft) -> Outcome:
             d.event("Warning", "CredentialsUnavailable", observed.credentials_problem)
         d.out.retry = True
         return _finish(d, None)
+    if observed.refused:
+        _refuse(d, list(observed.refused))
+        return _finish(d, None)
+    _check_credential_keys(d, observed.ignored_credential_keys)
     svc = c.read_service_state(observed.existing, d.inputs.owner.name)
     carried = serving_version_of(observed.existing, d.inputs.owner.name) if observed.existing else None
     resolved = _take_resolution(d)
@@ -653,7 +671,15 @@ def _gate(d: _Draft, resolved: str, current: str | None, attempt: int) -> str | 
     return resolved if stage.phase == "Switching" else current
 
 
+# Differences kept in status: a registry can answer signatures of any width, and a status past the API
+# server's size limit would be refused at every pass.
+MAX_DIFFERENCES = 20
+
+
 def _hold_incompatible(d: _Draft, version: str, current: str | None, diffs: list[str]) -> None:
+    if len(diffs) > MAX_DIFFERENCES:
+        diffs = [*diffs[:MAX_DIFFERENCES], f"... and {len(diffs) - MAX_DIFFERENCES} more"]
+    diffs = [c.printable(diff, 256) for diff in diffs]
     d.st.rejected = VersionRecord(
         version=version,
         reason="Incompatible",
@@ -691,11 +717,17 @@ def _build(d: _Draft, version: str) -> None:
         model_size_bytes=_sized_for(facts.model_size_bytes, _candidate_size(d)),
         flavors=facts.flavors,
         serving=spec.serving,
-        resources=spec.resources,
+        resources=effective_resources(spec.resources, d.inputs.policy),
         previous=st.sizing,
         holds_candidate=_holds_candidates(d),
     )
-    desired = build_rayservice(d.inputs.owner, spec, version, size, d.inputs.defaults, _candidate(d))
+    refused = violations(spec, size, d.inputs.policy)
+    if refused:
+        _refuse(d, refused)  # an existing RayService keeps serving what it served
+        return
+    desired = build_rayservice(
+        d.inputs.owner, spec, version, size, d.inputs.defaults, _candidate(d), _pinning(d, version)
+    )
     if spec.placement is not None:
         composed = compose_shared(
             d.inputs.owner, spec, size, desired, d.observed.existing, d.observed.peers, d.inputs.defaults
@@ -729,6 +761,18 @@ def _build(d: _Draft, version: str) -> None:
     _check_requirements(d, version, facts)
 
 
+def _refuse(d: _Draft, found: list[Violation]) -> None:
+    """Ready=False with the fields the policy refuses; nothing is planned. One Event when the refusal
+    starts or names other fields. A spec change wakes the resource at once; a policy change restarts
+    the operator, which reconciles everything."""
+    text = policy_message(found)
+    before = c.get_condition(d.inputs.status.conditions, c.READY)
+    d.cond(c.READY, "False", POLICY_VIOLATION, text)
+    if before is None or before.reason != POLICY_VIOLATION or before.message != text:
+        d.event("Warning", POLICY_VIOLATION, text)
+    d.out.retry = True
+
+
 def _candidate(d: _Draft) -> dict[str, Any] | None:
     """`user_config.candidate` for the stage the rollout is in (None: no candidate)."""
     st = d.st
@@ -741,6 +785,23 @@ def _candidate(d: _Draft) -> dict[str, Any] | None:
         "percent": st.rollout_weight or 0,
         "generation": st.rollout_generation or 0,
     }
+
+
+def _pinning(d: _Draft, version: str) -> dict[str, Any] | None:
+    """`user_config.pinning` with the status as this pass leaves it (a version just rolled back is
+    refused in the same write that rolls it back)."""
+    existing = d.observed.existing
+    carried = user_config_of(existing, d.inputs.owner.name).get("pinning") if existing else None
+    previous = carried.get("allowed") if isinstance(carried, dict) else None
+    return pinning_config(
+        PinningInputs(
+            mode=d.spec.serving.pinning,
+            status=d.st,
+            serving_version=version,
+            promoted=d.observed.promoted,
+            previous_allowed=tuple(str(v) for v in previous) if isinstance(previous, list) else (),
+        )
+    )
 
 
 def _candidate_size(d: _Draft) -> int | None:
@@ -760,6 +821,28 @@ def _sized_for(stable: int | None, candidate: int | None) -> int | None:
     if candidate is None:
         return stable
     return candidate if stable is None else max(stable, candidate)
+
+
+# Names shown of a Secret's ignored keys (Kubernetes bounds each to 253 characters of [-._a-zA-Z0-9]).
+MAX_IGNORED_KEYS_SHOWN = 10
+
+
+def _check_credential_keys(d: _Draft, ignored: tuple[str, ...] | None) -> None:
+    """A Secret key the operator's registry reads never use is left out of them (`serving_app.child_env`):
+    say so once, rather than let a key that was meant to work do nothing silently."""
+    if ignored is None:
+        return
+    if not ignored:
+        d.cond(c.CREDENTIALS_ACCEPTED, "True", "AllKeysUsed", "")
+        return
+    more = " ..." if len(ignored) > MAX_IGNORED_KEYS_SHOWN else ""
+    shown = ", ".join(ignored[:MAX_IGNORED_KEYS_SHOWN]) + more
+    message = (
+        f"keys not used by the operator's registry reads: {shown}. Only the MLflow client's and the "
+        "artifact stores' credential names are (SECURITY.md); the Ray pods still get every key"
+    )
+    if d.cond(c.CREDENTIALS_ACCEPTED, "False", "KeysIgnored", message):
+        d.event("Warning", "CredentialKeysIgnored", message)
 
 
 def _check_requirements(d: _Draft, version: str, facts: ModelFacts) -> None:
@@ -802,7 +885,7 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
 
 def _plan_tags(d: _Draft) -> None:
     """The registry's deployment state tags follow the decided status (written by act)."""
-    if d.observed.credentials_problem is not None:
+    if d.observed.credentials_problem is not None or d.observed.refused:
         return
     desired = t.desired_tags(d.st, d.st.url)
     d.out.tag_writes = t.tag_writes(d.st.registry_tags or {}, desired)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ import httpx
 
 from regserve_operator.local import (
     DevSession,
+    LocalWebhook,
+    delete_local_webhook,
     load_resources,
     make_session,
     register_local_webhook,
@@ -508,8 +511,11 @@ def main(argv: Sequence[str]) -> int:
         serve_url = f"http://127.0.0.1:{args.serve_port}"
         secret = "demo-" + str(free_port())
         with webhook_receiver(session.driver, free_port(), secret) as url:
-            if register_local_webhook(server.url, url, secret):
+            webhook = register_local_webhook(server.url, url, secret)
+            if webhook is not None:
                 say(f"MLflow posts registry events to {url}; polling every 30 s stays as the fallback")
+                # Before the server stops (cleanups run in order: the cluster, this, then MLflow).
+                cleanups.insert(1, functools.partial(_delete_quietly, webhook))
             ok = run_script(session, models, server.url, serve_url)
             banner("result")
             say("every step did what it should" if ok else "some step did NOT do what it should (see above)")
@@ -524,6 +530,10 @@ def main(argv: Sequence[str]) -> int:
             with contextlib.suppress(Exception):
                 cleanup()
     return 0
+
+
+def _delete_quietly(webhook: LocalWebhook) -> None:
+    delete_local_webhook(webhook)  # says so itself when it cannot
 
 
 def _interrupt(*_: object) -> None:

@@ -13,12 +13,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from regserve_operator.allocator import release_free_heap
 from regserve_operator.builders import Owner
 from regserve_operator.decide import Event
+from regserve_operator.passes import InFlight
 from regserve_operator.plan import Action
 from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.schedule import Key, Scheduler
@@ -79,7 +81,12 @@ class Driver:
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         tick_seconds: float = 1.0,
+        pass_deadline_s: float | None = None,
+        workers: int = 4,
     ) -> None:
+        """`pass_deadline_s`: resources are reconciled `workers` at a time and a pass waits for them at
+        most this long, as the operator's loop does (`passes.run_pass`); None: one after the other,
+        every due resource within the pass (what tests with a fake clock and the benchmarks step)."""
         self.deps = deps
         self.scheduler = Scheduler(clock=clock, keeps_statuses=False)
         self._resources: dict[Key, _Resource] = {}
@@ -87,6 +94,11 @@ class Driver:
         self._now = now
         self._tick = tick_seconds
         self._lock = threading.Lock()
+        self._deadline = pass_deadline_s
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="dev-reconcile") if pass_deadline_s else None
+        )
+        self._in_flight = InFlight()
 
     def apply(
         self,
@@ -120,36 +132,65 @@ class Driver:
             resources = list(self._resources.items())
         # A promotion (webhook) must not wait behind thousands of resources whose poll fell due.
         resources.sort(key=lambda item: not self.scheduler.woken(item[0]))
-        done = []
-        for key, res in resources:
-            if not self.scheduler.due(key, res.generation):
-                continue
-            outcome = reconcile_pass(
-                self.scheduler,
-                res.owner,
-                res.generation,
-                res.spec(),
-                res.status(),
-                self.deps,
-                now=self._now(),
-                tick_s=self._tick,
-                post_event=functools.partial(self._post, res.owner),
-            )
-            if outcome is None:
-                continue
-            with self._lock:
-                res.keep(outcome.status)
-            action = outcome.plan.action if outcome.plan is not None else None
-            done.append(Reconciled(key, action))
+        due = [(key, res) for key, res in resources if self.scheduler.due(key, res.generation)]
+        if self._pool is None:
+            done = [found for key, res in due if (found := self._reconcile(key, res)) is not None]
+        else:
+            done = self._run_bounded(self._pool, due)
         if len(done) >= TRIM_AFTER_RESOURCES:
             release_free_heap()
         return done
+
+    def _run_bounded(self, pool: ThreadPoolExecutor, due: list[tuple[Key, _Resource]]) -> list[Reconciled]:
+        """The due resources on `pool`, waited for until the pass's deadline; one still running goes on
+        by itself (keeping its status when it ends) and is not started again meanwhile."""
+
+        def one(key: Key, res: _Resource) -> Reconciled | None:
+            try:
+                return self._reconcile(key, res)
+            finally:
+                self._in_flight.release(key)
+
+        started: dict[Future[Reconciled | None], Key] = {}
+        for key, res in due:
+            if self._in_flight.claim(key):
+                started[pool.submit(one, key, res)] = key
+        finished, late = wait(started, timeout=self._deadline)
+        for future in late:
+            if future.cancel():
+                self._in_flight.release(started[future])
+        order = {key: i for i, key in enumerate(started.values())}
+        done = [reconciled for future in finished if (reconciled := future.result()) is not None]
+        return sorted(done, key=lambda reconciled: order[reconciled.key])
+
+    def _reconcile(self, key: Key, res: _Resource) -> Reconciled | None:
+        outcome = reconcile_pass(
+            self.scheduler,
+            res.owner,
+            res.generation,
+            res.spec(),
+            res.status(),
+            self.deps,
+            now=self._now(),
+            tick_s=self._tick,
+            post_event=functools.partial(self._post, res.owner),
+        )
+        if outcome is None:
+            return None
+        with self._lock:
+            res.keep(outcome.status)
+        action = outcome.plan.action if outcome.plan is not None else None
+        return Reconciled(key, action)
 
     def _post(self, owner: Owner, event: Event) -> None:
         if self._on_event:
             self._on_event(owner, event)
 
     def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.run_once()
-            stop.wait(self._tick)
+        try:
+            while not stop.is_set():
+                self.run_once()
+                stop.wait(self._tick)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)

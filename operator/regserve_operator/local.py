@@ -41,7 +41,7 @@ from regserve_operator.spec import (
     RegisteredModelServingStatus,
     parse_spec,
 )
-from regserve_operator.targets.local import LocalRayTarget, ServeDashboard, ray_auth_token
+from regserve_operator.targets.local import LocalRayTarget, ServeDashboard
 
 if TYPE_CHECKING:
     from regserve_operator.webhook import Receiver
@@ -49,7 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("regserve.dev")
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-WEBHOOK_NAME = "regserve-local"
+PASS_DEADLINE_S = 5.0  # the operator's default `pass_deadline_seconds`
+# Each session registers a webhook of its own (`regserve-local-<random>`) and deletes it on exit, so
+# two sessions on one MLflow do not take each other's deliveries, and none outlives its receiver.
+WEBHOOK_PREFIX = "regserve-local-"
+# A webhook left by a session that could not delete it (killed) is refused by nothing and retried by
+# MLflow a few times per event; deleting it must not hold up an exit.
+WEBHOOK_DELETE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,18 +144,56 @@ def serve_receiver(receiver: Receiver, port: int) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def register_local_webhook(tracking_uri: str, url: str, secret: str) -> bool:
+@dataclass(frozen=True)
+class LocalWebhook:
+    """A webhook this session registered, to delete on exit."""
+
+    tracking_uri: str
+    webhook_id: str
+    name: str
+
+
+def register_local_webhook(tracking_uri: str, url: str, secret: str) -> LocalWebhook | None:
     from regserve_operator.webhook import register_webhook
 
     os.environ["REGSERVE_WEBHOOK_SECRET"] = secret
+    name = f"{WEBHOOK_PREFIX}{secrets.token_hex(6)}"
     try:
-        register_webhook(
-            tracking_uri=tracking_uri, url=url, name=WEBHOOK_NAME, secret_env="REGSERVE_WEBHOOK_SECRET"
+        webhook_id = register_webhook(
+            tracking_uri=tracking_uri, url=url, name=name, secret_env="REGSERVE_WEBHOOK_SECRET"
         )
     except Exception as error:  # webhooks need a SQL-backed `mlflow server`; polling still works
         print(f"regserve: no MLflow webhook ({error}); promotions are picked up by polling", flush=True)
-        return False
-    return True
+        return None
+    return LocalWebhook(tracking_uri, webhook_id, name)
+
+
+def delete_local_webhook(webhook: LocalWebhook) -> bool:
+    """Delete a webhook this session registered, within a bounded time; False (and said) if it could not."""
+    from mlflow import MlflowClient
+
+    deleted: list[bool] = []
+
+    def delete() -> None:
+        try:
+            MlflowClient(tracking_uri=webhook.tracking_uri).delete_webhook(webhook.webhook_id)
+        except Exception as error:  # said below, once the wait is over
+            log.info("deleting webhook %s failed: %s", webhook.name, error)
+            return
+        deleted.append(True)
+
+    # MLflow's client retries for minutes against a server that is gone: run it aside, wait a bounded time.
+    worker = threading.Thread(target=delete, name="regserve-webhook-delete", daemon=True)
+    worker.start()
+    worker.join(WEBHOOK_DELETE_TIMEOUT_S)
+    if deleted:
+        return True
+    print(
+        f"regserve: could not delete MLflow webhook {webhook.name} at {webhook.tracking_uri}; "
+        "delete it with MlflowClient().delete_webhook() if that server is still used",
+        flush=True,
+    )
+    return False
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -232,7 +276,7 @@ def make_session(
         # One cluster for every resource: on when any of them asks.
         ingress_metrics=any(r.spec.serving.ingress_metrics for r in resources),
     )
-    target = LocalRayTarget(ServeDashboard(dashboard_url, token=ray_auth_token()), serve_port=serve_port)
+    target = LocalRayTarget(ServeDashboard(dashboard_url, token=cluster.token()), serve_port=serve_port)
     import ray
 
     deps = Deps(
@@ -244,7 +288,8 @@ def make_session(
         rollout_probe=probe_rollout,
     )
     reporter = Reporter(out=out)
-    driver = Driver(deps, on_event=reporter.event, tick_seconds=0.5)
+    # As the operator's loop: one resource on a slow registry does not hold up the others' promotions.
+    driver = Driver(deps, on_event=reporter.event, tick_seconds=0.5, pass_deadline_s=PASS_DEADLINE_S)
     for resource in resources:
         driver.apply(resource.owner, resource.spec)
     return DevSession(resources, driver, target, cluster, reporter)
@@ -292,10 +337,17 @@ def _maybe_webhook(session: DevSession, resources: Sequence[Resource], port: int
         return
     secret = secrets.token_urlsafe(32)
     with webhook_receiver(session.driver, port or free_port(), secret) as url:
-        for tracking_uri in sorted({r.spec.registry.tracking_uri for r in resources}):
-            if register_local_webhook(tracking_uri, url, secret):
-                print(f"regserve: MLflow at {tracking_uri} posts registry events to {url}", flush=True)
-        yield
+        registered: list[LocalWebhook] = []
+        try:
+            for tracking_uri in sorted({r.spec.registry.tracking_uri for r in resources}):
+                webhook = register_local_webhook(tracking_uri, url, secret)
+                if webhook is not None:
+                    registered.append(webhook)
+                    print(f"regserve: MLflow at {tracking_uri} posts registry events to {url}", flush=True)
+            yield
+        finally:
+            for webhook in registered:
+                delete_local_webhook(webhook)
 
 
 def status_summary(status: RegisteredModelServingStatus) -> dict[str, Any]:

@@ -17,17 +17,25 @@
   8404/9101, the fallback proxy's 8500, the client server's 10001, the agent's 52365, metrics
   44217/44227) is a free one, and HAProxy's files (fixed paths under /tmp/haproxy-serve by default)
   live in the cluster's own temp dir.
+- **Token auth.** Ray runs an open dashboard otherwise (and an open dashboard runs anyone's code):
+  the cluster starts with `RAY_AUTH_MODE=token` and a fresh random token, written to `auth_token` in
+  the cluster's temp dir (mode 0600) and handed to the Ray processes in their env, never on a command
+  line or in a log. Local mode sends it to the dashboard (`LocalCluster.auth_token`); `ray` commands
+  reach the cluster with `RAY_AUTH_TOKEN_PATH=<temp dir>/auth_token`.
 - **No trace.** The cluster's temp dir is its own, so `ray start` writes its address file
   (`ray_current_cluster`) there rather than in /tmp/ray, where a later plain `ray.init()` would find it
   and hang on a dead GCS. `ray start --block`, its daemons, the workers and the HAProxy Serve starts
   share the session `ray start` opens (workers and HAProxy leave its process group), so stopping that
-  session stops exactly this cluster; other Ray clusters on the machine are left alone.
+  session stops exactly this cluster; other Ray clusters on the machine are left alone. When
+  `regserve dev` dies without stopping it (SIGKILL, a crash), a watchdog (`sandbox/reaper.py`) stops
+  that session and removes the temp dir.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -42,7 +50,8 @@ from typing import Literal
 import httpx
 
 from regserve_operator.builders import HAPROXY_ENV, HAPROXY_METRICS_ENV
-from regserve_operator.sandbox.processes import port_for_later, start_and_wait, stop
+from regserve_operator.sandbox.processes import port_for_later, start, stop, wait_while_running
+from regserve_operator.sandbox.reaper import Reaper
 from regserve_operator.targets.local import ray_auth_token
 
 log = logging.getLogger("regserve.dev")
@@ -54,6 +63,8 @@ ALL_INTERFACES_IN_RAY = {
     "haproxy": "HAProxy's stats and Prometheus frontends (`bind *:<port>` in Ray's template)",
     "ray::ServeRepli": "a Serve replica's inter-deployment gRPC server (`[::]:0` in replica.py)",
 }
+
+TOKEN_FILE = "auth_token"
 
 # How long an attached cluster is watched for its Serve proxy to appear, to tell its ingress mode.
 ATTACHED_MODE_WATCH_S = 600.0
@@ -77,7 +88,12 @@ class RayPorts:
 
 
 def ray_environment(
-    ingress_mode: IngressMode, ports: RayPorts, temp_dir: Path, *, ingress_metrics: bool = False
+    ingress_mode: IngressMode,
+    ports: RayPorts,
+    temp_dir: Path,
+    *,
+    auth_token: str,
+    ingress_metrics: bool = False,
 ) -> dict[str, str]:
     """The env of the Ray processes of a local cluster (added to this process's env)."""
     # Short: HAProxy adds a 56-character node id below it and refuses socket paths over 97 characters.
@@ -102,7 +118,20 @@ def ray_environment(
         "AUTOSCALER_METRIC_PORT": str(ports.autoscaler_metrics),
         # The serving code must be importable by Ray's workers: they inherit this environment.
         "PYTHONPATH": os.pathsep.join(filter(None, [*_source_roots(), os.environ.get("PYTHONPATH", "")])),
+        "RAY_AUTH_MODE": "token",
+        # The token itself, so that one in this process's env (inherited otherwise) cannot shadow it.
+        "RAY_AUTH_TOKEN": auth_token,
+        "RAY_AUTH_TOKEN_PATH": str(temp_dir / TOKEN_FILE),
     }
+
+
+def write_auth_token(temp_dir: Path) -> str:
+    """A fresh random token in `temp_dir`, readable by this user only (as Ray generates its own)."""
+    token = secrets.token_hex(32)
+    descriptor = os.open(temp_dir / TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token)
+    return token
 
 
 def ray_start_command(ports: RayPorts, *, num_cpus: int, temp_dir: Path) -> list[str]:
@@ -124,6 +153,10 @@ class LocalCluster:
     process: Popen[bytes] | None = None
     ports: RayPorts | None = None
     temp_dir: Path | None = None
+    # The dashboard token of a cluster this session started; None when attached (then
+    # `ray_auth_token()` finds the cluster's own, as Ray's CLI would).
+    auth_token: str | None = field(default=None, repr=False)
+    reaper: Reaper | None = None
 
     def stop(self) -> None:
         """Stop what we started (nothing when attached) and remove its temp dir."""
@@ -133,6 +166,13 @@ class LocalCluster:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+        if self.reaper is not None:  # nothing left for it to clean up
+            self.reaper.close()
+            self.reaper = None
+
+    def token(self) -> str | None:
+        """The token to send to this cluster's dashboard."""
+        return self.auth_token or ray_auth_token()
 
 
 def ensure_ray(
@@ -144,9 +184,16 @@ def ensure_ray(
     ingress_metrics: bool = False,
 ) -> LocalCluster:
     """Attach to the Ray cluster whose dashboard answers at `dashboard_url`, or start one there."""
-    if dashboard_up(dashboard_url):
+    answer = dashboard_status(dashboard_url)
+    if answer == 200:
         watch_attached_mode(dashboard_url, ingress_mode)
         return LocalCluster(dashboard_url)
+    if answer in (401, 403):
+        raise SystemExit(
+            f"the Ray dashboard at {dashboard_url} wants a token this process does not have: set "
+            "RAY_AUTH_TOKEN_PATH to its token file (a cluster `regserve dev` started keeps it in "
+            f"<its temp dir>/{TOKEN_FILE}), or pass another --dashboard"
+        )
     return start_cluster(
         dashboard_url,
         ingress_mode=ingress_mode,
@@ -171,20 +218,40 @@ def start_cluster(
     # Short and under /tmp: Ray's and HAProxy's unix sockets live below it (see ray_environment).
     temp_dir = Path(tempfile.mkdtemp(prefix="rgs-", dir="/tmp"))
     print(f"regserve: starting a local Ray cluster ({ingress_mode} ingress) at {dashboard_url}", flush=True)
+    reaper: Reaper | None = None
+    process: Popen[bytes] | None = None
     try:
-        process = start_and_wait(
+        # First, so that nothing started below can outlive this process, however it ends.
+        reaper = Reaper.start(log_dir / "reaper.log")
+        reaper.remove_dir(temp_dir)
+        token = write_auth_token(temp_dir)
+        log_path = log_dir / "ray-start.log"
+        process = start(
             ray_start_command(ports, num_cpus=num_cpus, temp_dir=temp_dir),
-            log=log_dir / "ray-start.log",
-            ready=lambda: dashboard_up(dashboard_url),
+            log=log_path,
+            env=ray_environment(
+                ingress_mode, ports, temp_dir, ingress_metrics=ingress_metrics, auth_token=token
+            ),
+        )
+        reaper.stop_session(process.pid)  # `start` made it a session leader: its pid is the session id
+        wait_while_running(
+            process,
+            lambda: dashboard_up(dashboard_url, token=token),
+            log=log_path,
             what=f"`ray start` (dashboard {dashboard_url})",
             timeout=180,
             interval=0.5,
-            env=ray_environment(ingress_mode, ports, temp_dir, ingress_metrics=ingress_metrics),
         )
     except BaseException:
+        if process is not None:
+            stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if reaper is not None:
+            reaper.close()
         raise
-    return LocalCluster(dashboard_url, ingress_mode, process, ports, temp_dir)
+    return LocalCluster(
+        dashboard_url, ingress_mode, process, ports, temp_dir, auth_token=token, reaper=reaper
+    )
 
 
 def wanted_ingress_mode(modes: Iterable[IngressMode]) -> IngressMode:
@@ -198,12 +265,17 @@ def wanted_ingress_mode(modes: Iterable[IngressMode]) -> IngressMode:
     return "proxy" if "proxy" in chosen else "haproxy"
 
 
-def dashboard_up(url: str) -> bool:
+def dashboard_up(url: str, *, token: str | None = None) -> bool:
+    return dashboard_status(url, token=token) == 200
+
+
+def dashboard_status(url: str, *, token: str | None = None) -> int | None:
+    """The dashboard's answer to a Serve read (401/403: it wants another token), None if none answers."""
     try:
-        with _dashboard(url) as http:
-            return http.get("/api/serve/applications/").status_code == 200
+        with _dashboard(url, token) as http:
+            return http.get("/api/serve/applications/").status_code
     except httpx.HTTPError:
-        return False
+        return None
 
 
 # ------------------------------------------------------------------------------- attached clusters
@@ -265,8 +337,8 @@ def _say_attached_mode(dashboard_url: str, mode: IngressMode, wanted: IngressMod
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _dashboard(url: str) -> httpx.Client:
-    token = ray_auth_token()
+def _dashboard(url: str, token: str | None = None) -> httpx.Client:
+    token = token or ray_auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=5)
 

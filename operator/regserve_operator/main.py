@@ -13,7 +13,9 @@ startup, the ports, the scheduler, the loop) lives in kopf's memo, set by the st
 - webhook deliveries: mark resources serving the named model due and refresh the registry snapshot.
 
 No change-detecting handler (create/update/resume/delete) is registered, so kopf writes nothing to the
-resources themselves: no finalizers, no progress or diff-base annotations.
+resources themselves: no finalizers of its own, no progress or diff-base annotations. The one finalizer
+a resource carries is ours (`finalizer.py`): added by the watch handler once tags are written to MLflow,
+and on deletion removed after the tags are (bounded in time), with a JSON patch of its own.
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ from regserve_operator import metrics, probe
 from regserve_operator import spec as s
 from regserve_operator.allocator import limit_arenas, release_free_heap
 from regserve_operator.builders import LABEL_MANAGED_BY, MANAGED_BY, BuildDefaults, Owner
-from regserve_operator.conditions import READY, set_condition
+from regserve_operator.conditions import READY, printable, set_condition
 from regserve_operator.decide import Event, Outcome, iso
 from regserve_operator.driver import TRIM_AFTER_RESOURCES
-from regserve_operator.passes import Seen, StatusWrites, Watched, run_forever, run_pass
+from regserve_operator.finalizer import (
+    KubeFinalizers,
+    add_patch,
+    deleting,
+    finalizer_step,
+    remove_patch,
+    remove_tags,
+)
+from regserve_operator.passes import InFlight, Seen, StatusWrites, Watched, run_forever, run_pass
 from regserve_operator.rbac import rule
 from regserve_operator.reconcile import Deps, reconcile_pass
 from regserve_operator.registry import Registry
@@ -63,6 +73,9 @@ rule(
 # each kept its own peak.
 OPERATOR_ARENAS = 2
 
+# Deletions whose registry tags are being removed at once.
+FINALIZER_WORKERS = 2
+
 # Objects per page of kopf's initial listing, and how long its per-object worker outlives an event.
 LIST_CHUNK = 500
 WORKER_IDLE_S = 0.5
@@ -81,8 +94,10 @@ class State:
         post_event: PostEvent,
         writes: StatusWrites | None = None,
         rayservices: RayServiceCache | None = None,
+        finalizers: KubeFinalizers | None = None,
     ) -> None:
         self.settings = settings
+        self.finalizers = finalizers
         self.deps = deps
         self.scheduler = Scheduler()
         self.watched = Watched()
@@ -90,6 +105,10 @@ class State:
         self.writes = writes
         self.rayservices = rayservices
         self.pool = ThreadPoolExecutor(settings.reconcile_workers, thread_name_prefix="reconcile")
+        # Finalizers wait on registries (up to finalizer.BUDGET_S each): on threads of their own, so a
+        # mass deletion on a slow registry never takes the threads the reconcile loop's passes run on.
+        self.finalizing = ThreadPoolExecutor(FINALIZER_WORKERS, thread_name_prefix="finalize")
+        self.in_flight = InFlight()
         self.loop_task: asyncio.Task[None] | None = None
         self.receiver_runner: Any = None
         self._reconciled_since_trim = 0
@@ -97,7 +116,15 @@ class State:
     def run_pass(self) -> list[Key]:
         if self.writes is None:
             raise RuntimeError("State built without a status writer cannot run the loop")
-        done = run_pass(self.watched, self.scheduler, self.reconcile, self.writes, self.pool)
+        done = run_pass(
+            self.watched,
+            self.scheduler,
+            self.reconcile,
+            self.writes,
+            self.pool,
+            in_flight=self.in_flight,
+            deadline_s=self.settings.pass_deadline_seconds,
+        )
         # Resources fall due spread over the poll interval, so count across passes (driver.py trims
         # after one big pass; here a pass at 10,000 resources polled every 30 s holds ~330).
         self._reconciled_since_trim += len(done)
@@ -123,13 +150,19 @@ def build_state(settings: Settings) -> State:
     rayservices = RayServiceCache()
     target = KubeTarget(api_client, cache=rayservices)
     deps = Deps(
-        registry=Registry(on_poll=metrics.record_poll, facts_cache_size=settings.facts_cache_size),
+        registry=Registry(
+            on_poll=metrics.record_poll,
+            facts_cache_size=settings.facts_cache_size,
+            poll_wait_s=settings.pass_deadline_seconds,
+            reads_outside_proxy=settings.policy().allows_reads_outside_proxy,
+        ),
         target=target,
         defaults=BuildDefaults(image=settings.image, ray_version=settings.ray_version),
         image_pins=settings.image_pins,
         settle_seconds=settings.settle_seconds,
         probe=probe.probe_app if settings.probes_serving else None,
         rollout_probe=probe.probe_rollout if settings.probes_serving else None,
+        policy=settings.policy(),
     )
     return State(
         settings,
@@ -137,6 +170,7 @@ def build_state(settings: Settings) -> State:
         post_event=reports.post_event,
         writes=StatusWrites(reports.write_status),
         rayservices=rayservices,
+        finalizers=KubeFinalizers(api_client),
     )
 
 
@@ -191,6 +225,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         state.loop_task.cancel()
         await asyncio.gather(state.loop_task, return_exceptions=True)
         state.pool.shutdown(wait=False, cancel_futures=True)
+        state.finalizing.shutdown(wait=False, cancel_futures=True)
     if isinstance(state, State) and state.receiver_runner is not None:
         await state.receiver_runner.cleanup()
     if isinstance(state, State) and isinstance(state.deps.registry, Registry):
@@ -208,10 +243,31 @@ async def watched(*, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
     if not isinstance(state, State):
         return
     key = key_of(body)
-    if type == "DELETED":
+    if type == "DELETED" or deleting(body):
+        # Being deleted: no pass may run on it any more (one would write its tags again).
         await asyncio.to_thread(forget, state, key, body)
     elif state.watched.saw(body):
         state.scheduler.wake(key)
+    if type != "DELETED" and state.finalizers is not None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(state.finalizing, keep_finalizer, state, state.finalizers, body)
+
+
+def keep_finalizer(state: State, finalizers: KubeFinalizers, body: Mapping[str, Any]) -> None:
+    """Add the registry-tags finalizer once tags are written; on deletion remove the tags, then it."""
+    step = finalizer_step(body)
+    meta = body.get("metadata") or {}
+    if step == "add":
+        finalizers.patch(meta, add_patch(meta))
+    elif step == "finalize":
+        removal = remove_tags(body, state.deps.registry, state.deps.target, policy=state.deps.policy)
+        if removal.kept:
+            message = printable(
+                f"MLflow tags on versions {', '.join(removal.kept)} were left in place: {removal.problem}"
+            )
+            log.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), message)
+            state.post_event(body, Event("Warning", "RegistryTagsNotRemoved", message))
+        finalizers.patch(meta, remove_patch(meta))
 
 
 def forget(state: State, key: Key, body: Mapping[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.parse
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -48,9 +49,12 @@ def forget_rollout(namespace: str, name: str) -> None:
 
 
 def record_poll(server: str, seconds: float, ok: bool) -> None:
-    POLL_LATENCY.labels(server).observe(seconds)
+    # The server's scheme and host only: a tenant's path is nobody else's business on a shared endpoint.
+    parts = urllib.parse.urlsplit(server)
+    label = f"{parts.scheme}://{parts.netloc}"
+    POLL_LATENCY.labels(label).observe(seconds)
     if not ok:
-        POLL_ERRORS.labels(server).inc()
+        POLL_ERRORS.labels(label).inc()
 
 
 def serve(port: int) -> None:

@@ -5,6 +5,10 @@ A kopf timer per resource would hand every resource to a worker thread every tic
 keeps a compact copy of each resource here (`Watched`), and one loop asks the scheduler which are due
 and reconciles only those, a few at a time (`run_pass`). Status goes out as a merge patch; a write
 the API server refused is kept and sent again before that resource's next pass (`StatusWrites`).
+
+A pass waits for its resources up to a deadline, not for the slowest: a resource whose registry is
+slow keeps running on its worker (its registry calls are bounded in time), is not handed out again
+until it ends, and writes its status when it does (`InFlight`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 # How long a resource whose pass raised outside the reconcile (a bug, not a registry or API error,
 # which the reconcile backs off from itself) waits before it is tried again.
 UNEXPECTED_FAILURE_DELAY_S = 30.0
+# How often a pass waiting on its resources looks whether others fell due meanwhile.
+PASS_CHECK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -135,29 +141,103 @@ class StatusWrites:
 Reconcile = Callable[[Key, Seen], dict[str, Any]]
 
 
+class InFlight:
+    """Resources whose reconcile is running, across passes: one that outlived its pass's deadline is
+    not handed out again until it ends."""
+
+    def __init__(self) -> None:
+        self._keys: set[Key] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, key: Key) -> bool:
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, key: Key) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+
 def run_pass(
     watched: Watched,
     scheduler: Scheduler,
     reconcile: Reconcile,
     writes: StatusWrites,
     pool: ThreadPoolExecutor,
+    *,
+    in_flight: InFlight | None = None,
+    deadline_s: float | None = None,
 ) -> list[Key]:
-    """Reconcile every resource that is due, `pool`'s size at a time; returns the keys reconciled."""
+    """Reconcile every resource that is due and not still running from an earlier pass, `pool`'s size
+    at a time; returns the keys reconciled within `deadline_s` (None: waits for all). A resource
+    still running then goes on by itself and writes its status when it ends; one not started yet is
+    left for the next pass (it is still due)."""
+    running = in_flight if in_flight is not None else InFlight()
 
-    def one(item: tuple[Key, Seen]) -> Key | None:
-        key, seen = item
-        if not writes.flush(key):
-            return None  # its last status is still unwritten: deciding again on top of it waits
+    def one(key: Key, seen: Seen) -> Key | None:
         try:
-            status_patch = reconcile(key, seen)
-        except Exception:
-            log.exception("%s/%s: pass failed", *key)
-            scheduler.postpone(key, UNEXPECTED_FAILURE_DELAY_S, seen.generation)
-            return None
-        writes.send(key, status_patch)
-        return key
+            if not writes.flush(key):
+                return None  # its last status is still unwritten: deciding again on top of it waits
+            try:
+                status_patch = reconcile(key, seen)
+            except Exception:
+                log.exception("%s/%s: pass failed", *key)
+                scheduler.postpone(key, UNEXPECTED_FAILURE_DELAY_S, seen.generation)
+                return None
+            writes.send(key, status_patch)
+            return key
+        finally:
+            running.release(key)
 
-    return [key for key in pool.map(one, watched.due(scheduler)) if key is not None]
+    began = time.monotonic()
+    started: dict[Future[Key | None], Key] = {}
+    for key, seen in watched.due(scheduler):
+        if running.claim(key):
+            started[pool.submit(one, key, seen)] = key
+    if deadline_s is None:
+        finished, late = wait(started)
+    else:
+        finished, late = _wait_for_pass(started, deadline_s, lambda: _others_due(watched, scheduler, running))
+    for future in late:
+        if future.cancel():  # never began: due again at the next pass
+            running.release(started[future])
+        elif not future.done() and deadline_s is not None and time.monotonic() - began >= deadline_s:
+            log.info("%s/%s: still reconciling after the pass's %ss deadline", *started[future], deadline_s)
+    order = {key: i for i, key in enumerate(started.values())}
+    done = [reconciled for future in finished if (reconciled := future.result()) is not None]
+    return sorted(done, key=order.__getitem__)
+
+
+def _wait_for_pass(
+    started: Mapping[Future[Key | None], Key], deadline_s: float, others_due: Callable[[], bool]
+) -> tuple[set[Future[Key | None]], set[Future[Key | None]]]:
+    """Wait for the pass's resources until they are done or the deadline passes, and no longer once
+    every one left is running (none queued for a worker) while another resource is due: a promotion
+    woken meanwhile must not wait out the deadline of a resource stuck on a slow registry."""
+    finished: set[Future[Key | None]] = set()
+    pending = set(started)
+    ends = time.monotonic() + deadline_s
+    while pending and (left := ends - time.monotonic()) > 0:
+        done, pending = wait(pending, timeout=min(PASS_CHECK_S, left), return_when=FIRST_COMPLETED)
+        finished |= done
+        if pending and all(future.running() for future in pending) and others_due():
+            break
+    return finished, pending
+
+
+def _others_due(watched: Watched, scheduler: Scheduler, running: InFlight) -> bool:
+    return any(key not in running for key, _ in watched.due(scheduler))
 
 
 async def run_forever(run: Callable[[], object], tick_seconds: float) -> None:

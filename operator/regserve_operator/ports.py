@@ -8,14 +8,21 @@ Registry credentials and facts are the vocabulary both sides share, so they live
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from regserve_operator.plan import Plan
 from regserve_operator.spec import ModelSelector
+from serving_app import child_env
 from serving_app.compat import Signature
 from serving_app.mlmodel import RegistryAuth
+
+# Keys the credentials' fingerprints with a secret of this process: a fingerprint that ever showed up
+# somewhere could not be checked against guessed passwords.
+_FINGERPRINT_KEY = os.urandom(32)
 
 # ------------------------------------------------------------------------------------------ registry
 
@@ -57,8 +64,13 @@ class Credentials:
 
     @property
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(repr(self.items).encode()).hexdigest()
-        return digest[:16]
+        """Tells credentials apart in cache keys (one tenant's answers never serve another's)."""
+        return hmac.new(_FINGERPRINT_KEY, repr(self.items).encode(), hashlib.sha256).hexdigest()[:32]
+
+    @property
+    def ignored_keys(self) -> tuple[str, ...]:
+        """Keys no registry read of the operator's uses (not on `serving_app.child_env`'s allowlist)."""
+        return child_env.split(self.env).ignored
 
     @property
     def registry_auth(self) -> RegistryAuth:
@@ -95,6 +107,13 @@ class RegistryPort(Protocol):
 
     def model_changed(self, model_name: str) -> None:
         """A webhook said `model_name` changed: the next resolve must not answer from a stale snapshot."""
+        ...
+
+    def promoted(
+        self, tracking_uri: str, credentials: Credentials, name: str, poll_interval_s: float
+    ) -> frozenset[str]:
+        """Versions of `name` an alias or a Staging/Production stage points to (from the same snapshot
+        `resolve` reads). Raise RegistryError."""
         ...
 
     def set_version_tag(

@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import httpx
 
-TIMEOUT_S = 2.0
+from serving_app import mlmodel
+from serving_app.mlmodel import Answer, BoundedTransport, Deadline, bounded_request
+
+TIMEOUT_S = 2.0  # per socket operation
+# Model code runs in the replica by design and could trickle or stream an endless answer: a probe is over
+# within PROBE_DEADLINE_S and reads at most PROBE_MAX_BYTES (a report is a few KiB), or it is "no answer".
+PROBE_DEADLINE_S = 5.0
+PROBE_MAX_BYTES = 256 * 1024
 REGISTRY_UNAVAILABLE_CODE = "registry_unavailable"  # serving_app's error code for an unreachable registry
 INVALID_CANDIDATE_CODE = "invalid_candidate"  # the app refused user_config.candidate itself
 
@@ -52,20 +59,32 @@ Probe = Callable[[str], AppReport | None]
 def probe_app(url: str, *, client: httpx.Client | None = None) -> AppReport | None:
     """What the application at `url` reports; None when it cannot be asked (unreachable, not ready,
     an older app): the caller then goes by Ray's status alone."""
-    try:
-        if client is not None:
-            response = client.get(f"{url.rstrip('/')}/healthz", timeout=TIMEOUT_S)
-        else:
-            response = httpx.get(f"{url.rstrip('/')}/healthz", timeout=TIMEOUT_S)
-    except httpx.HTTPError:
-        return None
-    if response.status_code != 200:
+    response = _get(url, "/healthz", client)
+    if response is None or response.status_code != 200:
         return None
     try:
         body = response.json()
     except ValueError:
         return None
     return parse_report(body)
+
+
+def _get(url: str, path: str, client: httpx.Client | None) -> Answer | None:
+    """The app's answer at `path`, complete within the probe's deadline and byte cap; None otherwise."""
+    target = f"{url.rstrip('/')}{path}"
+    deadline = Deadline.after(PROBE_DEADLINE_S)
+    try:
+        if client is not None:
+            return bounded_request(
+                client, "GET", target, label=path, deadline=deadline, max_bytes=PROBE_MAX_BYTES
+            )
+        # verify=False builds no CA bundle (a probe is plain HTTP inside the cluster or on loopback).
+        with httpx.Client(transport=BoundedTransport(verify=False), timeout=TIMEOUT_S) as own:
+            return bounded_request(
+                own, "GET", target, label=path, deadline=deadline, max_bytes=PROBE_MAX_BYTES
+            )
+    except mlmodel.Unreachable:
+        return None
 
 
 def parse_report(body: Any) -> AppReport | None:
@@ -153,10 +172,8 @@ def probe_rollout(
 ) -> RolloutReport | RolloutUnsupported | None:
     """The app's rollout report; RolloutUnsupported for an app without the route; None when it cannot
     be asked or answers with something else: the caller then promotes nothing."""
-    try:
-        getter = client.get if client is not None else httpx.get
-        response = getter(f"{url.rstrip('/')}/rollout", timeout=TIMEOUT_S)
-    except httpx.HTTPError:
+    response = _get(url, "/rollout", client)
+    if response is None:
         return None
     if response.status_code == 404:
         return RolloutUnsupported()

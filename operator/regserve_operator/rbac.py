@@ -19,7 +19,12 @@ NAMESPACE = "regserve-system"  # where deploy/ and `regserve rbac` put the opera
 # Resources of the rules that are not namespaced; a k8s test checks this against the API server's discovery.
 CLUSTER_SCOPED = frozenset({"namespaces", "customresourcedefinitions", "nodes"})
 # Modules whose rules make up the operator's role.
-SOURCES = ("regserve_operator.main", "regserve_operator.reports", "regserve_operator.targets.kube")
+SOURCES = (
+    "regserve_operator.main",
+    "regserve_operator.finalizer",
+    "regserve_operator.reports",
+    "regserve_operator.targets.kube",
+)
 
 
 @dataclass(frozen=True)

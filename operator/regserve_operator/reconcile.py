@@ -35,6 +35,7 @@ from regserve_operator.decide import (
     wants_app_report,
     wants_rollout_report,
 )
+from regserve_operator.policy import OFF, Policy, violations
 from regserve_operator.ports import (
     Credentials,
     CredentialsUnavailable,
@@ -66,6 +67,7 @@ class Deps:
     probe: Probe | None = None  # asks the app what it answers with (None: go by Ray's status alone)
     # asks the app how the candidate fares (None: a candidate never gets a verdict, so never promoted)
     rollout_probe: RolloutProbe | None = None
+    policy: Policy = OFF  # the platform team's limits (settings); local mode has none
 
 
 def reconcile(
@@ -86,6 +88,7 @@ def reconcile(
         deps.image_pins,
         deps.settle_seconds,
         judges_candidates=deps.rollout_probe is not None,
+        policy=deps.policy,
     )
     observed, credentials = gather(owner, spec, status, deps)
     if isinstance(observed.resolved, str) and observed.credentials_problem is None:
@@ -109,12 +112,17 @@ def gather(
     name = rayservice_name(owner.name, spec)
     url = deps.target.url(owner.namespace, name, route_prefix(owner.name, spec.serving))
     credentials = Credentials()
+    refused = violations(spec, None, deps.policy)
+    if refused:
+        # Checked before the Secret is read or the registry asked: a refused tracking URI never sees it.
+        return Observation(url=url, refused=tuple(refused)), credentials
     ref = spec.registry.credentials_secret_ref
     if ref is not None:
         try:
             credentials = Credentials.from_mapping(deps.target.read_credentials(owner.namespace, ref.name))
         except CredentialsUnavailable as exc:
             return Observation(url=url, credentials_problem=str(exc)), credentials
+    ignored = credentials.ignored_keys if ref is not None else None
     existing = deps.target.get(owner.namespace, name)
     peers: tuple[Peer, ...] = ()
     if spec.placement is not None:
@@ -127,13 +135,28 @@ def gather(
         )
     except RegistryError as exc:
         resolved = exc
+    promoted = None
+    if spec.serving.pinning == "Promoted":
+        try:
+            promoted = deps.registry.promoted(
+                spec.registry.tracking_uri, credentials, spec.model.name, spec.registry.poll_interval_seconds
+            )
+        except RegistryError:
+            promoted = None  # the policy the RayService carries stays (decide reads it from there)
     app = report = None
     if deps.probe is not None and wants_app_report(status, existing, owner.name):
         app = deps.probe(url)
     if deps.rollout_probe is not None and wants_rollout_report(status, existing, owner.name):
         report = deps.rollout_probe(url)
     observed = Observation(
-        url=url, existing=existing, resolved=resolved, app=app, rollout=report, peers=peers
+        url=url,
+        existing=existing,
+        resolved=resolved,
+        app=app,
+        rollout=report,
+        peers=peers,
+        promoted=promoted,
+        ignored_credential_keys=ignored,
     )
     return observed, credentials
 
@@ -226,6 +249,7 @@ def reconcile_pass(
     retried with the error back-off, the status left as it was (one resource's failure never stops
     the others)."""
     key: Key = (owner.namespace, owner.name)
+    scheduler.started(key, spec.model.name)
     try:
         outcome = reconcile(owner, generation, spec, status, deps, now)
     except Exception:

@@ -2,7 +2,8 @@
 
 The loop (`passes.py`) asks about every resource every `tick_seconds`; asking is free, and only a due
 resource is reconciled: its poll interval passed, a webhook named its model, its RayService changed,
-its spec changed, or a backoff after an error expired.
+its spec changed, or a backoff after an error expired. A wake while the resource's reconcile still
+runs (a pass does not wait for stragglers) keeps it due after that reconcile ends (`started`).
 
 The status memo exists because a pass can run before the watch stream delivers the status the
 previous pass wrote; a stale status would repeat a transition (and its Event). Each write carries a
@@ -37,6 +38,8 @@ class _Entry:
     memo: tuple[int, bytes] | None = None  # (revision, the status as JSON)
     generation: int | None = None
     body_revision: int = 0  # of the status the last pass started from
+    running: bool = False  # a reconcile began (`started`) and has not ended yet
+    woken_while_running: bool = False  # something happened after that reconcile read the world
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Scheduler:
         with self._lock:
             entry = self._entries.setdefault(key, _Entry())
             entry.failures = entry.failures + 1 if failed else 0
-            entry.next_at = self.clock() + delay
+            entry.next_at = self._next_at(entry, delay)
             entry.model = model
             entry.generation = generation
             entry.memo = None
@@ -77,6 +80,21 @@ class Scheduler:
                 if revision > entry.body_revision:
                     entry.memo = (revision, json.dumps(wire, separators=(",", ":")).encode())
             return entry.failures
+
+    def started(self, key: Key, model: str | None = None) -> None:
+        """A reconcile of `key` (following `model`) begins reading the world: a wake from now on may
+        concern something it does not see, so the poll time it sets when done must not overwrite it."""
+        with self._lock:
+            entry = self._entries.setdefault(key, _Entry())
+            entry.running, entry.woken_while_running = True, False
+            if model is not None:
+                entry.model = model  # a webhook for it finds a first reconcile still running too
+
+    def _next_at(self, entry: _Entry, delay: float) -> float:
+        """When a reconcile that just ended is due again; clears its `started` mark (lock held)."""
+        woken = entry.running and entry.woken_while_running
+        entry.running = entry.woken_while_running = False
+        return 0.0 if woken else self.clock() + delay
 
     def woken(self, key: Key) -> bool:
         """Due because something happened (new, spec changed, webhook, RayService event), not because
@@ -92,20 +110,20 @@ class Scheduler:
 
     def wake(self, key: Key) -> None:
         with self._lock:
-            self._entries.setdefault(key, _Entry()).next_at = 0.0
+            _wake(self._entries.setdefault(key, _Entry()))
 
     def wake_model(self, model: str) -> list[Key]:
         with self._lock:
             keys = [key for key, entry in self._entries.items() if entry.model == model]
             for key in keys:
-                self._entries[key].next_at = 0.0
+                _wake(self._entries[key])
             return keys
 
     def postpone(self, key: Key, delay: float, generation: int | None) -> None:
         """Not due for `delay` unless woken or its spec changes from `generation`."""
         with self._lock:
             entry = self._entries.setdefault(key, _Entry())
-            entry.next_at, entry.generation = self.clock() + delay, generation
+            entry.next_at, entry.generation = self._next_at(entry, delay), generation
 
     def forget(self, key: Key) -> None:
         with self._lock:
@@ -125,3 +143,8 @@ class Scheduler:
             entry.memo = None
             entry.body_revision = body_revision
         return from_body
+
+
+def _wake(entry: _Entry) -> None:
+    entry.next_at = 0.0
+    entry.woken_while_running = entry.running

@@ -9,12 +9,15 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from serving_app.config import VERSION_PATTERN
+from serving_app.pinning import PinningMode
 
 GROUP = "regserve.io"
 VERSION = "v1alpha1"
@@ -45,6 +48,30 @@ PLACEMENT_FIXED = (
     "(!has(self.placement) || self.placement.cluster == oldSelf.placement.cluster)"
 )
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Names that end up in log lines and Events: no newline or escape sequence can forge either.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$"
+
+# CEL (and the same rule in Python): no `user:password@` in the tracking URI. It would travel as plain
+# text into the Ray pods' env, the Serve config's args, metric labels and logs; credentials belong in
+# the Secret `credentialsSecretRef` names. The rule sits on the `registry` object, not on the string:
+# the API server's refusal quotes the value it checked ("Invalid value: ..."), and an object is quoted
+# as "object", so the password is not echoed into clients' terminals and audit logs.
+NO_USERINFO = "!self.trackingUri.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')"
+# CEL (and Python): no dot segments, percent-encoding or backslashes in the tracking URI. The cluster
+# policy's allowed prefixes compare text; `https://h/team-a/../team-b` starts with `https://h/team-a` and
+# reaches /team-b. MLflow's tracking URIs need none of them.
+PLAIN_PATH = (
+    "!self.trackingUri.matches('://[^/]*/(.*/)?[.][.]?(/|$)') && !self.trackingUri.contains('%') "
+    "&& !self.trackingUri.contains('\\\\')"
+)
+PLAIN_PATH_MESSAGE = (
+    "registry.trackingUri must not contain dot segments (/./, /../), percent-encoding or backslashes"
+)
+_DOT_SEGMENT = re.compile(r"://[^/]*/(.*/)?[.][.]?(/|$)")
+NO_USERINFO_MESSAGE = (
+    "registry.trackingUri must not carry credentials (user:password@host): put them in the Secret "
+    "named by registry.credentialsSecretRef"
+)
 
 
 # Lets the API server fill nested defaults when the whole section is left out.
@@ -68,7 +95,12 @@ class ModelSelector(_Model):
         )
     )
 
-    name: str = Field(min_length=1, max_length=256, description="Registered model name in MLflow.")
+    name: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=NO_CONTROL_CHARACTERS,
+        description="Registered model name in MLflow.",
+    )
     alias: str | None = Field(
         None,
         min_length=1,
@@ -107,8 +139,20 @@ class SecretKeyRef(_Model):
 
 
 class Registry(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": NO_USERINFO, "message": NO_USERINFO_MESSAGE},
+                {"rule": PLAIN_PATH, "message": PLAIN_PATH_MESSAGE},
+            ]
+        }
+    )
+
     tracking_uri: str = Field(
-        pattern=r"^https?://[^\s]+$", max_length=2048, description="MLflow tracking server URL."
+        # No query or fragment: MLflow needs neither, and a token there would show wherever the URI does.
+        pattern=r"^https?://[^\s?#]+$",
+        max_length=2048,
+        description="MLflow tracking server URL, without credentials (those go in credentialsSecretRef).",
     )
     credentials_secret_ref: SecretRef | None = Field(
         None,
@@ -119,6 +163,16 @@ class Registry(_Model):
         ),
     )
     poll_interval_seconds: int = Field(30, ge=2, le=86400, description="Registry polling interval.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_userinfo(cls, uri: str) -> str:
+        # Same rule as the CEL one, for resources read from files (local mode).
+        if "@" in urllib.parse.urlsplit(uri).netloc:
+            raise ValueError(NO_USERINFO_MESSAGE)
+        if _DOT_SEGMENT.search(uri) or "%" in uri or "\\" in uri:
+            raise ValueError(PLAIN_PATH_MESSAGE)
+        return uri
 
 
 class Batching(_Model):
@@ -205,6 +259,17 @@ class Serving(_Model):
         ),
     )
     auth: Auth | None = None
+    pinning: PinningMode = Field(
+        "Compatible",
+        description=(
+            "Which versions a client may pin with the serve-multiplexed-model-id header (or a /v2 version "
+            "path). Compatible (default): any version compatible with the default. Promoted: only versions "
+            "an alias or the Staging/Production stage of the model points to, and versions that served "
+            "this resource. Any: every version, held ones included. None: no pinned requests. In every mode "
+            "but Any, versions the operator held or rolled back are refused. A refused pin is answered 403 "
+            "version_not_allowed before anything is downloaded."
+        ),
+    )
     hide_schema_in_errors: bool = Field(False, description="Omit field-level detail from 422 answers.")
     access_log: bool = Field(
         False,

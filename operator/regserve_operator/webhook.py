@@ -92,13 +92,16 @@ def verify(
     signature = headers.get(SIGNATURE_HEADER) or ""
     if not (secret and delivery_id and timestamp and signature):
         return Verdict(False, "missing signature headers")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
+    if not (timestamp.isascii() and timestamp.isdigit()):
         return Verdict(False, "bad timestamp")
+    sent_at = int(timestamp)
     if abs(now - sent_at) > tolerance_s:
         return Verdict(False, "stale timestamp")
-    if not hmac.compare_digest(sign(secret, delivery_id, timestamp, body), signature):
+    if not delivery_id.isascii():
+        return Verdict(False, "bad delivery id")
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, which was a 500).
+    expected = sign(secret, delivery_id, timestamp, body).encode()
+    if not hmac.compare_digest(expected, signature.encode("utf-8", errors="replace")):
         return Verdict(False, "bad signature")
     # Only a correctly signed delivery may consume its id, or forgeries could block real ones.
     if not replay.first_time(delivery_id, now):

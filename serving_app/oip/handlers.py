@@ -113,7 +113,8 @@ class OipHandlers:
 
     async def _resolve(self, request: Request, route: Route) -> LoadedVersion:
         """The version a model route names (path or header), with the same rules as the header alone:
-        400 not a version number, 404 unknown, 409 incompatible with the default."""
+        400 not a version number, 403 refused by the pinning policy, 404 unknown, 409 incompatible with
+        the default, 429 too many cold loads."""
         check_model_name(str(route.model), self.args.model_name)
         return await self.service.resolve(pinned_version(route.version, http.requested_version(request)))
 

@@ -4,7 +4,8 @@
 - ``charts/regserve/files/rbac-rules.yaml`` holds the operator's RBAC rules from
   ``regserve_operator.rbac`` (the ``rule()`` declarations beside the code that needs them), split into
   cluster-scoped and namespaced rules so the chart can grant them cluster-wide or per namespace.
-- ``deploy/operator/operator.yaml`` is the chart's Deployment and Service rendered for deploy/ (kustomize).
+- ``deploy/operator/operator.yaml`` is the chart's Deployment, Service and admission policy rendered for
+  deploy/ (kustomize).
 - The values table in ``charts/regserve/README.md`` comes from the ``# --`` comments in values.yaml.
 
 ``python -m tests.install.chart_sync`` rewrites them (it needs the pinned helm: ``make tools``);
@@ -47,16 +48,19 @@ DEPLOY_VALUES = (
     "serviceAccount.create=false",
     f"serviceAccount.name={rbac.SERVICE_ACCOUNT}",
 )
+# The tenant policy at admission goes with the operator's Deployment: both carry the same values.
+DEPLOY_KINDS = ("Deployment", "Service", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 _HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
 
 
 def deploy_operator_yaml(helm: Path) -> str:
-    """The chart's Deployment and Service for deploy/ (kustomize), without Helm's own labels."""
+    """The chart's Deployment, Service and admission policy for deploy/ (kustomize), without Helm's own
+    labels."""
     args = [str(helm), "template", "regserve", str(CHART), "--namespace", rbac.NAMESPACE]
     for value in DEPLOY_VALUES:
         args += ["--set", value]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
-    documents = [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("Deployment", "Service")]
+    documents = [d for d in yaml.safe_load_all(out) if d and d["kind"] in DEPLOY_KINDS]
     for doc in documents:
         for labels in (
             doc["metadata"]["labels"],

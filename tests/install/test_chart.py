@@ -10,6 +10,8 @@ import jsonschema
 import pytest
 import yaml
 from regserve_operator import rbac
+from regserve_operator.builders import RAY_GID, RAY_UID
+from regserve_operator.settings import Settings
 
 from tests.install import chart_sync
 from tests.install.support import (
@@ -192,6 +194,103 @@ def test_service_monitor_is_optional(helm_binary: Path) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+@pytest.mark.parametrize(
+    ("values", "admission", "enabled"),
+    [
+        ((), True, True),
+        (("policy.admission.enabled=false",), False, True),
+        # One value turns the whole policy off, at admission and in the operator.
+        (("policy.enabled=false",), False, False),
+    ],
+)
+def test_tenant_policy_is_on_by_default_and_off_in_one_value(
+    helm_binary: Path,
+    values: tuple[str, ...],
+    admission: bool,
+    enabled: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rendered = docs(helm_template(helm_binary, *values))
+    assert bool(of_kind(rendered, "ValidatingAdmissionPolicy")) is admission
+    assert bool(of_kind(rendered, "ValidatingAdmissionPolicyBinding")) is admission
+    (deployment,) = of_kind(rendered, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for env in container["env"]:
+        if env["name"].startswith("REGSERVE_POLICY_"):
+            monkeypatch.setenv(env["name"], env["value"])
+    policy = Settings().policy()  # the operator reads the chart's env as it is rendered
+    assert policy.enabled is enabled
+    assert (policy.images, policy.service_accounts, policy.allow_gpus, policy.max_replicas) == (
+        (),
+        (),
+        False,
+        8,
+    )
+
+
+def test_admission_policy_carries_the_operators_values(
+    helm_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = (
+        "policy.allowedTrackingUriPrefixes={https://mlflow.example.com/}",
+        "policy.allowedImages={a/b:1,c/d:2}",
+        "policy.maxReplicas=3",
+        "watch.namespaces={team-a,team-b}",
+    )
+    rendered = docs(helm_template(helm_binary, *values))
+    (policy,) = of_kind(rendered, "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert json.loads(variables["trackingUriPrefixes"]) == ["https://mlflow.example.com"]
+    assert json.loads(variables["images"]) == ["a/b:1", "c/d:2"]
+    assert any("<= 3" in v["expression"] for v in policy["spec"]["validations"])
+    (binding,) = of_kind(rendered, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    (selector,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert selector["values"] == ["team-a", "team-b"]
+    cluster = docs(helm_template(helm_binary, *values[:3], "watch.mode=cluster"))
+    assert "matchResources" not in of_kind(cluster, "ValidatingAdmissionPolicyBinding")[0]["spec"]
+    (deployment,) = of_kind(rendered, "Deployment")
+    for env in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if env["name"].startswith("REGSERVE_POLICY_"):
+            monkeypatch.setenv(env["name"], env["value"])
+    operator = Settings().policy()
+    assert operator.images == ("a/b:1", "c/d:2") and operator.max_replicas == 3
+    assert operator.tracking_uri_prefixes == ("https://mlflow.example.com/",)
+
+
+def test_network_policy_is_optional_and_selects_the_ray_pods(helm_binary: Path) -> None:
+    assert not of_kind(docs(helm_template(helm_binary)), "NetworkPolicy")
+    rendered = docs(
+        helm_template(helm_binary, "networkPolicy.enabled=true", "watch.namespaces={team-a,team-b}")
+    )
+    policies = of_kind(rendered, "NetworkPolicy")
+    assert [p["metadata"]["namespace"] for p in policies] == ["team-a", "team-b"]
+    spec = policies[0]["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "regserve"}}
+    by_ports = {
+        tuple(sorted(p["port"] for p in rule.get("ports", []))): rule["from"] for rule in spec["ingress"]
+    }
+    assert by_ports[(8000,)] == [{"namespaceSelector": {"matchLabels": {"regserve.io/clients": "true"}}}]
+    head = by_ports[(6379, 8000, 8265, 10001, 52365)]
+    assert [peer["namespaceSelector"]["matchLabels"] for peer in head] == [
+        {"kubernetes.io/metadata.name": "regserve-system"},
+        {"kubernetes.io/metadata.name": "kuberay-system"},
+    ]
+    failed = run_status(
+        [
+            helm_binary,
+            "template",
+            "rs",
+            CHART,
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "watch.mode=cluster",
+        ]
+    )
+    assert failed.returncode != 0 and "networkPolicy.namespaces is required" in failed.stderr
+
+
 def test_hadolint_passes_on_the_dockerfile() -> None:
     out = run([VENV_BIN / "hadolint", "--failure-threshold", "info", ROOT / "Dockerfile"])
     assert out.strip() == ""
@@ -211,7 +310,8 @@ def test_dockerfile_has_both_targets_pinned_installs_and_non_root_users() -> Non
     assert "ARG RAY_IMAGE_TAG=2.60.0-py311" in text
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert installs and all("-c constraints.txt" in line or "--no-deps" in line for line in installs)
-    assert "USER 10001:10001" in text and "USER 1000\n" in text
+    # The serving image runs as the uid and gid the operator's Ray pods ask for (runAsNonRoot).
+    assert "USER 10001:10001" in text and f"USER {RAY_UID}:{RAY_GID}\n" in text
 
 
 def test_kustomize_base_renders(tmp_path: Path) -> None:

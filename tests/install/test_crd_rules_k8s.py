@@ -42,6 +42,7 @@ def _create(kube_api: client.ApiClient, namespace: str, serving: dict[str, Any])
         ),
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 4}}, "minReplicas must not exceed maxReplicas"),
         ({"autoscaling": {"minReplicas": 1}}, "maxReplicas: Required value"),
+        ({"pinning": "Sometimes"}, "spec.serving.pinning: Unsupported value"),
     ],
 )
 def test_refused(
@@ -60,6 +61,7 @@ def test_refused(
         {"replicas": 3},
         {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
         {"autoscaling": {"maxReplicas": 8}},
+        {"pinning": "Promoted"},
     ],
 )
 def test_accepted_without_an_implicit_replica_count(
@@ -70,6 +72,7 @@ def test_accepted_without_an_implicit_replica_count(
     assert stored.get("replicas") == serving.get("replicas")
     if "autoscaling" in serving:
         assert stored["autoscaling"]["minReplicas"] == serving["autoscaling"].get("minReplicas", 1)
+    assert stored["pinning"] == serving.get("pinning", "Compatible")  # today's behaviour unless asked
 
 
 @pytest.mark.parametrize(
@@ -129,3 +132,30 @@ def test_placement_is_fixed_once_created(
         api.replace_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "placed", changed)
     finally:
         api.delete_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "placed")
+
+
+@pytest.mark.parametrize(
+    ("uri", "refused"),
+    [
+        ("https://user:secret@mlflow:5000", "must not carry credentials"),
+        ("http://token@mlflow", "must not carry credentials"),
+        ("http://mlflow/team-a/../team-b", "must not contain dot segments"),
+        ("http://mlflow/team-a/%2E%2E/team-b", "must not contain dot segments"),
+        ("http://mlflow:5000/path@with-at", None),
+        ("http://mlflow.ml.svc:5000", None),
+    ],
+)
+def test_tracking_uri_with_credentials_refused(
+    kube_api: client.ApiClient, kube_namespace: str, uri: str, refused: str | None
+) -> None:
+    body = _resource({})
+    body["spec"]["registry"]["trackingUri"] = uri
+    api = client.CustomObjectsApi(kube_api)
+    if not refused:
+        api.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, body, dry_run="All")
+        return
+    with pytest.raises(ApiException) as error:
+        api.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, body, dry_run="All")
+    assert error.value.status == 422
+    assert refused in str(error.value.body)
+    assert "secret" not in str(error.value.body).replace("Secret", "")  # the refusal does not echo it

@@ -122,6 +122,17 @@ def _delete_resources(api: client.ApiClient, namespace: str) -> None:
         custom.delete_namespaced_custom_object(
             "regserve.io", "v1alpha1", namespace, "registeredmodelservings", item["metadata"]["name"]
         )
+    # The operator (still running) removes their MLflow tags and then its finalizer.
+    plane.wait_for(
+        "resources deleted",
+        lambda: (
+            not custom.list_namespaced_custom_object(
+                "regserve.io", "v1alpha1", namespace, "registeredmodelservings"
+            )["items"]
+        ),
+        timeout=60,
+        interval=0.5,
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ in a process group of its own with a parent-death signal; it runs the readiness 
 pod's Ready condition and container statuses, and restarts a container that exits the way a kubelet
 would (``restartCount``, ``lastState``, back-off). Every pod is told where the apiserver is
 (``KUBERNETES_SERVICE_HOST``/``PORT``: the plane's bridge address), and a pod with a service account finds
-a token bound to it and the cluster CA at ``/var/run/secrets/kubernetes.io/serviceaccount``, so in-cluster
-clients (KubeRay's autoscaler) work. When the pod goes, everything in its namespace is
-killed and the namespace deleted. Pods are keyed by UID: KWOK reuses addresses, so a departed pod is
-torn down before a new one is set up.
+a token bound to it and the cluster CA at ``/var/run/secrets/kubernetes.io/serviceaccount`` unless it
+turns automounting off; a projected volume with a ``serviceAccountToken`` source is written the same way
+and bind-mounted only into the containers that mount it (read-only, at a mount point that must exist on
+the host, as the service-account one does), so in-cluster clients (KubeRay's autoscaler) work. When the
+pod goes, everything in its namespace is killed and the namespace deleted. Pods are keyed by UID: KWOK
+reuses addresses, so a departed pod is torn down before a new one is set up.
 
 It also keeps one hosts file current with the cluster names the components look up
 (``<svc>.<ns>.svc.cluster.local`` and shorter forms → the addresses of the service's pods): the pods see it
@@ -370,14 +372,25 @@ class Sandbox:
         """The pod's projected service-account files (token, ca.crt, namespace), when it has an account."""
         return self.root / self.uid / "serviceaccount"
 
-    def argv(self, command: list[str]) -> list[str]:
-        """``command`` inside the pod: its network namespace, hosts, resolv.conf, private /tmp and, when it
-        has a service account, the account's files where in-cluster clients look for them."""
+    def volume(self, name: str) -> Path:
+        """The files of the pod's projected volume ``name``."""
+        return self.root / self.uid / "volumes" / name
+
+    def argv(self, command: list[str], mounts: Iterable[tuple[Path, str]] = ()) -> list[str]:
+        """``command`` inside the pod: its network namespace, hosts, resolv.conf, private /tmp, when it
+        has a service account the account's files where in-cluster clients look for them, and the
+        container's own ``mounts`` (source, mount path), read-only."""
+        # Before /tmp is replaced: the plane's own files may live under the host's /tmp.
         steps = []
         if self.service_account.is_dir():
-            # Before /tmp is replaced: the plane's own files may live under the host's /tmp.
             mount_point = shlex.quote(str(network.SERVICE_ACCOUNT_MOUNT))
             steps.append(f"mount --bind {shlex.quote(str(self.service_account))} {mount_point}")
+        for source, path in mounts:
+            target = shlex.quote(path)
+            steps += [
+                f"mount --bind {shlex.quote(str(source))} {target}",
+                f"mount -o remount,bind,ro {target}",
+            ]
         tree = tree_under_tmp(REPO_ROOT)
         if tree is not None:
             # A working tree under /tmp (a clone made there) would be hidden by the private /tmp, and the
@@ -393,6 +406,12 @@ class Sandbox:
         (self.service_account / "token").write_text(token)
         (self.service_account / "namespace").write_text(namespace)
         shutil.copyfile(ca_cert, self.service_account / "ca.crt")
+
+    def project_volume(self, name: str, files: dict[str, str]) -> None:
+        directory = self.volume(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, text in files.items():
+            (directory / path).write_text(text)
 
 
 def tree_under_tmp(path: Path) -> Path | None:
@@ -436,7 +455,9 @@ class Readiness:
                 self.ready = False
 
 
-def run_probe(probe: Any, sandbox: Sandbox, env: dict[str, str], container: Any) -> bool:
+def run_probe(
+    probe: Any, sandbox: Sandbox, env: dict[str, str], container: Any, mounts: list[tuple[Path, str]]
+) -> bool:
     timeout = float(probe.timeout_seconds or 1)
     if probe.http_get is not None:
         port = _port(probe.http_get.port, container)
@@ -452,7 +473,7 @@ def run_probe(probe: Any, sandbox: Sandbox, env: dict[str, str], container: Any)
     if exec_action is not None:
         try:
             done = subprocess.run(
-                sandbox.argv(list(exec_action.command)),
+                sandbox.argv(list(exec_action.command), mounts),
                 env=env,
                 capture_output=True,
                 timeout=timeout + 1,
@@ -493,6 +514,7 @@ class ContainerRun:
     spec: Any
     env: dict[str, str]
     log: Path
+    mounts: list[tuple[Path, str]] = field(default_factory=list)  # its own: (source, mount path)
     proc: subprocess.Popen[bytes] | None = None
     started_at: str = ""
     started_mono: float = 0.0
@@ -510,7 +532,7 @@ class ContainerRun:
         return words
 
     def start(self, sandbox: Sandbox) -> None:
-        argv = ["setpriv", "--pdeathsig", "KILL", "--", *sandbox.argv(self.command())]
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *sandbox.argv(self.command(), self.mounts)]
         with self.log.open("ab") as out:
             out.write(f"--- start {now()}: {shlex.join(self.command())}\n".encode())
             out.flush()
@@ -644,7 +666,7 @@ class PodWorker(threading.Thread):
             env = self._container_env(core, spec, base_env)
             if env is None:
                 return
-            runs.append(ContainerRun(spec, env, self.log_dir / f"{spec.name}.log"))
+            runs.append(ContainerRun(spec, env, self.log_dir / f"{spec.name}.log", self._mounts(spec)))
         self.containers = runs
         for container in self.containers:
             container.start(self.sandbox)
@@ -678,42 +700,61 @@ class PodWorker(threading.Thread):
 
     def _project_service_account(self, core: client.CoreV1Api) -> bool:
         """Writes a token of the pod's service account, bound to the pod, with the cluster CA, where a
-        kubelet projects them. While the account does not exist the pod waits, reported as a container
-        config error (here the ServiceAccount admission plugin is off, so nothing refused the pod; KubeRay
-        creates the autoscaler's account alongside the head pod). False once the pod is going.
+        kubelet projects them (unless the pod turns that off), and the files of its projected volumes
+        that hold such a token. While the account (or a ConfigMap a volume names) does not exist the pod
+        waits, reported as a container config error (here the ServiceAccount admission plugin is off, so
+        nothing refused the pod; KubeRay creates the autoscaler's account alongside the head pod). False
+        once the pod is going.
 
-        The token lives an hour and is not renewed: no plane runs that long.
+        Tokens are not renewed: no plane runs as long as they live.
         """
         spec = self.pod.spec
         account = spec.service_account_name
-        if not account or spec.automount_service_account_token is False or self.runner.ca_cert is None:
+        if not account or self.runner.ca_cert is None:
             return True
         namespace = self.pod.metadata.namespace
         while not self.stop_event.is_set():
             try:
-                token = issue_token(core, namespace, account, pod=self.pod)
+                token = None
+                if spec.automount_service_account_token is not False:
+                    token = issue_token(core, namespace, account, pod=self.pod)
+                volumes = {
+                    v.name: projected_files(core, self.pod, account, v.projected) for v in token_volumes(spec)
+                }
             except ApiException as exc:
                 if exc.status != 404:
                     raise
                 message = f"serviceaccount {namespace}/{account} not found"
-                log.warning("pod %s: %s", self.name, message)
-                self.containers = [
-                    ContainerRun(c, {}, self.log_dir / f"{c.name}.log") for c in spec.containers
-                ]
-                for waiting in self.containers:
-                    waiting.waiting_reason, waiting.waiting_message = "CreateContainerConfigError", message
-                self._report()
-                self.stop_event.wait(1.0)
-                continue
-            self.sandbox.project_service_account(token, namespace, self.runner.ca_cert)
-            return True
+            except EnvError as exc:  # a ConfigMap a volume names (kube-root-ca.crt comes a moment later)
+                message = str(exc)
+            else:
+                if token is not None:
+                    self.sandbox.project_service_account(token, namespace, self.runner.ca_cert)
+                for name, files in volumes.items():
+                    self.sandbox.project_volume(name, files)
+                return True
+            log.warning("pod %s: %s", self.name, message)
+            self.containers = [ContainerRun(c, {}, self.log_dir / f"{c.name}.log") for c in spec.containers]
+            for waiting in self.containers:
+                waiting.waiting_reason, waiting.waiting_message = "CreateContainerConfigError", message
+            self._report()
+            self.stop_event.wait(1.0)
         return False
+
+    def _mounts(self, container: Any) -> list[tuple[Path, str]]:
+        """The projected token volumes this container mounts: no other container of the pod sees them."""
+        names = {v.name for v in token_volumes(self.pod.spec)}
+        return [
+            (self.sandbox.volume(m.name), str(m.mount_path))
+            for m in container.volume_mounts or []
+            if m.name in names and self.sandbox.volume(m.name).is_dir()
+        ]
 
     def _run_init(self, core: client.CoreV1Api, spec: Any, base: dict[str, str]) -> bool:
         env = self._container_env(core, spec, base)
         if env is None:
             return False
-        init = ContainerRun(spec, env, self.log_dir / f"init-{spec.name}.log")
+        init = ContainerRun(spec, env, self.log_dir / f"init-{spec.name}.log", self._mounts(spec))
         while not self.stop_event.is_set():
             init.start(self.sandbox)
             while init.exited() is None and not self.stop_event.wait(0.25):
@@ -738,7 +779,7 @@ class PodWorker(threading.Thread):
                 container.start(self.sandbox)
             readiness = container.readiness
             if container.running() and readiness is not None and readiness.due(at):
-                ok = run_probe(readiness.probe, self.sandbox, container.env, container.spec)
+                ok = run_probe(readiness.probe, self.sandbox, container.env, container.spec, container.mounts)
                 readiness.record(ok, time.monotonic())
 
     def _record_exit(self, container: ContainerRun, code: int) -> None:
@@ -816,8 +857,51 @@ class PodWorker(threading.Thread):
 TOKEN_SECONDS = 3600
 
 
+def token_volumes(pod_spec: Any) -> list[Any]:
+    """The pod's projected volumes that hold a service-account token."""
+    return [
+        v
+        for v in pod_spec.volumes or []
+        if v.projected is not None
+        and any(s.service_account_token is not None for s in v.projected.sources or [])
+    ]
+
+
+def projected_files(core: client.CoreV1Api, pod: Any, account: str, projected: Any) -> dict[str, str]:
+    """The files (path → text) of a projected volume, from the sources a kube-api-access volume uses."""
+    namespace = pod.metadata.namespace
+    files: dict[str, str] = {}
+    for source in projected.sources or []:
+        if source.service_account_token is not None:
+            wanted = source.service_account_token
+            audience = [wanted.audience] if wanted.audience else []
+            seconds = wanted.expiration_seconds or TOKEN_SECONDS
+            files[wanted.path] = issue_token(core, namespace, account, seconds, pod=pod, audiences=audience)
+        elif source.config_map is not None:
+            ref = source.config_map
+            data = _config_map_data(core, namespace, ref.name, ref.optional)
+            items = ref.items or [client.V1KeyToPath(key=k, path=k) for k in data]
+            for item in items:
+                value = _key(data, item.key, f'configmap "{ref.name}"', ref.optional)
+                if value is not None:
+                    files[item.path] = value
+        elif source.downward_api is not None:
+            for item in source.downward_api.items or []:
+                if item.field_ref is None:
+                    raise EnvError(f"downwardAPI item {item.path}: only fieldRef is supported here")
+                files[item.path] = field_value(pod, item.field_ref.field_path)
+        else:
+            raise EnvError("projected volume: only serviceAccountToken, configMap and downwardAPI here")
+    return files
+
+
 def issue_token(
-    core: client.CoreV1Api, namespace: str, account: str, seconds: int = TOKEN_SECONDS, pod: Any = None
+    core: client.CoreV1Api,
+    namespace: str,
+    account: str,
+    seconds: int = TOKEN_SECONDS,
+    pod: Any = None,
+    audiences: list[str] | None = None,
 ) -> str:
     """A token of ``account`` from the TokenRequest API; bound to ``pod`` when given (the apiserver
     stops honouring it when the pod goes)."""
@@ -827,7 +911,9 @@ def issue_token(
             api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
         )
     # Empty audiences: the apiserver's own, so the token authenticates against it.
-    spec = client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds, bound_object_ref=bound)
+    spec = client.V1TokenRequestSpec(
+        audiences=audiences or [], expiration_seconds=seconds, bound_object_ref=bound
+    )
     issued = core.create_namespaced_service_account_token(
         account, namespace, client.AuthenticationV1TokenRequest(spec=spec)
     )

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import pytest
 import yaml
@@ -388,13 +389,30 @@ def test_human_edits_rayservice_while_operator_patches(
 # ------------------------------------------------------------------ 4. credentials never leak
 
 
+@pytest.fixture
+def metrics_operator(
+    kubeconfig: Path, kube_namespace: str, tmp_path: Path
+) -> Iterator[tuple[OperatorProcess, int]]:
+    """The operator with its Prometheus endpoint on: metric labels are a place a secret could leak to."""
+    port = free_port()
+    process = OperatorProcess(
+        kubeconfig, kube_namespace, tmp_path / "operator.log", env={"REGSERVE_METRICS_PORT": str(port)}
+    ).start()
+    try:
+        yield process, port
+    finally:
+        process.stop()
+
+
 def test_credentials_never_leak(
-    cluster: Cluster, operator: OperatorProcess, mlflow_server: MlflowServer
+    cluster: Cluster, metrics_operator: tuple[OperatorProcess, int], mlflow_server: MlflowServer
 ) -> None:
     """Distinctive credential values (the test MLflow server ignores them) go through creation, a
     promotion, a held incompatible version and an unreachable registry; no value, raw or base64 (as in a
-    Secret or a basic-auth header), appears in the operator's log, the resource, any Event in the
-    namespace or the RayService."""
+    Secret or a basic-auth header), appears in the operator's log, its metrics, the resource, any Event
+    in the namespace, the RayService (labels, annotations, Serve args, env) or the registry tags it
+    wrote. A key the operator does not use (PYTHONPATH) is named in status, its value nowhere."""
+    operator, metrics_port = metrics_operator
     tag = uuid.uuid4().hex
     secret = {
         "MLFLOW_TRACKING_TOKEN": f"tok-{tag}",
@@ -402,8 +420,12 @@ def test_credentials_never_leak(
         "MLFLOW_TRACKING_PASSWORD": f"pw-{tag}",
         "AWS_ACCESS_KEY_ID": f"AKIA{tag[:16].upper()}",
         "AWS_SECRET_ACCESS_KEY": f"aws-secret-{tag}",
+        "PYTHONPATH": f"/nowhere-{tag}",
     }
-    model, _v1 = serve_first_version(cluster, mlflow_server.url, "secretive", secret)
+    model, v1 = serve_first_version(cluster, mlflow_server.url, "secretive", secret)
+    ignored = cond(cluster.rms("secretive"), "CredentialsAccepted")
+    assert (ignored.get("status"), ignored.get("reason")) == ("False", "KeysIgnored"), ignored
+    assert "PYTHONPATH" in ignored.get("message", "")
     v2 = log_version(mlflow_server.url, model, SIGNATURE)
     move_alias(mlflow_server.url, model, v2)
     until("promoted", lambda: carried(cluster, "secretive") == v2)
@@ -431,11 +453,17 @@ def test_credentials_never_leak(
     ]
     assert containers and all({"secretRef": {"name": "mlflow-auth"}} in c["envFrom"] for c in containers)
     events = cluster.core.list_namespaced_event(cluster.namespace).items
+    tags = {
+        version: mlflow.MlflowClient(mlflow_server.url).get_model_version(model, version).tags
+        for version in (v1, v2, v3)
+    }
     surfaces = {
         "operator log": operator.output(),
+        "metrics": httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text,
         "resource": json.dumps(cluster.rms("secretive")),
         "events": json.dumps(cluster.core.api_client.sanitize_for_serialization(events)),
         "RayService": json.dumps(rs),
+        "registry tags": json.dumps(tags),
     }
     basic = f"{secret['MLFLOW_TRACKING_USERNAME']}:{secret['MLFLOW_TRACKING_PASSWORD']}"
     needles = [*secret.values(), basic]
@@ -444,3 +472,4 @@ def test_credentials_never_leak(
     assert not leaks, leaks
     # The checks looked at real content: the operator did talk about this resource and its failures.
     assert "secretive" in surfaces["operator log"] and "SignatureIncompatible" in surfaces["events"]
+    assert "regserve_" in surfaces["metrics"] and any(tags.values()), (surfaces["metrics"][:500], tags)

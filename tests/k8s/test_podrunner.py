@@ -275,6 +275,61 @@ def test_pod_with_a_service_account_calls_the_apiserver_as_it(
         pods.delete_namespaced_service_account(name, ns)
 
 
+API_ACCESS = {
+    "name": "api-access",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {
+                "downwardAPI": {
+                    "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+                }
+            },
+        ]
+    },
+}
+
+
+def test_projected_token_volume_reaches_only_the_container_that_mounts_it(
+    kube_plane: plane.ControlPlane, pods: client.CoreV1Api
+) -> None:
+    """Automounting off, the token in a projected volume one container mounts (KubeRay's autoscaler
+    sidecar beside ray-head): that container authenticates as the account, read-only; the other
+    container of the pod finds nothing where in-cluster clients look."""
+    ns = kube_plane.ray_namespace
+    name = f"sav-{uuid.uuid4().hex[:6]}"
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    account = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name, labels={"test": "podrunner"}))
+    pods.create_namespaced_service_account(ns, account)
+    body = _pod(
+        name,
+        f"python3 -c '{WHO_AM_I}' && (touch {sa}/x 2>/dev/null && echo rw || echo ro) > /tmp/mode && "
+        + SERVER,
+        volumeMounts=[{"name": "api-access", "mountPath": sa, "readOnly": True}],
+    )
+    other = f"(test -e {sa}/token && echo seen || echo absent) > /tmp/other && exec sleep 3600"
+    body["spec"]["containers"].append({"name": "other", "image": "none", "command": ["sh", "-c", other]})
+    body["spec"].update(serviceAccountName=name, automountServiceAccountToken=False, volumes=[API_ACCESS])
+    try:
+        pods.create_namespaced_pod(ns, body)
+        address: list[str] = []
+
+        def answered() -> bool:
+            pod = _read(pods, ns, name)
+            address[:] = [pod.status.pod_ip or ""]
+            return bool(address[0]) and all(
+                _get(f"http://{address[0]}:8080/{file}") is not None for file in ("whoami", "mode", "other")
+            )
+
+        until("both containers wrote what they found", answered, timeout=60)
+        assert _get(f"http://{address[0]}:8080/whoami") == f"system:serviceaccount:{ns}:{name}|{ns}"
+        assert _get(f"http://{address[0]}:8080/mode") == "ro\n"
+        assert _get(f"http://{address[0]}:8080/other") == "absent\n"
+    finally:
+        pods.delete_namespaced_service_account(name, ns)
+
+
 @pytest.mark.parametrize(
     ("limits", "expected"),
     [

@@ -19,7 +19,7 @@ from regserve_operator.local import DevSession, load_resource_files, make_sessio
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port, wait_for
-from regserve_operator.targets.local import ServeDashboard, ray_auth_token
+from regserve_operator.targets.local import ServeDashboard
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ class Cluster:
     def __init__(self, session: DevSession, dashboard_url: str, serve_url: str) -> None:
         self.session = session
         self.serve_url = serve_url
-        self.dashboard = ServeDashboard(dashboard_url, token=ray_auth_token())
+        self.dashboard = ServeDashboard(dashboard_url, token=session.cluster.token())
 
     def running_replicas(self, app: str) -> int:
         return self.dashboard.running_replicas(app)

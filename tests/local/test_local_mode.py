@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from regserve_operator.local import (
     DevSession,
+    delete_local_webhook,
     load_resources,
     make_session,
     register_local_webhook,
@@ -22,7 +23,7 @@ from regserve_operator.local import (
 )
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
-from regserve_operator.sandbox.processes import free_port
+from regserve_operator.sandbox.processes import free_port, wait_for
 
 from tests.support.ray_cluster import LocalRay
 
@@ -90,7 +91,8 @@ def test_promotions_roll_out_and_bad_versions_do_not(
 
     secret = "local-mode-test-secret"
     with webhook_receiver(session.driver, free_port(), secret) as url:
-        assert register_local_webhook(mlflow_server.url, url, secret)
+        webhook = register_local_webhook(mlflow_server.url, url, secret)
+        assert webhook is not None
         run_until_serving(session, v1)
         first = ask(local_ray)
         assert first.status_code == 200, (first.status_code, first.text, session.status("local-translator"))
@@ -125,6 +127,31 @@ def test_promotions_roll_out_and_bad_versions_do_not(
         run_until_serving(session, v2, timeout=120)
         assert ask(local_ray).json() == [{"translation_text": "Bonjour"}]
         deployed = local_ray.applications()["local-translator"]["deployed_app_config"]
-        assert deployed["deployments"][0]["user_config"] == {"default_version": v2}
+        # The held and the rolled-back versions are refused to clients' pins (serving.pinning).
+        refused = sorted([broken, incompatible], key=int, reverse=True)
+        assert deployed["deployments"][0]["user_config"] == {
+            "default_version": v2,
+            "pinning": {"mode": "Compatible", "refused": refused},
+        }
+        for version in refused:
+            answers: list[str] = []
+
+            def refused_pin(version: str = version, answers: list[str] = answers) -> bool:
+                pinned = httpx.post(
+                    f"{local_ray.serve_url}/local-translator/serve",
+                    json={"prompt": "Hello"},
+                    headers={"serve-multiplexed-model-id": version},
+                    timeout=60,
+                )
+                answers.append(f"{pinned.status_code} {pinned.text[:200]}")
+                return pinned.status_code == 403 and pinned.json()["error"] == "version_not_allowed"
+
+            # Serve shows the new config before every replica has applied it.
+            try:
+                wait_for(refused_pin, timeout=60, message=f"pin of {version} refused")
+            except Exception as error:
+                raise AssertionError(f"pin of {version}: {answers[-3:]}") from error
+        assert delete_local_webhook(webhook)
+    assert webhook.webhook_id not in {hook.webhook_id for hook in client.list_webhooks()}
     transcript = "\n".join(session.lines)  # type: ignore[attr-defined]
     assert f"serving version {v2}" in transcript

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mlflow import MlflowClient
+from regserve_operator.local import WEBHOOK_PREFIX
 from regserve_operator.local_ray import (
     ALL_INTERFACES_IN_RAY,
     ensure_ray,
@@ -96,6 +99,15 @@ class DevRun:
     listeners_while_running: list[Listener]
     prediction: object
     expected: object
+    # Token auth, seen while it ran: dashboard answers without / with the token, the token file's mode,
+    # where the token showed (command lines, logs).
+    without_token: int
+    with_token: int
+    token_mode: int
+    token_seen_in: list[str]
+    webhooks_while_running: list[str]
+    webhooks_after: list[str]
+    attach_refusal: str  # what a second local mode without the token said
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +115,6 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
     """`regserve dev` started, asked once, inspected while it runs, then stopped as Ctrl-C/SIGTERM would."""
     workdir = tmp_path_factory.mktemp("dev")
     version, samples, predictions = log_sklearn_classifier(mlflow_server.url, "twin_model")
-    from mlflow import MlflowClient
 
     MlflowClient(mlflow_server.url).set_registered_model_alias("twin_model", "champion", version)
     (workdir / "rms.yaml").write_text(RMS.format(model="twin_model", uri=mlflow_server.url))
@@ -118,8 +129,14 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
     command = [
         sys.executable, "-m", "regserve_operator.cli", "dev", "-f", str(workdir / "rms.yaml"),
         "--dashboard", f"http://127.0.0.1:{dashboard_port}", "--serve-port", str(serve_port),
-        "--webhook-port", "-1", "--num-cpus", "4",
+        "--num-cpus", "4",
     ]  # fmt: skip
+    mlflow = MlflowClient(mlflow_server.url)
+
+    def our_webhooks() -> list[str]:
+        return [hook.name for hook in mlflow.list_webhooks() if hook.name.startswith(WEBHOOK_PREFIX)]
+
+    assert not our_webhooks(), "a webhook of an earlier session is left"
     dev = start_and_wait(
         command, log=workdir / "dev.log", ready=answers, what="regserve dev serving", timeout=480, cwd=workdir
     )
@@ -133,6 +150,23 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
             for line in Path(f"/proc/{session}/environ").read_bytes().decode().split("\0")
             if "=" in line
         )
+        token_file = temp_dir / "auth_token"
+        token = token_file.read_text()
+        dashboard = f"http://127.0.0.1:{dashboard_port}/api/serve/applications/"
+        logs = [
+            workdir / "dev.log",
+            *workdir.rglob("*.log"),
+            *temp_dir.rglob("*.log"),
+            *temp_dir.rglob("*.out"),
+        ]
+        token_seen_in = [
+            *(
+                f"command line of {pid}"
+                for pid in session_members(session)
+                if token in " ".join(command_line(pid))
+            ),
+            *(str(path) for path in logs if path.is_file() and token in path.read_text(errors="replace")),
+        ]
         run = DevRun(
             serve_url=serve_url,
             session=session,
@@ -146,9 +180,19 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
             listeners_while_running=listeners(set(session_members(session))),
             prediction=answers(),
             expected=[int(p) for p in predictions[:2]],
+            without_token=httpx.get(dashboard, timeout=10).status_code,
+            with_token=httpx.get(
+                dashboard, headers={"Authorization": f"Bearer {token}"}, timeout=10
+            ).status_code,
+            token_mode=stat.S_IMODE(token_file.stat().st_mode),
+            token_seen_in=token_seen_in,
+            webhooks_while_running=our_webhooks(),
+            webhooks_after=[],
+            attach_refusal=_attach_without_token(f"http://127.0.0.1:{dashboard_port}", workdir),
         )
     finally:
         stop(dev, timeout=120)  # SIGTERM: `regserve dev` stops the cluster it started
+    run.webhooks_after = our_webhooks()
     yield run
     # Only if the test failed to see the cluster gone: stop whatever is left of it.
     for pid in session_members(run.session):
@@ -167,6 +211,29 @@ def test_haproxy_sends_no_per_request_metrics_by_default(dev_run: DevRun) -> Non
     """`serving.ingressMetrics` defaults to off: no log line per request to Ray's metrics collector."""
     assert "frontend http_frontend" in dev_run.haproxy_config
     assert "format rfc5424" not in dev_run.haproxy_config
+
+
+def _attach_without_token(dashboard_url: str, workdir: Path) -> str:
+    try:
+        attached = ensure_ray(dashboard_url, ingress_mode="haproxy", num_cpus=1, log_dir=workdir)
+    except SystemExit as refused:
+        return str(refused)
+    attached.stop()
+    return ""
+
+
+def test_the_dashboard_it_starts_wants_a_token_nobody_else_sees(dev_run: DevRun) -> None:
+    assert dev_run.without_token in (401, 403), dev_run.without_token
+    assert dev_run.with_token == 200  # and local mode deployed through it: see the serving test
+    assert dev_run.prediction == dev_run.expected
+    assert dev_run.token_mode == 0o600
+    assert not dev_run.token_seen_in
+    assert "wants a token" in dev_run.attach_refusal and "RAY_AUTH_TOKEN_PATH" in dev_run.attach_refusal
+
+
+def test_its_webhook_is_registered_and_removed_on_exit(dev_run: DevRun) -> None:
+    assert len(dev_run.webhooks_while_running) == 1, dev_run.webhooks_while_running
+    assert not dev_run.webhooks_after
 
 
 def test_ray_listens_on_loopback_only_but_for_what_ray_hard_codes(dev_run: DevRun) -> None:

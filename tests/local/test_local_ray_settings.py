@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from regserve_operator.local_ray import (
     ray_environment,
     ray_start_command,
     wanted_ingress_mode,
+    write_auth_token,
 )
 from regserve_operator.sandbox.processes import free_port
 
@@ -27,10 +29,10 @@ def test_start_command_and_env_keep_ray_on_loopback_and_off_fixed_ports(tmp_path
     )
     modes: list[tuple[IngressMode, str]] = [("haproxy", "1"), ("proxy", "0")]
     for mode, flag in modes:
-        env = ray_environment(mode, ports, tmp_path)
+        env = ray_environment(mode, ports, tmp_path, auth_token="t0ken")
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == flag
         assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
-        with_metrics = ray_environment(mode, ports, tmp_path, ingress_metrics=True)
+        with_metrics = ray_environment(mode, ports, tmp_path, auth_token="t0ken", ingress_metrics=True)
         assert with_metrics["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
         # Without it `ray start` swaps the loopback node IP for the machine's external address.
         assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
@@ -40,6 +42,20 @@ def test_start_command_and_env_keep_ray_on_loopback_and_off_fixed_ports(tmp_path
         assert haproxy_files and all(path.startswith(str(tmp_path)) for path in haproxy_files)
         numbers = {int(value) for key, value in env.items() if key.endswith("_PORT")}
         assert numbers and not numbers & RAY_FIXED_PORTS
+        # Token auth on, whatever this process's env or ~/.ray says; the token never on the command line.
+        assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "t0ken")
+        assert env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "auth_token")
+        assert not any("t0ken" in arg for arg in command)
+
+
+def test_the_token_is_fresh_and_readable_by_its_owner_only(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    token = write_auth_token(first)
+    assert len(token) == 64 and token != write_auth_token(second)
+    path = first / "auth_token"
+    assert path.read_text() == token and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from regserve_operator import builders as b
 from regserve_operator.sizing import GiB, size_replica
 
 from serving_app.config import AppArgs, UserConfig
+from serving_app.pinning import PinPolicy
 
 from .helpers import DEFAULTS, OWNER, make_spec
 
@@ -81,6 +82,18 @@ def test_version_lives_only_in_user_config() -> None:
     }
 
 
+def test_pinning_lives_only_in_user_config_and_the_app_reads_it() -> None:
+    """The mode and its lists change in place: never in the args (a change there restarts replicas)."""
+    spec = make_spec(serving={"pinning": "Promoted"})
+    pinning = {"mode": "Promoted", "allowed": ["4", "2"], "refused": ["3"]}
+    body = b.build_rayservice(OWNER, spec, "2", _size(spec), DEFAULTS, None, pinning)
+    (deployment,) = _app(body)["deployments"]
+    assert _app(body)["args"] == _app(_build(make_spec(), "2"))["args"]
+    config = UserConfig.model_validate(deployment["user_config"])
+    assert config.pinning.policy() == PinPolicy("Promoted", frozenset({"2", "4"}), frozenset({"3"}))
+    assert "pinning" not in _app(_build(spec))["deployments"][0]["user_config"]  # None: the app's default
+
+
 def test_credentials_by_reference_only() -> None:
     spec = make_spec(serving={"auth": {"tokenSecretRef": {"name": "endpoint", "key": "token"}}})
     body = _build(spec)
@@ -96,7 +109,8 @@ def test_credentials_by_reference_only() -> None:
             "valueFrom": {"secretKeyRef": {"name": "endpoint", "key": "token"}},
         }
         assert all(
-            "value" not in e or e["name"] in ("MLFLOW_TRACKING_URI", b.HAPROXY_ENV, b.HAPROXY_METRICS_ENV)
+            "value" not in e
+            or e["name"] in ("MLFLOW_TRACKING_URI", b.HAPROXY_ENV, b.HAPROXY_METRICS_ENV, "HOME")
             for e in container["env"]
         )
     assert _app(body)["args"]["auth_token_env"] == b.AUTH_TOKEN_ENV
@@ -337,3 +351,86 @@ def test_turning_autoscaling_on_changes_the_cluster_shape() -> None:
         fixed["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
         != scaled["metadata"]["annotations"][b.ANNOTATION_CLUSTER_HASH]
     )
+
+
+@pytest.mark.parametrize(
+    ("serving", "head_token"),
+    [({}, False), ({"replicas": 3}, False), ({"autoscaling": {"maxReplicas": 4}}, True)],
+)
+def test_ray_pods_are_hardened(serving: dict[str, Any], head_token: bool) -> None:
+    cluster = _build(make_spec(serving=serving))["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["metadata"]["labels"] == {
+            b.LABEL_MANAGED_BY: "regserve"
+        }  # NetworkPolicy selects these
+    for pod, token in ((head, head_token), (worker, False)):
+        # No container of ours gets a ServiceAccount token: replicas run tenant code.
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 100,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert pod["volumes"][0] == {"name": "tmp", "emptyDir": {}}
+        assert [v["name"] for v in pod["volumes"][1:]] == (["autoscaler-api-access"] if token else [])
+        (container,) = pod["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+        assert {"name": "HOME", "value": "/tmp"} in container["env"]
+    if head_token:
+        sidecar = cluster["autoscalerOptions"]["securityContext"]
+        assert sidecar["allowPrivilegeEscalation"] is False and sidecar["capabilities"] == {"drop": ["ALL"]}
+        # The sidecar alone mounts it, where Ray's KubeRay node provider reads token and CA.
+        assert cluster["autoscalerOptions"]["volumeMounts"] == [
+            {
+                "name": "autoscaler-api-access",
+                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "readOnly": True,
+            }
+        ]
+    else:
+        assert "autoscalerOptions" not in cluster
+
+
+def test_autoscaler_api_access_is_what_kubernetes_projects_as_kube_api_access() -> None:
+    cluster = _build(make_spec(serving={"autoscaling": {"maxReplicas": 4}}))["spec"]["rayClusterConfig"]
+    volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert volumes["autoscaler-api-access"] == {
+        "name": "autoscaler-api-access",
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ]
+        },
+    }
+
+
+def test_hardening_survives_callers_changing_the_pods() -> None:
+    first = _build(make_spec())["spec"]["rayClusterConfig"]
+    first["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"] = 0
+    first["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"][
+        "drop"
+    ].clear()
+    again = _build(make_spec())["spec"]["rayClusterConfig"]
+    assert again["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000
+    worker = again["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["securityContext"]["capabilities"]["drop"] == ["ALL"]

@@ -566,3 +566,25 @@ def test_credentials_problem_decides_nothing_else() -> None:
     assert isinstance(outcome, Outcome) and outcome.retry and outcome.plan is None
     ready = c.get_condition(outcome.status.conditions, c.READY)
     assert ready is not None and ready.reason == "CredentialsUnavailable"
+
+
+@pytest.mark.parametrize(
+    ("ignored", "condition", "events"),
+    [
+        (None, None, []),  # no Secret named: nothing to say
+        ((), ("True", "AllKeysUsed"), []),
+        (("LD_PRELOAD", "PYTHONPATH"), ("False", "KeysIgnored"), ["CredentialKeysIgnored"]),
+    ],
+)
+def test_ignored_credential_keys_are_named_in_status(
+    ignored: tuple[str, ...] | None, condition: tuple[str, str] | None, events: list[str]
+) -> None:
+    inputs = Inputs(OWNER, 1, _spec({}), _status(), NOW, DEFAULTS)
+    observed = Observation(url=URL, resolved="1", facts=FACTS, ignored_credential_keys=ignored)
+    outcome = decide(inputs, observed)
+    assert isinstance(outcome, Outcome)
+    got = c.get_condition(outcome.status.conditions, c.CREDENTIALS_ACCEPTED)
+    assert (got.status, got.reason) == condition if got else condition is None
+    assert [e.reason for e in outcome.events if e.reason == "CredentialKeysIgnored"] == events
+    if ignored:
+        assert got is not None and all(key in got.message for key in ignored)

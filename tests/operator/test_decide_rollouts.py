@@ -16,6 +16,7 @@ import pytest
 from regserve_operator import conditions as c
 from regserve_operator.builders import build_rayservice, candidate_of, serving_version_of
 from regserve_operator.decide import Inputs, Observation, Outcome, decide, iso, wants_rollout_report
+from regserve_operator.pinning import PinningInputs, pinning_config
 from regserve_operator.ports import NotFound, RegistryUnreachable
 from regserve_operator.probe import (
     AppReport,
@@ -92,7 +93,9 @@ def _rayservice(status: RegisteredModelServingStatus, spec: dict[str, Any]) -> d
         previous=None,
     )
     default = status.rollout_version if status.rollout_phase == "Switching" else status.last_good_version
-    obj = build_rayservice(OWNER, made, default or "1", size, DEFAULTS, _candidate(status))
+    # As the previous pass wrote it: a held version was refused to pins in the same write.
+    pinning = pinning_config(PinningInputs("Compatible", status, default or "1", None))
+    obj = build_rayservice(OWNER, made, default or "1", size, DEFAULTS, _candidate(status), pinning)
     obj["metadata"]["resourceVersion"] = "7"
     obj["status"] = {
         "conditions": [{"type": "Ready", "status": "True"}],

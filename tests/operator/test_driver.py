@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from regserve_operator.builders import Owner, serving_version_of
 from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
+from regserve_operator.reconcile import Deps
+from regserve_operator.registry import Registry
 from regserve_operator.spec import parse_status
 
 from .fakes import World, signature
-from .helpers import OWNER, make_spec
+from .helpers import DEFAULTS, OWNER, make_spec
 
 
 def test_driver_reconciles_when_due_and_follows_the_alias() -> None:
@@ -108,3 +112,43 @@ def test_the_loop_gives_back_the_status_it_was_seeded_with() -> None:
     assert driver.status(OWNER) is not driver.status(OWNER)  # a copy each time: callers cannot alter it
     assert [done.action for done in driver.run_once()] == ["create"]
     assert driver.status(OWNER).model_extra == {"kopf": {"progress": {"reconcile": {"retries": 1}}}}
+
+
+class SlowFor(Registry):
+    """The real Registry, whose resolve for one tracking server hangs until released."""
+
+    def __init__(self, slow_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slow_uri = slow_uri
+        self.release = threading.Event()
+
+    def resolve(self, tracking_uri: str, *args: Any) -> str:
+        if tracking_uri == self.slow_uri:
+            assert self.release.wait(30)
+        return super().resolve(tracking_uri, *args)
+
+
+def test_with_a_pass_deadline_one_slow_registry_does_not_hold_up_the_others() -> None:
+    world = World(make_spec())
+    world.server.add("1", signature(prompt="string"))
+    world.server.aliases["champion"] = "1"
+    registry = SlowFor(
+        "http://slow:5000", transport=world.server.transport(), fetch_facts=world.server.fetch_facts
+    )
+    deps = Deps(registry=registry, target=world.target, defaults=DEFAULTS, settle_seconds=5)
+    driver = Driver(deps, pass_deadline_s=0.3, workers=2)
+    slow, fast = Owner("slow", "ml", "u1"), Owner("fast", "ml", "u2")
+    driver.apply(slow, make_spec(registry={"trackingUri": "http://slow:5000"}))
+    driver.apply(fast, make_spec(registry={"trackingUri": "http://mlflow:5000"}))
+    try:
+        started = time.monotonic()
+        assert [r.key for r in driver.run_once()] == [("ml", "fast")]
+        assert time.monotonic() - started < 2.0
+        assert driver.run_once() == []  # the slow one is still running: not started twice
+    finally:
+        registry.release.set()
+    deadline = time.monotonic() + 10
+    while driver.status(slow).serving_version is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert driver.status(slow).serving_version == "1"  # kept when it ended, after its pass
+    assert serving_version_of(world.target.get("ml", "slow") or {}) == "1"

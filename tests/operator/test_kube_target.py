@@ -15,7 +15,7 @@ from regserve_operator.builders import build_rayservice, serving_version_of
 from regserve_operator.plan import make_plan
 from regserve_operator.ports import CredentialsUnavailable
 from regserve_operator.sizing import size_replica
-from regserve_operator.targets.kube import CREDENTIAL_RETRY_PAUSES_S, KubeTarget
+from regserve_operator.targets.kube import CREDENTIAL_RETRY_PAUSES_S, KubeTarget, decode_secret_data
 from regserve_operator.targets.kube_cache import RayServiceCache
 
 from .helpers import DEFAULTS, OWNER, make_spec
@@ -61,6 +61,43 @@ def test_read_credentials_retries_only_passing_refusals(statuses: list[int], cal
         assert "s3cret" not in str(raised.value) and f"HTTP {statuses[-1]}" in str(raised.value)
     assert secrets.calls == calls
     assert pauses == list(CREDENTIAL_RETRY_PAUSES_S[: calls - 1])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    "data, decoded, problem",
+    [
+        ({"MLFLOW_TRACKING_TOKEN": _b64(b"s3cret")}, {"MLFLOW_TRACKING_TOKEN": "s3cret"}, None),
+        (
+            {"MLFLOW_TRACKING_PASSWORD": _b64("pässwörd".encode())},
+            {"MLFLOW_TRACKING_PASSWORD": "pässwörd"},
+            None,
+        ),
+        ({}, {}, None),
+        # Latin-1 text, a DER blob: not UTF-8; the key is named, the value never.
+        (
+            {"MLFLOW_TRACKING_PASSWORD": _b64("pässwörd".encode("latin-1"))},
+            None,
+            "'MLFLOW_TRACKING_PASSWORD'",
+        ),
+        ({"OK": _b64(b"fine"), "keystore.p12": _b64(b"\x30\x82\xff\xfe s3cret")}, None, "'keystore.p12'"),
+        # Not base64 at all (the API server never sends that, a hand-made object might): nothing repeated.
+        ({"weird key\n": "!!!"}, None, "a key"),
+    ],
+)
+def test_secret_values_that_are_not_utf8_make_credentials_unavailable(
+    data: dict[str, str], decoded: dict[str, str] | None, problem: str | None
+) -> None:
+    if problem is None:
+        assert decode_secret_data("ml/auth", data) == decoded
+        return
+    with pytest.raises(CredentialsUnavailable) as raised:
+        decode_secret_data("ml/auth", data)
+    message = str(raised.value)
+    assert problem in message and "ml/auth" in message and "s3cret" not in message and "\n" not in message
 
 
 class RayServicesAnswering:

@@ -3,12 +3,14 @@ order, and status writes the API server refused."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from regserve_operator.passes import Seen, StatusWrites, Watched, WriteGone, run_pass
+from regserve_operator.passes import InFlight, Seen, StatusWrites, Watched, WriteGone, run_pass
 from regserve_operator.schedule import Key, Scheduler
 
 
@@ -186,3 +188,101 @@ def test_a_pass_that_raises_is_postponed_and_the_others_still_run(pool: ThreadPo
     assert not scheduler.due(("ml", "broken"), 1)
     clock.now += 31
     assert scheduler.due(("ml", "broken"), 1)
+
+
+class Hangs:
+    """A reconcile that blocks for the resources named in `slow` until released."""
+
+    def __init__(self, scheduler: Scheduler, *slow: str) -> None:
+        self.scheduler = scheduler
+        self.slow = set(slow)
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    def __call__(self, key: Key, seen: Seen) -> dict[str, Any]:
+        self.calls.append(key[1])
+        if key[1] in self.slow:
+            assert self.release.wait(30)
+        _done(self.scheduler, key, delay=0)  # due again at once: only in-flight tracking holds it back
+        return {"servingVersion": key[1]}
+
+
+def test_a_pass_does_not_wait_for_a_straggler_and_its_status_is_still_written() -> None:
+    scheduler = Scheduler(clock=Clock())
+    watched = Watched()
+    for name in ("slow", "a", "b"):
+        watched.saw(body(name))
+    api = FlakyApi()
+    writes = StatusWrites(api.write)
+    reconcile = Hangs(scheduler, "slow")
+    in_flight = InFlight()
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            started = time.monotonic()
+            done = run_pass(watched, scheduler, reconcile, writes, pool, in_flight=in_flight, deadline_s=0.3)
+            assert time.monotonic() - started < 2.0
+            assert done == [("ml", "a"), ("ml", "b")] and ("ml", "slow") in in_flight
+            # Due again, but still running: not handed out a second time; the others go on.
+            done = run_pass(watched, scheduler, reconcile, writes, pool, in_flight=in_flight, deadline_s=0.3)
+            assert done == [("ml", "a"), ("ml", "b")] and reconcile.calls.count("slow") == 1
+        finally:
+            reconcile.release.set()
+        deadline = time.monotonic() + 10
+        while ("ml", "slow") in in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert (("ml", "slow"), {"servingVersion": "slow"}) in api.accepted and len(in_flight) == 0
+
+
+def test_a_resource_not_started_by_the_deadline_is_left_for_the_next_pass() -> None:
+    scheduler = Scheduler(clock=Clock())
+    watched = Watched()
+    for name in ("slow", "queued"):
+        watched.saw(body(name))
+    reconcile = Hangs(scheduler, "slow")
+    in_flight = InFlight()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            api = FlakyApi()
+            done = run_pass(
+                watched,
+                scheduler,
+                reconcile,
+                StatusWrites(api.write),
+                pool,
+                in_flight=in_flight,
+                deadline_s=0.2,
+            )
+            assert done == [] and reconcile.calls == ["slow"]
+            assert ("ml", "queued") not in in_flight and scheduler.due(("ml", "queued"), 1)
+        finally:
+            reconcile.release.set()
+
+
+def test_a_pass_waiting_on_a_straggler_ends_when_another_resource_falls_due() -> None:
+    """A promotion woken while a pass waits for a resource stuck on a slow registry is not held
+    until that pass's deadline: the pass ends once nothing of it is queued, and the next one starts."""
+    clock = Clock()
+    scheduler = Scheduler(clock=clock)
+    watched = Watched()
+    for name in ("slow", "promoted"):
+        watched.saw(body(name))
+    _done(scheduler, ("ml", "promoted"), delay=300)
+    reconcile = Hangs(scheduler, "slow")
+    in_flight = InFlight()
+    writes = StatusWrites(FlakyApi().write)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            waker = threading.Timer(0.2, scheduler.wake, args=[("ml", "promoted")])
+            waker.start()
+            started = time.monotonic()
+            assert (
+                run_pass(watched, scheduler, reconcile, writes, pool, in_flight=in_flight, deadline_s=10)
+                == []
+            )
+            assert 0.15 < time.monotonic() - started < 2.0
+            assert run_pass(
+                watched, scheduler, reconcile, writes, pool, in_flight=in_flight, deadline_s=10
+            ) == [("ml", "promoted")]
+        finally:
+            reconcile.release.set()
+            waker.cancel()

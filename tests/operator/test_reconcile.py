@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from regserve_operator import conditions as c
-from regserve_operator.builders import serving_version_of
+from regserve_operator.builders import serving_version_of, user_config_of
 from regserve_operator.decide import next_delay
 from regserve_operator.ports import TargetConflict
 from regserve_operator.probe import AppReport, SwitchFailure
@@ -109,7 +109,9 @@ def test_incompatible_version_is_held_once() -> None:
     world.server.aliases["champion"] = "3"
     out = world.step()
     assert out.results == ["held"]
-    assert world.target.applied == [] and _serving(world) == "1"
+    # One write: the same default, and the held version refused to clients' pins (serving.pinning).
+    assert [plan.action for plan in world.target.applied] == ["patch_serve_config"] and _serving(world) == "1"
+    assert user_config_of(world.rayservice())["pinning"] == {"mode": "Compatible", "refused": ["3"]}
     cond = _cond(world, c.SIGNATURE_COMPATIBLE)
     assert cond.status == "False" and "inputs.prompt" in cond.message
     assert world.status.rejected is not None and world.status.rejected.version == "3"
@@ -118,7 +120,7 @@ def test_incompatible_version_is_held_once() -> None:
     for _ in range(3):
         world.step()
     assert world.events == [("Warning", "SignatureIncompatible")]
-    assert world.target.applied == []
+    assert len(world.target.applied) == 1
     assert world.status.serving_version == "1" and world.status.resolved_version == "3"
 
 
@@ -370,14 +372,15 @@ def test_unreadable_mlmodel_is_held() -> None:
     world.registry._fetch_facts = garbage
     world.server.aliases["champion"] = "2"
     out = world.step()
-    assert out.results == ["held"] and not out.retry and world.target.applied == []
+    assert out.results == ["held"] and not out.retry and _serving(world) == "1"
+    assert user_config_of(world.rayservice())["pinning"]["refused"] == ["2"]  # the one write
     assert world.status.rejected is not None and world.status.rejected.version == "2"
     cond = _cond(world, c.SIGNATURE_COMPATIBLE)
     assert cond.status == "False" and cond.reason == "Unreadable" and "MLmodel" in cond.message
     assert world.events == [("Warning", "VersionUnreadable")]
     for _ in range(3):
         world.step()
-    assert world.target.applied == [] and world.events == [("Warning", "VersionUnreadable")]
+    assert len(world.target.applied) == 1 and world.events == [("Warning", "VersionUnreadable")]
     world.server.aliases["champion"] = "4"
     world.step()
     assert _serving(world) == "4" and world.status.rejected is None

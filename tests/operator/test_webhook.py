@@ -12,11 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
+from multidict import CIMultiDict
 from regserve_operator.builders import serving_version_of
+from regserve_operator.ports import Credentials, RegistryUnreachable
 from regserve_operator.reconcile import reconcile
-from regserve_operator.registry import Registry
+from regserve_operator.registry import Poller, Registry
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.webhook import Receiver, ReplayGuard, register_webhook, sign, start_receiver, verify
+
+from tests.reliability.hostile_mlflow import HostileMlflow
 
 from .fakes import FakeTarget
 from .helpers import DEFAULTS, OWNER, make_spec
@@ -167,3 +171,73 @@ def test_mlflow_delivery_triggers_rollout(
     assert model in deliveries
     assert second.plan is not None and second.plan.action == "patch_serve_config"
     assert serving_version_of(target.get("ml", "translator") or {}) == v2
+
+
+NON_ASCII_SIGNATURES = [
+    ("non-ASCII text", "v1,é" + "A" * 42),
+    ("a lone surrogate, as a server decodes undecodable bytes", "v1,\udcff"),
+]
+
+
+@pytest.mark.parametrize(("case", "signature"), NON_ASCII_SIGNATURES)
+def test_a_non_ascii_signature_is_a_bad_signature(case: str, signature: str) -> None:
+    # As aiohttp hands them over: str values, undecodable bytes as surrogates.
+    headers = CIMultiDict({**_headers(), "X-MLflow-Signature": signature})
+    verdict = verify(SECRET, headers, BODY, now=NOW, replay=ReplayGuard())
+    assert (verdict.ok, verdict.reason) == (False, "bad signature"), case
+
+
+def test_a_non_ascii_delivery_id_is_refused() -> None:
+    headers = CIMultiDict({**_headers(), "X-MLflow-Delivery-Id": "dé"})
+    verdict = verify(SECRET, headers, BODY, now=NOW, replay=ReplayGuard())
+    assert (verdict.ok, verdict.reason) == (False, "bad delivery id")
+
+
+def test_receiver_answers_401_to_non_ascii_signature_headers(changed: list[str]) -> None:
+    with ReceiverThread(Receiver(SECRET, changed.append)) as rt:
+        url = f"http://127.0.0.1:{rt.port}/webhook"
+        good = _headers(delivery="raw", ts=int(time.time()))
+        for raw in (b"v1,\xc3\xa9\xc3\xa9", b"v1,\xff\xfe", "v1,é".encode("latin-1")):
+            headers = [(k.encode(), v.encode()) for k, v in good.items() if k != "X-MLflow-Signature"]
+            answer = httpx.post(url, content=BODY, headers=[*headers, (b"X-MLflow-Signature", raw)])
+            assert answer.status_code == 401 and answer.json()["error"] == "unauthorized", raw
+        assert httpx.post(url, content=BODY, headers=good).status_code == 200  # the id was not burnt
+    assert changed == ["m"]
+
+
+def test_a_delivery_is_answered_promptly_while_a_poll_hangs() -> None:
+    """The receiver runs on the operator's event loop; a delivery invalidates the snapshot of every
+    tracking server, one of them trickling its search answer."""
+    registry = Registry(deadline_s=20)
+    with HostileMlflow(trickle_interval_s=0.5) as server:
+        poller = registry.poller(server.url("trickle"), Credentials())
+        outcome: list[object] = []
+        hanging = threading.Thread(target=_poll, args=(poller, outcome))
+        hanging.start()
+        try:
+            deadline = time.monotonic() + 10
+            while server.requests["trickle"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.requests["trickle"] == 1
+            with ReceiverThread(Receiver(SECRET, registry.model_changed)) as rt:
+                started = time.monotonic()
+                answer = httpx.post(
+                    f"http://127.0.0.1:{rt.port}/webhook",
+                    content=BODY,
+                    headers=_headers(delivery="during-poll", ts=int(time.time())),
+                    timeout=10,
+                )
+                took = time.monotonic() - started
+            assert answer.status_code == 200 and took < 1.0, took
+            assert hanging.is_alive()  # the poll was still hanging when the delivery was answered
+        finally:
+            registry.close()
+            hanging.join(30)
+    assert not hanging.is_alive() and isinstance(outcome[0], RegistryUnreachable), outcome
+
+
+def _poll(poller: Poller, outcome: list[object]) -> None:
+    try:
+        outcome.append(poller.snapshot(30))
+    except Exception as exc:
+        outcome.append(exc)

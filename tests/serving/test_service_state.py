@@ -12,8 +12,9 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from serving_app.config import AppArgs
-from serving_app.errors import UnknownVersion, VersionLoadFailed
+from serving_app.errors import TooManyColdLoads, UnknownVersion, VersionLoadFailed, VersionNotAllowed
 from serving_app.metrics import ServingMetrics
+from serving_app.pinning import PinPolicy
 from serving_app.registry import LoadedVersion, VersionFacts
 from serving_app.service import ModelService
 
@@ -29,11 +30,22 @@ class Sink:
 
 
 class NoPrefetches:
+    """Records the downloads a service starts and drops (none is ever made)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.discarded: list[str] = []
+        self.held: set[str] = set()
+
     def start(self, version: str) -> None:
-        pass
+        self.started.append(version)
 
     def discard(self, version: str) -> None:
-        pass
+        self.discarded.append(version)
+        self.held.discard(version)
+
+    def versions(self) -> list[str]:
+        return sorted(self.held)
 
 
 class FakeRegistry:
@@ -58,14 +70,16 @@ class FakeRegistry:
         return LoadedVersion(version=version, model=object(), signature=SIGNATURE, load_seconds=0.0)
 
 
-def service(registry: FakeRegistry) -> ModelService:
+def service(registry: FakeRegistry, args: AppArgs | None = None) -> ModelService:
     sink: Any = Sink()
     metrics = ServingMetrics(sink, sink, sink, sink, sink, sink, sink)
 
     async def load_pinned(version: str) -> LoadedVersion:
         return registry.load(version)
 
-    return ModelService(AppArgs(model_name="m"), registry, load_pinned, metrics)  # type: ignore[arg-type]
+    # A made-up version costs the registry a read too, so it takes a cold-load token: room for them here.
+    args = args or AppArgs(model_name="m", pinned_cold_loads=1000)
+    return ModelService(args, registry, load_pinned, metrics)  # type: ignore[arg-type]
 
 
 def test_made_up_versions_leave_nothing_behind() -> None:
@@ -118,3 +132,40 @@ def test_health_and_metadata_report_the_default_and_a_failed_switch() -> None:
     # The signature as JSON objects, not JSON text inside JSON.
     assert metadata["signature"]["inputs"] == [{"type": "string", "name": "prompt", "required": True}]
     assert metadata["signature"]["outputs"] == [{"type": "string", "required": True}]
+
+
+def test_a_refused_pin_asks_the_registry_nothing_and_drops_queued_downloads() -> None:
+    registry = FakeRegistry()
+
+    async def scenario() -> ModelService:
+        model = service(registry)
+        await model.set_default("1")
+        registry.prefetches.held = {"2", "7"}  # downloads queued by requests in flight
+        model.set_pin_policy(PinPolicy("Promoted", allowed=frozenset({"7"}), refused=frozenset({"2"})))
+        for version in ("2", "5"):
+            with pytest.raises(VersionNotAllowed):
+                await model.resolve(version)
+        return model
+
+    asyncio.run(scenario())
+    assert registry.facts_fetches == [] and registry.prefetches.started == []
+    assert registry.prefetches.discarded == ["2"]  # the allowed version's download stays
+
+
+def test_cold_loads_past_the_bucket_are_refused_before_the_registry() -> None:
+    registry = FakeRegistry()
+
+    async def scenario() -> TooManyColdLoads:
+        model = service(registry, AppArgs(model_name="m", pinned_cold_loads=2, pinned_cold_load_window_s=60))
+        await model.set_default("1")
+        for version in ("8", "9"):
+            with pytest.raises(UnknownVersion):
+                await model.resolve(version)
+        with pytest.raises(TooManyColdLoads) as refused:
+            await model.resolve("10")
+        assert await model.resolve("1") is model.default.loaded  # the default is no cold load
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert registry.facts_fetches == ["8", "9"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 30

@@ -8,7 +8,9 @@ one Secret a resource names, in its namespace.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -171,8 +173,26 @@ class KubeTarget:
                         f"secret {namespace}/{secret_name}: HTTP {exc.status} {exc.reason}"
                     ) from None
                 self._sleep(pause)
-        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+        return decode_secret_data(f"{namespace}/{secret_name}", secret.data or {})
 
     def url(self, namespace: str, name: str, route_prefix: str) -> str:
         # KubeRay's serve Service for a RayService is `<name>-serve-svc`.
         return f"http://{name}-serve-svc.{namespace}.svc:{SERVE_PORT}{route_prefix}"
+
+
+# What the API server accepts as a Secret key; anything else is not repeated in a message.
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+def decode_secret_data(where: str, data: Mapping[str, str | bytes]) -> dict[str, str]:
+    """A Secret's values as text. A value that is not UTF-8 (a binary keystore, a file saved in another
+    encoding) cannot be a credential the registry clients read: the resource is told which key it is,
+    never what it holds, rather than every pass failing on it."""
+    decoded: dict[str, str] = {}
+    for key, value in data.items():
+        try:
+            decoded[key] = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+            shown = repr(key) if _SECRET_KEY.fullmatch(key) else "a key"
+            raise CredentialsUnavailable(f"secret {where}: the value of {shown} is not UTF-8 text") from None
+    return decoded

@@ -59,8 +59,8 @@ MLFLOW_CLIENT_FAIL_FAST: Mapping[str, str] = MappingProxyType(
 )
 """The mlflow client's HTTP settings for a process that must answer, or give up, quickly: MLflow's
 defaults retry 7 times with exponential backoff, minutes against a registry that is down. The client
-reads them from the environment only; they are defaults, values already set there win
-(`with_fail_fast`)."""
+reads them from the environment only. A replica sets them where its pod env sets none; the operator's
+child process always has them (`serving_app.mlmodel_client`)."""
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -76,11 +76,6 @@ AUTH_KEYS = (
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
 )
-
-
-def with_fail_fast(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with the fail-fast settings added where it sets none."""
-    return {**MLFLOW_CLIENT_FAIL_FAST, **env}
 
 
 def models_uri(name: str, version: str) -> str:

@@ -55,6 +55,8 @@ def memory_app(mlflow_server: MlflowServer, local_ray: LocalRay) -> Iterator[Mem
         tracking_uri=mlflow_server.url,
         default_version=default,
         max_models_per_replica=2,
+        # Every switch here is a cold load on purpose: the replica's cold-load limit would answer 429.
+        pinned_cold_loads=1000,
     )
     with deployed_app(local_ray, config) as url:
         yield MemoryApp(url, default, pinned)

@@ -1,11 +1,13 @@
 """`serving_app.app:build_app` — the Ray Serve application serving one registered model.
 
-`ModelServer` is a module-level deployment and `build_app` a typed builder over it (Ray validates
-the args into `AppArgs`). What the args size is set when a replica starts: the multiplexed LRU is
+`ModelServer` is a module-level deployment and `build_app` a typed builder over it: it takes `AppArgs`
+or a dict of its fields (what Ray's config path and Python callers hand over), validated by `AppArgs`
+either way. What the args size is set when a replica starts: the multiplexed LRU is
 built in `__init__` (Ray 2.60 detects a multiplexed loader stored on the instance), and so is the
 batcher (`serving_app.batcher`); `max_ongoing_requests` goes through `.options()`.
 Requests arrive at `__call__` and are routed by `serving_app.routes` (no FastAPI on the request path).
-No `from __future__ import annotations` here: Ray must see the builder's `AppArgs` annotation.
+No `from __future__ import annotations` here: Ray reads the builder's annotation at runtime (a union,
+so Ray passes the dict through and `config.app_args` validates it).
 """
 
 import asyncio
@@ -29,6 +31,7 @@ from serving_app.board import BoardClient
 from serving_app.config import (
     DEPLOYMENT_NAME,
     AppArgs,
+    app_args,
     candidate_generation,
     max_ongoing_requests,
     parse_user_config,
@@ -53,12 +56,13 @@ logger = logging.getLogger("ray.serve")
 PREDICT_ROUTES = frozenset({"serve", "invocations", "v2_infer"})
 
 
-def build_app(args: AppArgs) -> Application:
+def build_app(args: AppArgs | dict[str, Any]) -> Application:
+    validated = app_args(args)
     # A Serve config's own `max_ongoing_requests` (the operator writes one) overrides this default.
     deployment = ModelServer.options(  # type: ignore[attr-defined]
-        max_ongoing_requests=max_ongoing_requests(args.max_batch_size)
+        max_ongoing_requests=max_ongoing_requests(validated.max_batch_size)
     )
-    return deployment.bind(args)
+    return deployment.bind(validated)
 
 
 def pinned_slots(args: AppArgs) -> int:
@@ -225,6 +229,18 @@ class ModelServer:
 
     async def healthz(self, _request: Request, _rest: str) -> Response:
         return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
+
+    async def ping(self, _request: Request, _rest: str) -> Response:
+        # Open like /healthz (Kubernetes probes and MLflow's client send no token; the body is a
+        # newline). Reads the state only: the default's load is started by __init__/reconfigure, so
+        # a ping never loads, predicts or waits.
+        return http.scoring_ping(self.service.ready)
+
+    async def mlflow_version(self, request: Request, _rest: str) -> Response:
+        # With auth on, the software version is for callers with the token, as /metadata is.
+        if denied := self._denied(request):
+            return denied
+        return http.scoring_version()
 
     async def rollout_report(self, _request: Request, _rest: str) -> Response:
         # Open like /healthz (the operator reads it): figures and stable codes. The smoke test's message

@@ -7,6 +7,7 @@ The default version therefore travels in `user_config`, which Ray applies in pla
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,6 +74,24 @@ class AppArgs(BaseModel):
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
+
+
+def app_args(raw: object) -> AppArgs:
+    """`build_app`'s argument as Ray's config path, or a caller in Python, hands it over: the typed
+    args, or a mapping validated by `AppArgs`. The error names each bad field and what it needs,
+    without echoing the values given."""
+    if isinstance(raw, AppArgs):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"build_app takes AppArgs or a dict of its fields, got {type(raw).__name__}")
+    try:
+        return AppArgs.model_validate(dict(raw))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or '(args)'}: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)
+        )
+        raise ValueError(f"invalid build_app args: {problems}") from None
 
 
 def _version_as_text(value: object) -> object:

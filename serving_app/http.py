@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from mlflow.utils.proto_json_utils import NumpyEncoder
+from mlflow.version import VERSION as MLFLOW_VERSION
 from pydantic import ValidationError
 
 from serving_app.errors import BodyTooLarge, InvalidInput, ServingError, Unauthorized, UnsupportedMediaType
@@ -32,6 +33,29 @@ def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] 
     except (TypeError, ValueError):
         body = json.dumps(payload, cls=NumpyEncoder, separators=(",", ":"))
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+# MLflow's scoring server (`mlflow/pyfunc/scoring_server`) answers `/ping` and `/health` with a
+# newline, labelled JSON, 200 when its model is loaded and 404 when not; `/version` with its version as
+# bare text, labelled JSON too. Clients and probes built for `mlflow models serve` read exactly that.
+SCORING_PING_BODY = "\n"
+SCORING_MEDIA_TYPE = "application/json"
+
+
+def scoring_ping_status(default_answers: bool) -> int:
+    """The scoring server's `/ping` status: `default_answers` is whether this replica holds a default
+    version that predicts (loaded, its API derived), the state the replica's own health check reads."""
+    return 200 if default_answers else 404
+
+
+def scoring_ping(default_answers: bool) -> Response:
+    return Response(
+        SCORING_PING_BODY, status_code=scoring_ping_status(default_answers), media_type=SCORING_MEDIA_TYPE
+    )
+
+
+def scoring_version() -> Response:
+    return Response(MLFLOW_VERSION, status_code=200, media_type=SCORING_MEDIA_TYPE)
 
 
 def error_response(error: ServingError, *, retry_after_s: int) -> Response:
@@ -146,6 +170,15 @@ def build_openapi(
             "content": {"application/json": {"schema": _scoring_schema()}},
         }
         invocations["parameters"] = [_version_header_parameter()]
+    for path in ("/ping", "/health"):
+        if (ping := document["paths"].get(path, {}).get("get")) is not None:
+            ping["responses"] = {
+                "200": {"description": "The default version answers on this replica (body: a newline)."},
+                "404": {"description": "No default version loaded yet (body: a newline)."},
+            }
+    if (mlflow_version := document["paths"].get("/version", {}).get("get")) is not None:
+        # No schema: the body is the bare version text, labelled JSON as MLflow labels it.
+        mlflow_version["responses"] = {"200": {"description": "The MLflow version serving, e.g. `3.1.0`."}}
     return document
 
 

@@ -52,6 +52,15 @@ ROUTES = (
     Route(
         "/metadata", frozenset({"GET"}), "metadata", "Model, default version, signature and loaded versions"
     ),
+    # MLflow's scoring server's own routes, answered as it answers them (`mlflow models serve`).
+    Route(
+        "/ping",
+        frozenset({"GET"}),
+        "ping",
+        "MLflow scoring server health: 200 once the default version answers",
+    ),
+    Route("/health", frozenset({"GET"}), "ping", "Same as /ping"),
+    Route("/version", frozenset({"GET"}), "mlflow_version", "The MLflow version serving, as text"),
     Route("/openapi.json", frozenset({"GET"}), "openapi", "", documented=False),
     Route("/docs", frozenset({"GET"}), "docs", "", documented=False),
 )
@@ -112,9 +121,10 @@ def openapi_app() -> FastAPI:
         if "{path}" in path:
             path, endpoint = path.replace("{path}", "{path:path}"), _with_path
         # Named after the handler: operation ids stay what clients generated from the document know.
-        api.add_api_route(
-            path, endpoint, methods=sorted(route.methods), summary=route.summary, name=route.handler
-        )
+        # One FastAPI route per method: FastAPI derives a route's operation id from its first method
+        # only, so a route with two methods would give both operations the same id.
+        for method in sorted(route.methods):
+            api.add_api_route(path, endpoint, methods=[method], summary=route.summary, name=route.handler)
     return api
 
 

@@ -6,6 +6,9 @@ regserve rbac                print the operator's RBAC manifests (what deploy/rb
 regserve webhook register    create the MLflow webhook that pushes registry events to the operator
 regserve dev -f rms.yaml     local mode (regserve_operator.local); -f repeats, all share one cluster
 regserve demo                the whole loop on this machine (regserve_operator.demo)
+regserve status [NAME]       one line per deployment: versions, rollout phase and weight (-t TARGET)
+regserve promote NAME VER    move the alias (or stage) in MLflow to VER and follow the rollout
+regserve rollback NAME       return to the version that served before and follow it
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.set_defaults(func=_cmd_webhook_register)
 
+    from regserve_operator.deploy.verbs import add_parsers
+
+    add_parsers(sub)
     sub.add_parser("dev", help="local mode: run the reconcile against a local Ray cluster", add_help=False)
     sub.add_parser("demo", help="the whole loop on this machine", add_help=False)
     return parser
@@ -97,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return _delegate("regserve_operator.demo", argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in ("status", "promote", "rollback"):
+        from regserve_operator.deploy.verbs import run
+
+        return run(args.func, args)
     return int(args.func(args))
 
 

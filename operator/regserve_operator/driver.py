@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # A pass that reconciled this many resources gives the heap it freed back (allocator.py); smaller
 # passes free too little to be worth the call.
 TRIM_AFTER_RESOURCES = 1000
+# How often a removal looks whether the resource's running reconcile has ended.
+IN_FLIGHT_POLL_S = 0.05
 
 
 @dataclass
@@ -118,6 +120,30 @@ class Driver:
                 existing.spec_json, existing.generation = fresh.spec_json, existing.generation + 1
         self.scheduler.wake(key)
 
+    def remove(self, owner: Owner, *, wait_s: float = 30.0) -> RegisteredModelServingStatus | None:
+        """Forget a resource (like its deletion on the API server); its last status, None if unknown.
+
+        A reconcile of it still running is waited for (at most `wait_s`), so that the caller's clean-up
+        of what it applied is not followed by one last apply from that pass."""
+        key = (owner.namespace, owner.name)
+        with self._lock:
+            gone = self._resources.pop(key, None)
+        if gone is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        while key in self._in_flight and time.monotonic() < deadline:
+            time.sleep(IN_FLIGHT_POLL_S)
+        if key in self._in_flight:
+            log.warning("%s/%s: removed with a reconcile still running", *key)
+        # After the pass that was running: its `done()` would leave an entry behind.
+        self.scheduler.forget(key)
+        return gone.status()
+
+    def generation(self, owner: Owner) -> int | None:
+        with self._lock:
+            found = self._resources.get((owner.namespace, owner.name))
+            return None if found is None else found.generation
+
     def status(self, owner: Owner) -> RegisteredModelServingStatus:
         with self._lock:
             return self._resources[(owner.namespace, owner.name)].status()
@@ -164,6 +190,9 @@ class Driver:
         return sorted(done, key=lambda reconciled: order[reconciled.key])
 
     def _reconcile(self, key: Key, res: _Resource) -> Reconciled | None:
+        with self._lock:
+            if self._resources.get(key) is not res:
+                return None  # removed since the pass began: nothing of it may be applied again
         outcome = reconcile_pass(
             self.scheduler,
             res.owner,

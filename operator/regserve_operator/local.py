@@ -1,10 +1,13 @@
-"""`regserve dev -f rms.yaml [-f more.yaml]`: the operator's reconcile against a Ray cluster on this machine.
+"""`regserve dev [-f rms.yaml ...]`: the operator's reconcile against a Ray cluster on this machine.
 
 The same `reconcile()` the operator runs decides every rollout; the target is the local Ray
 dashboard instead of a RayService, statuses live in memory and Events are printed. A Ray cluster is
 started when none answers at the dashboard address (and stopped again on exit), Serve listens on
 http://127.0.0.1:8000 by default, and an MLflow webhook receiver makes promotions near-instant
 (polling stays as the fallback).
+
+Resources come from the `-f` files at start and, while it runs, from its control API (`local_control.py`),
+which `local_client.LocalControlClient` finds through the session file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import yaml
 from regserve_operator.builders import BuildDefaults, Owner
 from regserve_operator.decide import Event
 from regserve_operator.driver import Driver
+from regserve_operator.local_client import SESSION_ENV, LocalSession, session_path
+from regserve_operator.local_control import control_server, refuse_if_live, session_file
 from regserve_operator.local_ray import LocalCluster, ensure_ray, wanted_ingress_mode
 from regserve_operator.probe import probe_app, probe_rollout
 from regserve_operator.reconcile import Deps
@@ -37,9 +42,11 @@ from regserve_operator.sandbox.processes import free_port
 from regserve_operator.spec import (
     GROUP,
     KIND,
+    VERSION,
     RegisteredModelServingSpec,
     RegisteredModelServingStatus,
     parse_spec,
+    status_to_wire,
 )
 from regserve_operator.targets.local import LocalRayTarget, ServeDashboard
 
@@ -56,12 +63,17 @@ WEBHOOK_PREFIX = "regserve-local-"
 # A webhook left by a session that could not delete it (killed) is refused by nothing and retried by
 # MLflow a few times per event; deleting it must not hold up an exit.
 WEBHOOK_DELETE_TIMEOUT_S = 10.0
+# A delete answers once Ray has removed the resource's Serve apps, or after this: Ray drains each
+# replica first (20 s at most by Serve's default), and a 2-core machine under load took 30 s.
+APP_DELETE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
 class Resource:
     owner: Owner
     spec: RegisteredModelServingSpec
+    # The spec as the user wrote it, shown back by the control API (`spec` has placement dropped).
+    applied: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def load_resources(path: Path) -> list[Resource]:
@@ -84,18 +96,23 @@ def load_resources(path: Path) -> list[Resource]:
         except ValueError as error:  # pydantic's ValidationError is a ValueError
             raise SystemExit(f"{path}: {name}: invalid spec:\n{error}") from None
         namespace = metadata.get("namespace", "default")
-        if spec.placement is not None:
-            # Every resource is an application of the one local cluster already: the same idea.
-            log.info(
-                "%s: local mode serves it on the local cluster; placement %s is not needed",
-                name,
-                spec.placement.cluster,
-            )
-            spec = spec.model_copy(update={"placement": None})
-        resources.append(Resource(Owner(name, namespace, f"local-{uuid.uuid4()}"), spec))
+        owner = Owner(name, namespace, f"local-{uuid.uuid4()}")
+        resources.append(Resource(owner, local_spec(name, spec), dict(document.get("spec") or {})))
     if not resources:
         raise SystemExit(f"{path}: no {KIND} found")
     return resources
+
+
+def local_spec(name: str, spec: RegisteredModelServingSpec) -> RegisteredModelServingSpec:
+    if spec.placement is None:
+        return spec
+    # Every resource is an application of the one local cluster already: the same idea.
+    log.info(
+        "%s: local mode serves it on the local cluster; placement %s is not needed",
+        name,
+        spec.placement.cluster,
+    )
+    return spec.model_copy(update={"placement": None})
 
 
 def load_resource_files(paths: Sequence[Path]) -> list[Resource]:
@@ -153,6 +170,51 @@ class LocalWebhook:
     name: str
 
 
+@dataclass
+class SessionWebhooks:
+    """The webhooks of a session: one per tracking URI, registered as resources naming it arrive."""
+
+    url: str
+    secret: str
+    registered: list[LocalWebhook] = field(default_factory=list)
+    _tried: set[str] = field(default_factory=set)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ensure(self, tracking_uri: str) -> None:
+        with self._lock:
+            if tracking_uri in self._tried:
+                return
+            self._tried.add(tracking_uri)
+        webhook = register_local_webhook(tracking_uri, self.url, self.secret)
+        if webhook is not None:
+            with self._lock:
+                self.registered.append(webhook)
+            print(f"regserve: MLflow at {tracking_uri} posts registry events to {self.url}", flush=True)
+
+    def ensure_soon(self, tracking_uri: str) -> None:
+        """`ensure` aside: MLflow's client retries for minutes against a server that does not answer,
+        and the resource that named it must not wait for that (polling covers it meanwhile)."""
+        with self._lock:
+            if tracking_uri in self._tried:
+                return
+            worker = threading.Thread(
+                target=self.ensure, args=(tracking_uri,), name="regserve-webhook-register", daemon=True
+            )
+            self._workers.append(worker)
+        worker.start()
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:  # a registration finishing after this would outlive its receiver
+            worker.join(WEBHOOK_DELETE_TIMEOUT_S)
+        with self._lock:
+            registered, self.registered = self.registered, []
+        for webhook in registered:
+            delete_local_webhook(webhook)
+
+
 def register_local_webhook(tracking_uri: str, url: str, secret: str) -> LocalWebhook | None:
     from regserve_operator.webhook import register_webhook
 
@@ -204,7 +266,7 @@ class Reporter:
     """Prints Events and serving-version transitions, once each."""
 
     out: Callable[[str], None] = print
-    serving: dict[str, str | None] = field(default_factory=dict)
+    serving: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
     def event(self, owner: Owner, event: Event) -> None:
         marker = "!" if event.type == "Warning" else "*"
@@ -212,13 +274,20 @@ class Reporter:
 
     def statuses(self, driver: Driver, resources: Sequence[Resource]) -> None:
         for resource in resources:
-            status = driver.status(resource.owner)
-            if status.serving_version != self.serving.get(resource.owner.name) and _ready(status):
-                self.serving[resource.owner.name] = status.serving_version
+            key = (resource.owner.namespace, resource.owner.name)
+            try:
+                status = driver.status(resource.owner)
+            except KeyError:  # deleted through the control API meanwhile
+                continue
+            if status.serving_version != self.serving.get(key) and _ready(status):
+                self.serving[key] = status.serving_version
                 self.out(
                     f"{time.strftime('%H:%M:%S')} > {resource.owner.name}: serving version "
                     f"{status.serving_version} of {resource.spec.model.name} at {status.url}"
                 )
+
+    def forget(self, owner: Owner) -> None:
+        self.serving.pop((owner.namespace, owner.name), None)
 
 
 def _ready(status: RegisteredModelServingStatus) -> bool:
@@ -232,7 +301,9 @@ def _ready(status: RegisteredModelServingStatus) -> bool:
 
 @dataclass
 class DevSession:
-    """Everything `regserve dev` runs, usable from the demo and from tests."""
+    """Everything `regserve dev` runs, usable from the demo and from tests.
+
+    `resources` changes while it runs (the control API's thread): read it through `snapshot()`."""
 
     resources: list[Resource]
     driver: Driver
@@ -240,10 +311,129 @@ class DevSession:
     cluster: LocalCluster
     reporter: Reporter
     stop_event: threading.Event = field(default_factory=threading.Event)
+    # Called with each resource the control API adds (e.g. to register a webhook for its registry).
+    on_new_resource: Callable[[Resource], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # One change at a time per session: a PUT racing a DELETE of the same name sees one order.
+    _changing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def step(self) -> None:
         self.driver.run_once()
-        self.reporter.statuses(self.driver, self.resources)
+        self.reporter.statuses(self.driver, self.snapshot())
+
+    def snapshot(self) -> list[Resource]:
+        with self._lock:
+            return list(self.resources)
+
+    def find(self, namespace: str, name: str) -> Resource | None:
+        return next(
+            (r for r in self.snapshot() if (r.owner.namespace, r.owner.name) == (namespace, name)), None
+        )
+
+    def put(
+        self, namespace: str, name: str, spec: RegisteredModelServingSpec, applied: dict[str, Any]
+    ) -> Resource:
+        """Add a resource or change its spec (its uid stays), as `kubectl apply` does."""
+        with self._changing:
+            existing = self.find(namespace, name)
+            owner = existing.owner if existing else Owner(name, namespace, f"local-{uuid.uuid4()}")
+            resource = Resource(owner, local_spec(name, spec), applied)
+            self.driver.apply(owner, resource.spec)
+            with self._lock:
+                self.resources = [
+                    r for r in self.resources if (r.owner.namespace, r.owner.name) != (namespace, name)
+                ] + [resource]
+        if existing is None:
+            self.reporter.out(f"{time.strftime('%H:%M:%S')} + {name}: applied ({namespace})")
+            wanted = spec.serving.ingress_mode
+            if self.cluster.ingress_mode is not None and wanted != self.cluster.ingress_mode:
+                self.reporter.out(
+                    f"{time.strftime('%H:%M:%S')} ! {name}: asks for ingress mode {wanted}; the local "
+                    f"cluster runs {self.cluster.ingress_mode} (start `regserve dev` with it in a file)"
+                )
+            if self.on_new_resource is not None:
+                self.on_new_resource(resource)
+        else:
+            self.reporter.out(f"{time.strftime('%H:%M:%S')} ~ {name}: spec applied ({namespace})")
+        return resource
+
+    def remove(self, namespace: str, name: str) -> tuple[Resource, RegisteredModelServingStatus] | None:
+        """Delete a resource: stop reconciling it, remove its Serve applications from the cluster and
+        the deployment-state tags it wrote in MLflow (as the operator's finalizer does, bounded).
+        When the cluster refuses the removal the resource is kept, so a retry can finish it."""
+        with self._changing:
+            resource = self.find(namespace, name)
+            if resource is None:
+                return None
+            with self._lock:
+                self.resources = [r for r in self.resources if r is not resource]
+            status = self.driver.remove(resource.owner) or RegisteredModelServingStatus()
+            try:
+                gone = self.target.delete(namespace, name, wait_s=APP_DELETE_WAIT_S)
+            except Exception:
+                self.driver.apply(resource.owner, resource.spec, status)
+                with self._lock:
+                    self.resources.append(resource)
+                raise
+            self.reporter.forget(resource.owner)
+        if not gone:
+            self.reporter.out(
+                f"{time.strftime('%H:%M:%S')} ! {name}: Ray is still deleting its Serve application"
+            )
+        self._remove_tags(resource, status)
+        self.reporter.out(f"{time.strftime('%H:%M:%S')} - {name}: deleted ({namespace})")
+        return resource, status
+
+    def _remove_tags(self, resource: Resource, status: RegisteredModelServingStatus) -> None:
+        from regserve_operator.finalizer import remove_tags
+
+        body = {
+            "metadata": {"namespace": resource.owner.namespace, "name": resource.owner.name},
+            "spec": resource.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "status": status_to_wire(status),
+        }
+        removal = remove_tags(body, self.driver.deps.registry, self.target)
+        if removal.kept:
+            self.reporter.out(
+                f"{time.strftime('%H:%M:%S')} ! {resource.owner.name}: MLflow tags kept on versions "
+                f"{', '.join(removal.kept)}: {removal.problem}"
+            )
+
+    # -------------------------------------------------------------- control API (ControlBackend)
+
+    def object_of(self, resource: Resource) -> dict[str, Any] | None:
+        """The resource as the API server would show it; None once it is gone."""
+        try:
+            status = self.driver.status(resource.owner)
+        except KeyError:
+            return None
+        return wire_object(resource, self.driver.generation(resource.owner) or 1, status)
+
+    def put_object(
+        self, namespace: str, name: str, spec: RegisteredModelServingSpec, applied: dict[str, Any]
+    ) -> dict[str, Any]:
+        resource = self.put(namespace, name, spec, applied)
+        return self.object_of(resource) or wire_object(resource, 1, RegisteredModelServingStatus())
+
+    def get_object(self, namespace: str, name: str) -> dict[str, Any] | None:
+        resource = self.find(namespace, name)
+        return None if resource is None else self.object_of(resource)
+
+    def list_objects(self, namespace: str | None) -> list[dict[str, Any]]:
+        chosen = [r for r in self.snapshot() if namespace is None or r.owner.namespace == namespace]
+        chosen.sort(key=lambda r: (r.owner.namespace, r.owner.name))
+        return [found for r in chosen if (found := self.object_of(r)) is not None]
+
+    def delete_object(self, namespace: str, name: str) -> dict[str, Any] | None:
+        generation = None
+        found = self.find(namespace, name)
+        if found is not None:
+            generation = self.driver.generation(found.owner)
+        removed = self.remove(namespace, name)
+        if removed is None:
+            return None
+        resource, status = removed
+        return wire_object(resource, generation or 1, status)
 
     def run(self, *, until: Callable[[], bool] | None = None, tick_s: float = 0.5) -> None:
         while not self.stop_event.is_set():
@@ -253,8 +443,25 @@ class DevSession:
             self.stop_event.wait(tick_s)
 
     def status(self, name: str) -> RegisteredModelServingStatus:
-        resource = next(r for r in self.resources if r.owner.name == name)
+        resource = next(r for r in self.snapshot() if r.owner.name == name)
         return self.driver.status(resource.owner)
+
+
+def wire_object(resource: Resource, generation: int, status: RegisteredModelServingStatus) -> dict[str, Any]:
+    """A RegisteredModelServing as the API server shows it; the status as the operator writes it."""
+    owner = resource.owner
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {
+            "name": owner.name,
+            "namespace": owner.namespace,
+            "generation": generation,
+            "uid": owner.uid,
+        },
+        "spec": resource.applied or resource.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "status": status_to_wire(status),
+    }
 
 
 def make_session(
@@ -304,23 +511,42 @@ def main(argv: Sequence[str]) -> int:
         "--file",
         type=Path,
         action="append",
-        required=True,
-        help="YAML with RegisteredModelServing resources (repeatable: all share the local cluster)",
+        default=[],
+        help="YAML with RegisteredModelServing resources (repeatable: all share the local cluster; "
+        "none: start empty, resources come through the control API)",
     )
     parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help="Ray dashboard URL (started if down)")
     parser.add_argument("--serve-port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for a Ray cluster started here")
     parser.add_argument("--webhook-port", type=int, default=0, help="receiver port (0: a free one; -1: off)")
+    parser.add_argument(
+        "--session-file",
+        type=Path,
+        default=None,
+        help=f"where clients find the control API (default: ${SESSION_ENV} or ~/.regserve/dev-session.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    session_file_path = args.session_file or session_path()
+    # Before a Ray cluster is started for nothing.
+    refuse_if_live(session_file_path)
     resources = load_resource_files(args.file)
     session = make_session(
         resources, dashboard_url=args.dashboard, serve_port=args.serve_port, num_cpus=args.num_cpus
     )
     signal.signal(signal.SIGTERM, lambda *_: session.stop_event.set())
+    token = secrets.token_urlsafe(32)
     try:
-        with _maybe_webhook(session, resources, args.webhook_port):
+        with (
+            _maybe_webhook(session, args.webhook_port),
+            control_server(session, token) as control_url,
+            session_file(
+                session_file_path,
+                LocalSession(control_url, token, session.target.url("", "", ""), os.getpid()),
+            ),
+        ):
+            print(f"regserve: control API at {control_url} (session file {session_file_path})", flush=True)
             print("regserve: reconciling; Ctrl-C stops", flush=True)
             session.run()
     except KeyboardInterrupt:
@@ -331,23 +557,24 @@ def main(argv: Sequence[str]) -> int:
 
 
 @contextmanager
-def _maybe_webhook(session: DevSession, resources: Sequence[Resource], port: int) -> Iterator[None]:
+def _maybe_webhook(session: DevSession, port: int) -> Iterator[SessionWebhooks | None]:
+    """The receiver and a webhook per tracking URI: those of the files now, later ones as they come."""
     if port < 0:
-        yield
+        yield None
         return
     secret = secrets.token_urlsafe(32)
     with webhook_receiver(session.driver, port or free_port(), secret) as url:
-        registered: list[LocalWebhook] = []
+        webhooks = SessionWebhooks(url, secret)
         try:
-            for tracking_uri in sorted({r.spec.registry.tracking_uri for r in resources}):
-                webhook = register_local_webhook(tracking_uri, url, secret)
-                if webhook is not None:
-                    registered.append(webhook)
-                    print(f"regserve: MLflow at {tracking_uri} posts registry events to {url}", flush=True)
-            yield
+            for tracking_uri in sorted({r.spec.registry.tracking_uri for r in session.snapshot()}):
+                webhooks.ensure(tracking_uri)
+            session.on_new_resource = lambda resource: webhooks.ensure_soon(
+                resource.spec.registry.tracking_uri
+            )
+            yield webhooks
         finally:
-            for webhook in registered:
-                delete_local_webhook(webhook)
+            session.on_new_resource = None
+            webhooks.close()
 
 
 def status_summary(status: RegisteredModelServingStatus) -> dict[str, Any]:

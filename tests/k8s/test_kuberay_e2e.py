@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from kubernetes import client
 from mlflow import MlflowClient
+from mlflow.deployments import get_deploy_client
 from regserve_operator.builders import AUTOSCALER_IDLE_TIMEOUT_S, HAPROXY_ENV
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import PHRASEBOOK_MODEL, log_phrasebook, log_slow_echo
@@ -957,6 +962,89 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         lambda: serving.cluster.rayservice(pool) is None,
         timeout=120,
     )
+
+
+def _cli(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.timeout(FIRST_SERVE_S + 3 * ROLLOUT_S + 300)
+def test_mlflow_deployments_create_predict_canary_update_rollback_and_delete(
+    serving: Serving, admin_kubeconfig: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a user of MLflow does, with MLflow's own CLI and client and regserve's verbs: create blocks until
+    the version answers, predict goes through the API server's service proxy, an update to another alias
+    with a canary returns the rollout's verdict, a rollback follows its own, delete twice is no error."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    name, v = "deployed", serving.versions
+    registry = MlflowClient(serving.mlflow.url)
+    registry.set_registered_model_alias(MODEL, "plugin-stable", v.german)
+    registry.set_registered_model_alias(MODEL, "plugin-next", v.french)
+    target = f"regserve:/{serving.namespace}"
+    # The tracking URI the resource names is the one the pods reach (the plugin's default: the caller's).
+    env = {"KUBECONFIG": str(admin_kubeconfig), "MLFLOW_TRACKING_URI": serving.registry.url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mlflow_cli = ["-m", "mlflow", "deployments"]
+    traffic: Client | None = None
+    try:
+        created = _cli(
+            [*mlflow_cli, "create", "-t", target, "--name", name, "-m", f"models:/{MODEL}@plugin-stable",
+             "-C", "credentialsSecretRef.name=mlflow-auth", "-C", "pollIntervalSeconds=2",
+             "-C", "cpusPerReplica=0.5", "-C", f"timeout={FIRST_SERVE_S}"],
+            env, timeout=FIRST_SERVE_S + 60,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr[-3000:]
+        assert serving.cluster.rms(name)["status"]["servingVersion"] == v.german
+
+        inputs = tmp_path / "inputs.json"
+        inputs.write_text(json.dumps([{"prompt": "Hello"}]))
+        predicted = _cli(
+            [*mlflow_cli, "predict", "-t", target, "--name", name, "--input-path", str(inputs)],
+            env,
+            timeout=120,
+        )
+        assert predicted.returncode == 0, predicted.stderr[-3000:]
+        assert json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"] == [
+            {"translation_text": "Hallo"}
+        ]
+
+        traffic = Client(serving, url=lambda: serving.url_at(name, name))
+        traffic.start()
+        deployments = get_deploy_client(target)
+        canary = {"strategy": "Canary", "canary.steps": "50", "stepSeconds": "2", "minRequests": "5"}
+        updated = deployments.update_deployment(
+            name, model_uri=f"models:/{MODEL}@plugin-next", config={**canary, "timeout": str(ROLLOUT_S)}
+        )
+        assert (updated["serving_version"], updated["phase"], updated["ready"]) == (v.french, "Idle", True)
+        assert {v.german, v.french} <= {version for _, code, _, version in traffic.answers if code == 200}
+        pinned = deployments.predict(name, pd.DataFrame({"prompt": ["Hello"]}), version=v.german)
+        assert pinned.get_predictions().iloc[0, 0] == "Hallo"
+        assert deployments.get_deployment(name)["serving_version"] == v.french
+        assert name in [d["name"] for d in deployments.list_deployments()]
+
+        shown = _cli(["-m", "regserve_operator.cli", "status", name, "-t", target], env, timeout=60)
+        assert shown.returncode == 0 and f"{name}  {v.french}" in shown.stdout, shown
+        rolled_back = _cli(
+            ["-m", "regserve_operator.cli", "rollback", name, "-t", target,
+             "--tracking-uri", serving.mlflow.url, "--timeout", str(ROLLOUT_S)],
+            env, timeout=ROLLOUT_S + 60,
+        )  # fmt: skip
+        assert rolled_back.returncode == 0, rolled_back.stdout[-3000:] + rolled_back.stderr[-3000:]
+        assert f"version {v.german} is serving" in rolled_back.stdout
+        assert registry.get_model_version_by_alias(MODEL, "plugin-next").version == v.german
+        traffic.finish()
+        assert traffic.failures() == [], traffic.failures()[:5]
+    finally:
+        if traffic is not None:
+            traffic.done.set()
+        for _ in range(2):  # the second finds nothing to delete, and is no error
+            deleted = _cli([*mlflow_cli, "delete", "-t", target, "--name", name], env, timeout=120)
+            assert deleted.returncode == 0, deleted.stderr[-3000:]
+    until("the deployment's RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120)
 
 
 # Replica bounds of the autoscaling test: one replica per worker pod, as pods are sized today.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import mlflow
 import numpy as np
 import pytest
 from regserve_operator.sandbox.mlflow_server import MlflowServer
@@ -62,6 +63,12 @@ def test_requests_need_the_bearer_token(classifier: Classifier) -> None:
     assert wrong.status_code == 401
     assert httpx.get(f"{classifier.url}/metadata").status_code == 401
     assert httpx.get(f"{classifier.url}/healthz").status_code == 200  # probes carry no token
+    # MLflow's scoring-server probes stay open too; the software version is for token holders.
+    assert httpx.get(f"{classifier.url}/ping").status_code == 200
+    assert httpx.get(f"{classifier.url}/health").status_code == 200
+    assert httpx.get(f"{classifier.url}/version").status_code == 401
+    version = httpx.get(f"{classifier.url}/version", headers=classifier.auth)
+    assert (version.status_code, version.text) == (200, mlflow.__version__)
 
 
 def test_tensor_rows_match_the_pipeline(classifier: Classifier) -> None:

@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import mlflow
+import pandas as pd
 import pytest
+from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 
@@ -167,3 +170,20 @@ def test_openapi_shows_signature_fields(translator: Translator) -> None:
     assert "translation_text" in str(document)
     docs = httpx.get(f"{translator.url}/docs")
     assert docs.status_code == 200 and "/translator/openapi.json" in docs.text
+
+
+def test_mlflows_scoring_client_pings_and_predicts_below_the_prefix(translator: Translator) -> None:
+    client = ScoringServerClient("127.0.0.1", 0)
+    client.url_prefix = translator.url  # the client knows host and port only; the app lives below a prefix
+    client.wait_server_ready(timeout=30)
+    assert client.get_version() == mlflow.__version__
+    answer = client.invoke(pd.DataFrame({"prompt": ["Hello", "The weather is lovely today"]}))
+    predictions = answer.get_predictions()
+    assert predictions["translation_text"].tolist() == ["Hallo", "Das Wetter ist heute schön"]
+    for path in ("/ping", "/health"):
+        ping = httpx.get(f"{translator.url}{path}")
+        assert (ping.status_code, ping.text, ping.headers["content-type"]) == (200, "\n", "application/json")
+    document = httpx.get(f"{translator.url}/openapi.json").json()
+    assert {"/ping", "/health", "/version"} <= set(document["paths"])
+    operation_ids = [op["operationId"] for methods in document["paths"].values() for op in methods.values()]
+    assert len(operation_ids) == len(set(operation_ids))

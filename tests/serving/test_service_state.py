@@ -1,5 +1,5 @@
 """The model service's own state, without Ray: bounded whatever clients send, one facts fetch per
-version at a time, and what `/healthz` and `/metadata` report."""
+version at a time, and what `/healthz`, `/metadata` and `/ping` report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from mlflow.models.signature import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from serving_app import http
 from serving_app.config import AppArgs
 from serving_app.errors import TooManyColdLoads, UnknownVersion, VersionLoadFailed, VersionNotAllowed
 from serving_app.metrics import ServingMetrics
@@ -169,3 +170,37 @@ def test_cold_loads_past_the_bucket_are_refused_before_the_registry() -> None:
     refused = asyncio.run(scenario())
     assert registry.facts_fetches == ["8", "9"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 30
+
+
+class SlowRegistry(FakeRegistry):
+    """Loads wait for `release`; `loading` is set once a load has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = threading.Event()
+        self.release.clear()
+
+    def load(self, version: str) -> LoadedVersion:
+        self.loading.set()
+        if not self.release.wait(10):
+            raise AssertionError("the test never released the load")
+        return super().load(version)
+
+
+def test_ping_is_not_ready_until_the_default_answers_and_stays_ready_after_a_failed_switch() -> None:
+    registry = SlowRegistry()
+
+    async def scenario() -> list[int]:
+        model = service(registry)
+        seen = [http.scoring_ping(model.ready).status_code]  # nothing asked to load yet
+        switching = asyncio.create_task(model.set_default("1"))
+        assert await asyncio.to_thread(registry.loading.wait, 10)
+        seen.append(http.scoring_ping(model.ready).status_code)  # the default is loading
+        registry.release.set()
+        await switching
+        seen.append(http.scoring_ping(model.ready).status_code)
+        await model.set_default("2")  # fails: "1" keeps answering
+        seen.append(http.scoring_ping(model.ready).status_code)
+        return seen
+
+    assert asyncio.run(scenario()) == [404, 404, 200, 200]

@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ from serving_app.config import DEPLOYMENT_NAME
 log = logging.getLogger(__name__)
 
 # Registry credentials in local mode come from the environment, as MLflow's own client reads them.
+# Ray deletes an application's replicas within seconds; how often the delete looks whether it has.
+DELETE_POLL_S = 0.25
+
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -157,11 +161,22 @@ class LocalRayTarget:
     def url(self, namespace: str, name: str, route_prefix: str) -> str:
         return f"http://{self._serve_host}:{self._serve_port}{route_prefix}"
 
-    def delete(self, namespace: str, name: str) -> None:
+    def delete(self, namespace: str, name: str, *, wait_s: float = 0.0) -> bool:
+        """Remove the RayService's Serve applications; with `wait_s`, wait (polling) until Ray has
+        deleted them, so that a resource of the same name applied next starts from nothing. False if
+        they were still there at the deadline."""
         with self._lock:
             stored = self._objects.pop((namespace, name), None)
-        if stored is not None:
-            self._dashboard.remove(set(_app_names(stored)), self.http_options)
+        if stored is None:
+            return True
+        names = set(_app_names(stored))
+        self._dashboard.remove(names, self.http_options)
+        deadline = time.monotonic() + wait_s
+        while names & set(self._dashboard.applications()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(DELETE_POLL_S)
+        return True
 
     # ------------------------------------------------------------------------------------- status
 

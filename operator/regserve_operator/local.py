@@ -515,9 +515,25 @@ def main(argv: Sequence[str]) -> int:
         help="YAML with RegisteredModelServing resources (repeatable: all share the local cluster; "
         "none: start empty, resources come through the control API)",
     )
-    parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help="Ray dashboard URL (started if down)")
-    parser.add_argument("--serve-port", type=int, default=8000)
-    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for a Ray cluster started here")
+    # The environment gives defaults too, for what starts `regserve dev` without a command line of its
+    # own (`mlflow deployments run-local -t regserve-local`).
+    parser.add_argument(
+        "--dashboard",
+        default=os.environ.get("REGSERVE_DEV_DASHBOARD", DEFAULT_DASHBOARD),
+        help="Ray dashboard URL, started if down ($REGSERVE_DEV_DASHBOARD)",
+    )
+    parser.add_argument(
+        "--serve-port",
+        type=int,
+        default=os.environ.get("REGSERVE_DEV_SERVE_PORT", "8000"),
+        help="($REGSERVE_DEV_SERVE_PORT)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=os.environ.get("REGSERVE_DEV_NUM_CPUS", "8"),
+        help="logical CPUs for a Ray cluster started here ($REGSERVE_DEV_NUM_CPUS)",
+    )
     parser.add_argument("--webhook-port", type=int, default=0, help="receiver port (0: a free one; -1: off)")
     parser.add_argument(
         "--session-file",

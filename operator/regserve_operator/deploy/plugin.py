@@ -141,20 +141,22 @@ class RegserveDeploymentClient(BaseDeploymentClient):
 
 
 def run_local(
-    target: str, name: str, model_uri: str, flavor: str | None = None, config: dict[str, Any] | None = None
+    name: str, model_uri: str, flavor: str | None = None, config: dict[str, Any] | None = None
 ) -> None:
-    """Serve the model on this machine with local mode (`regserve dev`) until Ctrl-C."""
+    """Serve the model on this machine with local mode (`regserve dev`) until Ctrl-C.
+
+    Without a target argument: MLflow's `run_local` calls the plugin so (its base module's docstring
+    shows one, the call passes none)."""
     _check_flavor(flavor)
     with _as_mlflow_errors():
         selector = parse_model_uri(model_uri)
         _, fields = split_config(config)
         spec = ops.new_spec(selector, fields, _tracking_uri())
-        namespace = parse_target(target).namespace or "default"
     from regserve_operator.local import main as dev_main
 
     with tempfile.TemporaryDirectory(prefix="regserve-run-local-") as scratch:
         path = Path(scratch) / "deployment.yaml"
-        path.write_text(yaml.safe_dump(manifest(name, namespace, spec)))
+        path.write_text(yaml.safe_dump(manifest(name, "default", spec)))
         dev_main(["-f", str(path)])
 
 

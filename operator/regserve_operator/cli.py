@@ -4,7 +4,7 @@ regserve run                 the operator (kopf), watching RegisteredModelServin
 regserve crd                 print the CRD YAML (what crds/ holds)
 regserve rbac                print the operator's RBAC manifests (what deploy/rbac/ holds)
 regserve webhook register    create the MLflow webhook that pushes registry events to the operator
-regserve dev -f rms.yaml     local mode (regserve_operator.local); -f repeats, all share one cluster
+regserve dev [-f rms.yaml]   local mode (regserve_operator.local); -f repeats; resources also come at runtime
 regserve demo                the whole loop on this machine (regserve_operator.demo)
 regserve status [NAME]       one line per deployment: versions, rollout phase and weight (-t TARGET)
 regserve promote NAME VER    move the alias (or stage) in MLflow to VER and follow the rollout

@@ -1,7 +1,7 @@
 """`mlflow deployments` against `regserve-local`: MLflow's `run-local` starts local mode for one model
 (real Ray, real MLflow), and the same session then takes MLflow's client — get, predict, create that
 blocks until the version answers, an update to another version, list, delete twice — and the
-`regserve status` verb; Ctrl-C ends it and its session file."""
+`regserve status` and `promote` verbs (exit code by verdict); Ctrl-C ends it and its session file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
 from regserve_operator.local_client import LocalControlClient, LocalSessionNotFound
 from regserve_operator.sandbox.mlflow_server import MlflowServer
-from regserve_operator.sandbox.models import log_sklearn_classifier
+from regserve_operator.sandbox.models import log_phrasebook, log_sklearn_classifier
 from regserve_operator.sandbox.processes import free_port, session_members, start_and_wait, stop
 
 from tests.local.test_local_ray import ray_session_of
@@ -45,6 +45,7 @@ def test_run_local_then_the_regserve_local_target(
     registry = MlflowClient(mlflow_server.url)
     first, samples, expected = log_sklearn_classifier(mlflow_server.url, MODEL)
     second, _, _ = log_sklearn_classifier(mlflow_server.url, MODEL, seed=1)
+    incompatible = log_phrasebook(mlflow_server.url, MODEL)  # a string column, not 4 floats
     registry.set_registered_model_alias(MODEL, "champion", first)
     session_file = tmp_path / "dev-session.json"
     dashboard_port, serve_port = free_port(), free_port()
@@ -86,17 +87,32 @@ def test_run_local_then_the_regserve_local_target(
         with pytest.raises(MlflowException, match="already exists"):
             deployments.create_deployment("second", f"models:/{MODEL}/{second}")
 
-        updated = deployments.update_deployment("first", model_uri=f"models:/{MODEL}/{second}")
-        assert updated["serving_version"] == second
+        def regserve(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "regserve_operator.cli", *args, "-t", "regserve-local"],
+                env={**os.environ, **env}, capture_output=True, text=True, timeout=FIRST_SERVE_S,
+            )  # fmt: skip
+
+        promoted = regserve("promote", "first", second, "--timeout", str(FIRST_SERVE_S))
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        assert f"first: version {second} is serving" in promoted.stdout
+        assert registry.get_model_version_by_alias(MODEL, "champion").version == second
+        # A version whose signature does not match is held back: exit 1 with the status' reason, and
+        # the serving version keeps answering.
+        held = regserve("promote", "first", incompatible, "--timeout", str(FIRST_SERVE_S))
+        assert held.returncode == 1, held.stdout + held.stderr
+        assert "Incompatible" in held.stdout
+        assert deployments.get_deployment("first")["serving_version"] == second
+        assert len(deployments.predict("first", samples[:2])["predictions"]) == 2
+
+        updated = deployments.update_deployment("first", model_uri=f"models:/{MODEL}/{first}")
+        assert updated["serving_version"] == first
         assert sorted(d["name"] for d in deployments.list_deployments()) == ["first", "second"]
 
-        status = subprocess.run(
-            [sys.executable, "-m", "regserve_operator.cli", "status", "-t", "regserve-local"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        status = regserve("status")
         assert status.returncode == 0, status.stderr
         assert [line.split()[:2] for line in status.stdout.splitlines()[1:]] == [
-            ["first", second],
+            ["first", first],
             ["second", second],
         ]
 

@@ -106,10 +106,43 @@ def _rules_of(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]
     return [r for d in of_kind(documents, kind) for r in d["rules"]]
 
 
+AGGREGATES = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def _operator_cluster_roles(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ClusterRoles the operator is bound to (not those aggregated into the built-in user roles)."""
+    return [
+        role
+        for role in of_kind(documents, "ClusterRole")
+        if not any(label.startswith(AGGREGATES) for label in role["metadata"].get("labels") or {})
+    ]
+
+
+def test_user_roles_aggregate_into_the_built_in_roles(helm_binary: Path) -> None:
+    rendered = docs(helm_template(helm_binary))
+    by_name = {r["metadata"]["name"]: r for r in of_kind(rendered, "ClusterRole")}
+    edit, view = by_name["rs-regserve-edit"], by_name["rs-regserve-view"]
+    assert {k for k in edit["metadata"]["labels"] if k.startswith(AGGREGATES)} == {
+        f"{AGGREGATES}admin",
+        f"{AGGREGATES}edit",
+    }
+    assert {k for k in view["metadata"]["labels"] if k.startswith(AGGREGATES)} == {f"{AGGREGATES}view"}
+    (view_rule,) = view["rules"]
+    assert view_rule["verbs"] == ["get", "list", "watch"]
+    # Only the model-serving resource: nothing the operator itself may do reaches a user this way.
+    for role in (edit, view):
+        assert {g for r in role["rules"] for g in r["apiGroups"]} == {"regserve.io"}
+    assert not [
+        r
+        for r in of_kind(docs(helm_template(helm_binary, "rbac.userRoles=false")), "ClusterRole")
+        if r["metadata"]["name"].endswith(("-edit", "-view"))
+    ]
+
+
 def test_namespaces_mode_grants_namespaced_rules_only_in_watched_namespaces(helm_binary: Path) -> None:
     rendered = docs(helm_template(helm_binary, "watch.namespaces={ml-a,ml-b}", namespace="ops"))
     rules = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
-    (cluster_role,) = of_kind(rendered, "ClusterRole")
+    (cluster_role,) = _operator_cluster_roles(rendered)
     assert cluster_role["rules"] == rules["clusterScoped"]
     roles = of_kind(rendered, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
@@ -129,7 +162,7 @@ def test_namespaces_mode_defaults_to_the_release_namespace(helm_binary: Path) ->
 def test_cluster_mode_grants_every_rule_cluster_wide(helm_binary: Path) -> None:
     rendered = docs(helm_template(helm_binary, "watch.mode=cluster"))
     assert not of_kind(rendered, "Role") and not of_kind(rendered, "RoleBinding")
-    (cluster_role,) = of_kind(rendered, "ClusterRole")
+    (cluster_role,) = _operator_cluster_roles(rendered)
     assert sorted(map(json.dumps, cluster_role["rules"])) == sorted(
         map(json.dumps, rbac.cluster_role()["rules"])
     )

@@ -1020,6 +1020,7 @@ def test_mlflow_deployments_create_predict_canary_update_rollback_and_delete(
             name, model_uri=f"models:/{MODEL}@plugin-next", config={**canary, "timeout": str(ROLLOUT_S)}
         )
         assert (updated["serving_version"], updated["phase"], updated["ready"]) == (v.french, "Idle", True)
+        until("the canary step's Event", lambda: bool(serving.cluster.events(name, "CanaryStep")), timeout=60)
         assert {v.german, v.french} <= {version for _, code, _, version in traffic.answers if code == 200}
         pinned = deployments.predict(name, pd.DataFrame({"prompt": ["Hello"]}), version=v.german)
         assert pinned.get_predictions().iloc[0, 0] == "Hallo"

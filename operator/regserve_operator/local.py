@@ -13,7 +13,6 @@ which `local_client.LocalControlClient` finds through the session file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import secrets
@@ -49,6 +48,7 @@ from regserve_operator.spec import (
     status_to_wire,
 )
 from regserve_operator.targets.local import LocalRayTarget, ServeDashboard
+from regserve_operator.threaded_http import serve_on_thread
 
 if TYPE_CHECKING:
     from regserve_operator.webhook import Receiver
@@ -142,23 +142,17 @@ def webhook_receiver(driver: Driver, port: int, secret: str) -> Iterator[str]:
 @contextmanager
 def serve_receiver(receiver: Receiver, port: int) -> Iterator[str]:
     """Serve a `webhook.Receiver` on 127.0.0.1:`port` from a thread with its own event loop."""
-    from regserve_operator.webhook import start_receiver
-
-    loop = asyncio.new_event_loop()
-    runner = loop.run_until_complete(start_receiver(receiver, "127.0.0.1", port))
-    thread = threading.Thread(target=loop.run_forever, name="regserve-webhook", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/webhook"
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        except TimeoutError:
-            # A delivery still being handled (it waits for the reconcile it woke): it is dropped with
-            # the receiver; MLflow's retry or the next poll covers it, and stopping must not fail.
-            log.warning("webhook receiver stopped with a delivery in flight")
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    # A delivery still being handled when it stops (it waits for the reconcile it woke) is dropped with
+    # the receiver; MLflow's retry or the next poll covers it.
+    with serve_on_thread(
+        receiver.app(),
+        "127.0.0.1",
+        port,
+        name="regserve-webhook",
+        stop_timeout_s=10,
+        in_flight="webhook receiver stopped with a delivery in flight",
+    ) as bound:
+        yield f"http://127.0.0.1:{bound}/webhook"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +31,7 @@ from pydantic import ValidationError
 
 from regserve_operator.local_client import LocalSession, LocalSessionNotFound, pid_alive, read_session
 from regserve_operator.spec import GROUP, KIND, VERSION, RegisteredModelServingSpec, parse_spec
+from regserve_operator.threaded_http import serve_on_thread
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -282,31 +282,15 @@ def _not_found(namespace: str, name: str) -> Refusal:
 @contextlib.contextmanager
 def control_server(backend: ControlBackend, token: str, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve the control API on `host`, a free port, from a thread with its own event loop; yields its URL."""
-    from aiohttp import web
-
-    loop = asyncio.new_event_loop()
-
-    async def start() -> tuple[web.AppRunner, int]:
-        runner = web.AppRunner(ControlApi(backend, token).app(), access_log=None)
-        await runner.setup()
-        # Port 0: the kernel picks a free one, with no window for another process to take it.
-        await web.TCPSite(runner, host, 0).start()
-        return runner, int(runner.addresses[0][1])
-
-    runner, port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, name="regserve-control", daemon=True)
-    thread.start()
-    try:
+    with serve_on_thread(
+        ControlApi(backend, token).app(),
+        host,
+        0,
+        name="regserve-control",
+        stop_timeout_s=STOP_TIMEOUT_S,
+        in_flight="control API stopped with a request in flight",
+    ) as port:
         yield f"http://{host}:{port}"
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("control API stopped with a request in flight")
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=STOP_TIMEOUT_S)
-        if not thread.is_alive():
-            loop.close()
 
 
 # ------------------------------------------------------------------------------------- session file

@@ -196,8 +196,8 @@ class ModelServer:
         with step("predict"):
             # One turn of the loop first: requests that arrived meanwhile reach this point too (light
             # models predict on the loop, so nothing else would suspend this request before it does).
-            # Taken without batching as well: c=1 requests were 2-4 % faster with it in every run
-            # (bench/README.md, seventh run); which part of Serve's request path gains was not found.
+            # Taken without batching as well: c=1 requests are a few percent faster with it (bench.serving
+            # shows it), though which part of Serve's request path gains is not known.
             await asyncio.sleep(0)
             # Batch only when others are waiting: a lone request must not sit out the batch timeout.
             others_waiting = self.args.batching and self.service.in_flight > 1

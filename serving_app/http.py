@@ -136,8 +136,6 @@ def requested_version(request: Request) -> str | None:
 
 # -------------------------------------------------------------------------------------------- OpenAPI
 
-_REQUEST_BODY_ROUTES = {"/serve": "serve", "/invocations": "invocations"}
-
 
 def build_openapi(
     app: FastAPI, api: ApiSchema, *, title: str, version: str, root_path: str

@@ -4,7 +4,8 @@ Serve already reports `serve_multiplexed_model_load_latency_ms` and friends; the
 app knows: answers by version and status, default switches, evictions and batch sizes.
 
 The series every request records go through a `RecordBuffer`: Ray's record costs about 12 µs a call
-(tag checks, then the C++ metric), and a light request made three of them before its answer left.
+(tag checks, then the C++ metric), and a light request records three: made before its answer leaves,
+they would delay it.
 """
 
 from __future__ import annotations

@@ -478,8 +478,8 @@ STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.Wri
 
 class SharedTransport(BoundedTransport):
     """One connection pool and TLS context for all requests with one TLS setting. A client per request
-    with its own transport built a TLS context each time (~33 ms of CPU even for plain http: most of a
-    first reconcile at 1,000 resources in the operator, 30 ms of a replica's cold load) and a new
+    with its own transport would build a TLS context each time (~33 ms of CPU even for plain http: most
+    of the operator's first reconcile at 1,000 resources, ~30 ms of a replica's cold load) and open a new
     connection. The per-request clients that use it close nothing; `shutdown` does.
 
     A pooled connection can be closed by the server (or a proxy in between) while a request is on its

@@ -15,7 +15,6 @@ from typing import Literal
 # the default, except those the operator held or rolled back. Promoted: only versions an alias or a
 # stage points to or that served the resource, less the held ones. None: no pinned requests at all.
 PinningMode = Literal["Any", "Compatible", "Promoted", "None"]
-PINNING_MODES: tuple[PinningMode, ...] = ("Any", "Compatible", "Promoted", "None")
 
 # Versions each list of a policy may name: the operator truncates to this, the replica refuses more.
 MAX_POLICY_VERSIONS = 64

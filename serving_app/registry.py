@@ -103,7 +103,7 @@ class ModelRegistry:
         self.tracking_uri = tracking_uri
         self._auth = auth
         # One pool and TLS context for every gate read and proxied download: a client of its own per
-        # version built a TLS context each time, 30 ms on a cold load's critical path.
+        # version would build a TLS context each time, ~30 ms on a cold load's critical path.
         self._transport = SharedTransport(verify=auth.verify())
         self.prefetches = Prefetches(self._download, workers=prefetch_workers)
 

@@ -18,10 +18,6 @@ class Decision:
     candidate: bool = False  # answered by the candidate (canary)
     shadow: bool = False  # answered by the stable version, then also sent to the candidate
 
-    @property
-    def touches_candidate(self) -> bool:
-        return self.candidate or self.shadow
-
 
 STABLE = Decision()
 

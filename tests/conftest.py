@@ -12,9 +12,30 @@ from pathlib import Path
 import pytest
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 
+from tests import tiers
 from tests.support.ray_cluster import LocalRay, start_local_ray, stop_local_ray
 
 pytest_plugins = ["tests.k8s.fixtures"]
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Stops the run when a test's directory does not match what it needs (tests/tiers.py)."""
+    problems = []
+    for item in items:
+        try:
+            where = item.path.resolve().relative_to(TESTS).parts
+        except ValueError:  # not under tests/
+            continue
+        directory = where[0] if len(where) > 1 else ""
+        marked, needed = tiers.parts((m.name for m in item.iter_markers()), getattr(item, "fixturenames", ()))
+        reason = tiers.misplaced(directory, marked, needed)
+        if reason is not None:
+            problems.append(f"  {item.nodeid}: {reason}")
+    if problems:
+        raise pytest.UsageError("tests in the wrong directory (tests/tiers.py):\n" + "\n".join(problems))
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,6 @@ CREDENTIALS_ACCEPTED = "CredentialsAccepted"
 
 Status = Literal["True", "False", "Unknown"]
 
-# Marks an application failure caused by the serving side not reaching the registry (a version that
-# could not be loaded for now), as opposed to a verdict on the version itself.
-REGISTRY_UNAVAILABLE = "registry unavailable"
-
 # Ray Serve application states (ray.serve.schema.ApplicationStatus) as KubeRay mirrors them.
 APP_RUNNING = "RUNNING"
 APP_FAILED = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})

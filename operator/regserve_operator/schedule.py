@@ -9,7 +9,7 @@ The status memo exists because a pass can run before the watch stream delivers t
 previous pass wrote; a stale status would repeat a transition (and its Event). Each write carries a
 `revision`; the newer of memo and body wins, and a memo the body has caught up with is dropped. Only a
 status newer than the body the pass started from is kept, and as JSON: a steady pass changes nothing,
-and at 10,000 resources a wire status each was ~60 MB of the operator's memory.
+and a wire status kept for each of 10,000 resources would take ~60 MB of the operator's memory.
 Local mode keeps the statuses itself and turns the memo off (`keeps_statuses=False`).
 """
 

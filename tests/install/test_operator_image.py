@@ -16,6 +16,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from tests.install.support import ROOT
@@ -129,6 +130,7 @@ def test_operator_runs_without_mlflow(tmp_path: Path) -> None:
     assert not [f for f in files if "/mlflow/" in f or "/pandas/" in f or "/numpy/" in f]
 
 
+@pytest.mark.slow  # imports the operator in a fresh interpreter
 def test_operator_imports_come_only_from_the_images_distributions(tmp_path: Path) -> None:
     allowed = image_distributions() | BASE
     assert "mlflow-skinny" in allowed and "mlflow" not in allowed and "ray" not in allowed

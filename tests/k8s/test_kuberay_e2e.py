@@ -59,7 +59,6 @@ ROLLOUT_S = 240.0
 # A new RayCluster beside the running one. At a load average of 30-50 a Ray node can miss Ray's fixed 30 s
 # startup wait and be restarted (as a kubelet would) more than once: 4-5 minutes were seen.
 NEW_CLUSTER_S = 600.0
-BENCH_NOTE = Path(__file__).resolve().parents[2] / "bench" / "README.md"
 
 
 @dataclass

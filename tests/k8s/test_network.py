@@ -14,6 +14,9 @@ import pytest
 
 from tests.k8s import network
 
+# The plane's own machinery (root, network namespaces, the host's routing table): it runs with the plane.
+pytestmark = pytest.mark.k8s
+
 
 def _route(*args: str) -> str:
     done = subprocess.run(["ip", "route", "get", *args], capture_output=True, text=True, timeout=10)

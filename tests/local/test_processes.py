@@ -30,6 +30,7 @@ def test_a_process_that_exits_fails_the_wait_at_once_with_its_code_and_output(tm
     assert "the test server exited with code 3" in str(failure.value)
 
 
+@pytest.mark.slow  # waits out its 8 s deadline
 def test_a_process_never_ready_times_out_with_its_output_and_is_stopped(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     script = (
@@ -94,6 +95,7 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "Z"
 
 
+@pytest.mark.slow  # a real `mlflow server` starting up
 def test_an_mlflow_server_that_cannot_bind_fails_with_its_error_not_a_timeout(tmp_path: Path) -> None:
     """ProcessExited (not TimeoutError) proves the wait ended when the server died, not at its deadline."""
     with socket.socket() as taken:

@@ -549,6 +549,8 @@ class ClosesKeptAliveConnections:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
+        self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self._thread.join(10)
 

@@ -32,7 +32,7 @@ from tests.support.ray_cluster import LocalRay
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-MODEL_CODE = Path(__file__).parents[1] / "serving" / "rollout_model.py"
+MODEL_CODE = Path(__file__).parents[1] / "serving_ray" / "rollout_model.py"
 
 RMS = """
 apiVersion: regserve.io/v1alpha1

@@ -1,4 +1,4 @@
-"""Bearer-token auth and schema hiding on the serving endpoint, beyond tests/serving/test_features.py.
+"""Bearer-token auth and schema hiding on the serving endpoint, beyond tests/serving_ray/test_features.py.
 
 That module already shows: 401 (with `WWW-Authenticate: Bearer`) without or with a wrong token on /serve
 and /metadata, /healthz open for probes, and a 422 without `detail` on /serve when

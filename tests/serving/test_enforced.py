@@ -33,6 +33,9 @@ WITH_PARAMS = ModelSignature(
     inputs=Schema([ColSpec(DataType.double, "a")]),
     params=ParamSchema([ParamSpec("k", DataType.long, 1), ParamSpec("mode", DataType.string, "fast")]),
 )
+# Named, so saving skips MLflow's requirements inference (a subprocess that imports the model, seconds
+# per save): these models are loaded here, never installed anywhere.
+REQUIREMENTS = ["mlflow"]
 
 
 class Echo(pyfunc.PythonModel):  # type: ignore[misc]
@@ -47,7 +50,9 @@ def echo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("echo")
     models: dict[str, Any] = {}
     for name, signature in {**SIGNATURES, "params": WITH_PARAMS}.items():
-        pyfunc.save_model(str(root / name), python_model=Echo(), signature=signature)
+        pyfunc.save_model(
+            str(root / name), python_model=Echo(), signature=signature, pip_requirements=REQUIREMENTS
+        )
         models[name] = pyfunc.load_model(str(root / name))
     return models
 
@@ -137,7 +142,9 @@ def test_the_sklearn_flavour_predicts_the_same(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     features = rng.normal(size=(64, 4))
     pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(features, features[:, 0] > 0)
-    mlflow_sklearn.save_model(pipeline, str(tmp_path / "m"), signature=infer_signature(features))
+    mlflow_sklearn.save_model(
+        pipeline, str(tmp_path / "m"), signature=infer_signature(features), pip_requirements=REQUIREMENTS
+    )
     model = pyfunc.load_model(str(tmp_path / "m"))
     version = _loaded(model)
     assert version.enforced is not None
@@ -153,7 +160,7 @@ class Hinted(pyfunc.PythonModel):  # type: ignore[misc]
 
 
 def test_models_whose_predict_does_more_keep_predict(tmp_path: Path) -> None:
-    pyfunc.save_model(str(tmp_path / "hinted"), python_model=Hinted())
+    pyfunc.save_model(str(tmp_path / "hinted"), python_model=Hinted(), pip_requirements=REQUIREMENTS)
     assert enforced_predict(pyfunc.load_model(str(tmp_path / "hinted"))) is None
     assert enforced_predict(types.SimpleNamespace(predict=lambda data, params=None: data)) is None
 

@@ -18,8 +18,8 @@ from regserve_operator.sandbox.models import log_phrasebook, log_sklearn_classif
 from tritonclient.utils import InferenceServerException
 
 from tests.serving.conftest import app_config
-from tests.serving.test_features import TOKEN, Classifier
-from tests.serving.test_seed_scenario import Translator
+from tests.serving_ray.test_features import TOKEN, Classifier
+from tests.serving_ray.test_seed_scenario import Translator
 from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = pytest.mark.ray

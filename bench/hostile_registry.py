@@ -5,7 +5,8 @@ without it, in the same run.
 
 A real `mlflow server` holds M models (versions 1 and 2 each, `champion` on 1) served by N resources.
 The operator's loop runs as `regserve run` runs it (`tests/reliability/operator_loop.py`:
-`main.State.run_pass` with its pass deadline, `main.handle`, `reconcile_pass`, the real `Registry`),
+`operator_state.State.run_pass` with its pass deadline, `operator_state.handle`, `reconcile_pass`, the
+real `Registry`),
 with an in-memory API server and a target that makes each RayService Ready at once. Each round times
 two promotions, alternately: one with only the healthy resources present, one while a resource per
 hostile mode (`tests/reliability/hostile_mlflow.py`: trickled answers and headers, endless pages,
@@ -43,7 +44,7 @@ PASS_DEADLINE_S = 1.0
 
 
 def run(resources: int, m: int, rounds: int) -> dict[str, Any]:
-    from regserve_operator import main
+    from regserve_operator import operator_state
 
     from tests.reliability.hostile_mlflow import MODES, HostileMlflow
     from tests.reliability.operator_loop import (
@@ -110,7 +111,7 @@ def run(resources: int, m: int, rounds: int) -> dict[str, Any]:
                         )
                         for mode, key in zip(MODES, keys, strict=True):
                             statuses.setdefault(mode, _unreachable(loop, key[1]))
-                            main.forget(loop.state, key, {})
+                            operator_state.forget(loop.state, key, {})
                         wait_until(
                             functools.partial(_none_in_flight, loop, keys),
                             60,

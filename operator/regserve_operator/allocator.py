@@ -35,6 +35,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+# A pass that reconciled this many resources gives the heap it freed back (`release_free_heap`);
+# smaller passes free too little to be worth the call.
+TRIM_AFTER_RESOURCES = 1000
+
+
 def limit_arenas(count: int) -> bool:
     """At most `count` malloc arenas for the threads started after this; False where it cannot be set."""
     mallopt: Callable[[int, int], int] | None = getattr(_libc(), "mallopt", None)

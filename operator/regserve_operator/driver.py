@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from regserve_operator.allocator import release_free_heap
+from regserve_operator.allocator import TRIM_AFTER_RESOURCES, release_free_heap
 from regserve_operator.builders import Owner
 from regserve_operator.decide import Event
 from regserve_operator.passes import InFlight
@@ -28,9 +28,6 @@ from regserve_operator.spec import RegisteredModelServingSpec, RegisteredModelSe
 
 log = logging.getLogger(__name__)
 
-# A pass that reconciled this many resources gives the heap it freed back (allocator.py); smaller
-# passes free too little to be worth the call.
-TRIM_AFTER_RESOURCES = 1000
 # How often a removal looks whether the resource's running reconcile has ended.
 IN_FLIGHT_POLL_S = 0.05
 

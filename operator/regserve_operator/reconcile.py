@@ -8,8 +8,8 @@
 - act (`act`): carry out the plan. A write that conflicts (someone else wrote in between) discards
   the decision: nothing happened, so the next tick decides again from what is there then.
 
-`reconcile_pass` is the whole pass both kopf (main.py) and local mode (driver.py) run: reconcile, post
-the Events, and schedule the next look with one back-off rule (`decide.next_delay`).
+`reconcile_pass` is the whole pass both kopf (operator_state.py) and local mode (driver.py) run:
+reconcile, post the Events, and schedule the next look with one back-off rule (`decide.next_delay`).
 """
 
 from __future__ import annotations

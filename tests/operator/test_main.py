@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from regserve_operator import main
+from regserve_operator import operator_state
 from regserve_operator.decide import Event
 from regserve_operator.settings import Settings
 
@@ -15,7 +15,7 @@ from .helpers import OWNER, make_spec
 
 
 @pytest.fixture
-def world_state(monkeypatch: pytest.MonkeyPatch) -> tuple[World, main.State, list[tuple[str, str]]]:
+def world_state(monkeypatch: pytest.MonkeyPatch) -> tuple[World, operator_state.State, list[tuple[str, str]]]:
     world = World(make_spec())
     world.server.add("1", signature(prompt="string"))
     world.server.add("2", signature(text="string"))
@@ -25,7 +25,7 @@ def world_state(monkeypatch: pytest.MonkeyPatch) -> tuple[World, main.State, lis
     def post(body: Any, event: Event) -> None:
         events.append((event.type, event.reason))
 
-    state = main.State(Settings(webhook_port=0, metrics_port=0), world.deps, post_event=post)
+    state = operator_state.State(Settings(webhook_port=0, metrics_port=0), world.deps, post_event=post)
     return world, state, events
 
 
@@ -52,14 +52,14 @@ def test_handle_writes_status_and_clears_fields(world_state: Any) -> None:
     world, state, events = world_state
     key = (OWNER.namespace, OWNER.name)
     stored: dict[str, Any] = {"kopf": {"progress": {}}}  # kopf's own field stays untouched
-    patch = main.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
+    patch = operator_state.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
     stored = _apply(stored, patch)
     assert stored["servingVersion"] == "1" and stored["rolloutVersion"] == "1" and "kopf" in stored
     assert events == [("Normal", "RolloutStarted"), ("Normal", "Created")]
 
     world.target.set_app_status("RUNNING")
     world.advance(11)
-    patch = main.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
+    patch = operator_state.handle(state, key, OWNER.uid, 1, _body(world, stored), world.now)
     assert patch["rolloutVersion"] is None  # cleared fields are sent as null
     stored = _apply(stored, patch)
     assert "rolloutVersion" not in stored and stored["lastGoodVersion"] == "1"
@@ -68,11 +68,12 @@ def test_handle_writes_status_and_clears_fields(world_state: Any) -> None:
 def test_stale_body_does_not_repeat_events(world_state: Any) -> None:
     world, state, events = world_state
     key = (OWNER.namespace, OWNER.name)
-    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
+    operator_state.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
     world.server.aliases["champion"] = "2"  # incompatible
     world.advance(31)
-    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)  # body still shows no status at all
-    main.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
+    # The body still shows no status at all.
+    operator_state.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
+    operator_state.handle(state, key, OWNER.uid, 1, _body(world, {}), world.now)
     assert [r for _, r in events].count("SignatureIncompatible") == 1
     assert [r for _, r in events].count("Created") == 1
 
@@ -84,7 +85,7 @@ def test_invalid_spec_is_reported_once(world_state: Any) -> None:
     body["spec"]["model"]["version"] = "3"  # two selectors (the API server's CEL would refuse this)
     stored: dict[str, Any] = {}
     for _ in range(2):
-        patch = main.handle(state, key, OWNER.uid, 1, {**body, "status": stored}, world.now)
+        patch = operator_state.handle(state, key, OWNER.uid, 1, {**body, "status": stored}, world.now)
         stored = _apply(stored, patch)
     ready = next(c for c in stored["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "exactly one" in ready["message"]
@@ -104,7 +105,7 @@ def test_metrics_count_reconciles_and_rollouts(world_state: Any) -> None:
         sample("regserve_reconciles_total", result="ok"),
         sample("regserve_rollouts_total", outcome="started"),
     )
-    main.handle(state, (OWNER.namespace, OWNER.name), OWNER.uid, 1, _body(world, {}), world.now)
+    operator_state.handle(state, (OWNER.namespace, OWNER.name), OWNER.uid, 1, _body(world, {}), world.now)
     after = (
         sample("regserve_reconciles_total", result="ok"),
         sample("regserve_rollouts_total", outcome="started"),

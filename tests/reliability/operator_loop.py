@@ -1,5 +1,6 @@
-"""The operator's reconcile loop, as `regserve run` runs it, without Kubernetes: `main.State.run_pass`
-(the watch's copies, the scheduler, `passes.run_pass` with its deadline, `main.handle` and
+"""The operator's reconcile loop, as `regserve run` runs it, without Kubernetes:
+`operator_state.State.run_pass`
+(the watch's copies, the scheduler, `passes.run_pass` with its deadline, `operator_state.handle` and
 `reconcile_pass`) with the real `Registry`, on a thread ticking like `passes.run_forever`. Statuses go
 to an in-memory API server (merge patches); RayServices to a target that makes each one Ready and
 RUNNING at once and records when it was patched to which version.
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx
 import jsonpatch
-from regserve_operator import main
+from regserve_operator import operator_state
 from regserve_operator.builders import BuildDefaults, serving_version_of
 from regserve_operator.passes import StatusWrites
 from regserve_operator.plan import Plan
@@ -125,7 +126,7 @@ class OperatorLoop:
         self.target = ReadyTarget()
         self.api = StatusStore()
         deps = Deps(registry=self.registry, target=self.target, defaults=DEFAULTS, settle_seconds=0)
-        self.state = main.State(
+        self.state = operator_state.State(
             settings, deps, post_event=lambda body, event: None, writes=StatusWrites(self.api.write)
         )
         self.pass_seconds: list[float] = []

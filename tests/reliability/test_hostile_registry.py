@@ -1,6 +1,6 @@
 """A hostile tracking server harms only its own resources.
 
-The operator's loop (`operator_loop.py`: `main.State.run_pass` with the real Registry) serves 50
+The operator's loop (`operator_loop.py`: `operator_state.State.run_pass` with the real Registry) serves 50
 resources over 5 models of the session's real `mlflow server`. A promotion is timed with nothing else
 there, then again once one resource per hostile mode (`hostile_mlflow.py`: trickled answers and
 headers, endless pages, 1 GiB bodies, a login page, a redirect to another host, malformed JSON) has

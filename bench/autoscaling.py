@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from regserve_operator.local import DevSession, load_resources, make_session
 from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port
+from regserve_operator.spec import manifest, manifests_yaml
 from regserve_operator.targets.local import ServeDashboard
 
 from bench.common import (
@@ -43,26 +44,31 @@ from bench.common import (
 MODEL = "bench_slow_echo"
 CONCURRENCY = 8
 SAMPLE_S = 0.5
-RESOURCE = """\
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 300}}
-  serving:
-    routePrefix: /{name}
-    cpusPerReplica: 0.25
-    {replicas}
-"""
-TARGETS = {
-    "elastic": (
-        "autoscaling: {minReplicas: 1, maxReplicas: 3, targetOngoingRequests: 2, "
-        "upscaleDelaySeconds: 1, downscaleDelaySeconds: 10}"
-    ),
-    "fixed-1": "replicas: 1",
-    "fixed-3": "replicas: 3",
+# Each resource's `spec.serving` fields for its replicas.
+TARGETS: dict[str, dict[str, Any]] = {
+    "elastic": {
+        "autoscaling": {
+            "minReplicas": 1,
+            "maxReplicas": 3,
+            "targetOngoingRequests": 2,
+            "upscaleDelaySeconds": 1,
+            "downscaleDelaySeconds": 10,
+        }
+    },
+    "fixed-1": {"replicas": 1},
+    "fixed-3": {"replicas": 3},
 }
+
+
+def resource(name: str, uri: str, replicas: dict[str, Any]) -> dict[str, Any]:
+    return manifest(
+        name,
+        {
+            "model": {"name": MODEL, "alias": "champion"},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": 300},
+            "serving": {"routePrefix": f"/{name}", "cpusPerReplica": 0.25, **replicas},
+        },
+    )
 
 
 class Replicas:
@@ -143,10 +149,7 @@ def main() -> None:
         MlflowClient(server.url).set_registered_model_alias(MODEL, "champion", version)
         path = workdir / "rms.yaml"
         path.write_text(
-            "---\n".join(
-                RESOURCE.format(name=name, model=MODEL, uri=server.url, replicas=replicas)
-                for name, replicas in TARGETS.items()
-            )
+            manifests_yaml(*(resource(name, server.url, replicas) for name, replicas in TARGETS.items()))
         )
         dashboard_url, serve_port = f"http://127.0.0.1:{free_port()}", free_port()
         session = running = make_session(

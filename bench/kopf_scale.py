@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from kubernetes import client
 from regserve_operator.builders import serving_version_of
+from regserve_operator.spec import manifest
 from regserve_operator.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 from bench.common import (
@@ -69,16 +70,14 @@ def wait(what: str, check: Callable[[], bool], timeout: float) -> float:
 
 
 def rms_body(i: int, model: str, tracking_uri: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RegisteredModelServing",
-        "metadata": {"name": f"r{i}"},
-        "spec": {
+    return manifest(
+        f"r{i}",
+        {
             "model": {"name": model, "alias": "champion"},
             "registry": {"trackingUri": tracking_uri, "pollIntervalSeconds": POLL_S},
             "serving": {"routePrefix": f"/r{i}"},
         },
-    }
+    )
 
 
 def ready_status(name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from regserve_operator.local import DevSession, load_resources, make_session
 from regserve_operator.sandbox.models import log_sklearn_classifier
 from regserve_operator.sandbox.processes import free_port
+from regserve_operator.spec import manifest, manifests_yaml
 
 from bench.common import (
     MlflowModelsServe,
@@ -37,27 +38,32 @@ from bench.common import (
 )
 
 MODEL = "bench_local_sklearn"
-RESOURCES = """\
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: plain}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 30}}
-  serving: {{routePrefix: /plain, cpusPerReplica: 0.5}}
----
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: batched}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 30}}
-  serving:
-    routePrefix: /batched
-    cpusPerReplica: 0.5
-    batching: {{maxBatchSize: 32, batchWaitTimeoutMs: 5}}
-"""
 CONCURRENCY = (1, 32)
+
+
+def resources(uri: str) -> list[dict[str, Any]]:
+    """The same model twice: as it comes, and with Serve's request batching."""
+
+    def following(serving: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": {"name": MODEL, "alias": "champion"},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": 30},
+            "serving": serving,
+        }
+
+    return [
+        manifest("plain", following({"routePrefix": "/plain", "cpusPerReplica": 0.5})),
+        manifest(
+            "batched",
+            following(
+                {
+                    "routePrefix": "/batched",
+                    "cpusPerReplica": 0.5,
+                    "batching": {"maxBatchSize": 32, "batchWaitTimeoutMs": 5},
+                }
+            ),
+        ),
+    ]
 
 
 def main() -> None:
@@ -77,7 +83,7 @@ def main() -> None:
 
         MlflowClient(server.url).set_registered_model_alias(MODEL, "champion", version)
         baseline = MlflowModelsServe(f"models:/{MODEL}/{version}", server.url, workdir).start()
-        (workdir / "rms.yaml").write_text(RESOURCES.format(model=MODEL, uri=server.url))
+        (workdir / "rms.yaml").write_text(manifests_yaml(*resources(server.url)))
         serve_port = free_port()
         session = make_session(
             load_resources(workdir / "rms.yaml"),

@@ -28,6 +28,7 @@ from regserve_operator.local import load_resources, make_session, register_local
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
+from regserve_operator.spec import manifest, manifests_yaml
 
 from bench.common import (
     RESULTS,
@@ -41,16 +42,17 @@ from bench.common import (
     uptime,
 )
 
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: {interval}}}
-  serving: {{routePrefix: /{name}, cpusPerReplica: 0.5}}
-  rollout: {{deadlineSeconds: 120, smokeTest: {smoke}}}
-"""
+
+def rms(name: str, model: str, uri: str, interval: int, smoke: bool) -> dict[str, Any]:
+    return manifest(
+        name,
+        {
+            "model": {"name": model, "alias": "champion"},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": interval},
+            "serving": {"routePrefix": f"/{name}", "cpusPerReplica": 0.5},
+            "rollout": {"deadlineSeconds": 120, "smokeTest": smoke},
+        },
+    )
 
 
 def answered_by(url: str, version: str, latencies: list[float] | None = None) -> bool:
@@ -90,13 +92,7 @@ def scenario(
     client.set_registered_model_alias(model, "champion", versions[0])
     path = workdir / f"{name}.yaml"
     path.write_text(
-        RMS.format(
-            name=name,
-            model=model,
-            uri=server.url,
-            interval=300 if waker == "webhook" else interval,
-            smoke=str(smoke).lower(),
-        )
+        manifests_yaml(rms(name, model, server.url, 300 if waker == "webhook" else interval, smoke))
     )
     lines: list[str] = []
     session = make_session(

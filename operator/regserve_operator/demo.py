@@ -41,46 +41,62 @@ from regserve_operator.local import (
 )
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.processes import free_port
+from regserve_operator.spec import manifest, manifests_yaml
 
 TRANSLATOR = "translation_model"
 CLASSIFIER = "demo_classifier"
 PHRASEBOOK = "demo_phrasebook"
 
-RESOURCES = """\
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: translator}}
-spec:
-  model: {{name: {translator}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 30}}
-  serving: {{routePrefix: /translator, cpusPerReplica: 0.5, maxModelsPerReplica: 2}}
-  rollout: {{deadlineSeconds: 180}}
----
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: classifier}}
-spec:
-  model: {{name: {classifier}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 30}}
-  serving:
-    routePrefix: /classifier
-    cpusPerReplica: 0.5
-    batching: {{maxBatchSize: 16, batchWaitTimeoutMs: 5}}
----
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: phrasebook}}
-spec:
-  model: {{name: {phrasebook}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 30}}
-  serving: {{routePrefix: /phrasebook, cpusPerReplica: 0.5}}
-  # Short steps for a demo; latency is left unjudged (maxLatencyRatio at its bound): on a busy laptop
-  # the p95 of a few dozen requests differs by several times between identical models.
-  rollout:
-    strategy: Canary
-    canary: {{steps: [25, 50], stepSeconds: 3, minRequests: 5, maxErrorRate: 0.05, maxLatencyRatio: 100}}
-    deadlineSeconds: 180
-"""
+
+def demo_resources(tracking_uri: str) -> list[dict[str, Any]]:
+    """The demo's three resources, each following its model's `champion` alias."""
+
+    def following(model: str, **fields: Any) -> dict[str, Any]:
+        registry = {"trackingUri": tracking_uri, "pollIntervalSeconds": 30}
+        return {"model": {"name": model, "alias": "champion"}, "registry": registry, **fields}
+
+    return [
+        manifest(
+            "translator",
+            following(
+                TRANSLATOR,
+                serving={"routePrefix": "/translator", "cpusPerReplica": 0.5, "maxModelsPerReplica": 2},
+                rollout={"deadlineSeconds": 180},
+            ),
+        ),
+        manifest(
+            "classifier",
+            following(
+                CLASSIFIER,
+                serving={
+                    "routePrefix": "/classifier",
+                    "cpusPerReplica": 0.5,
+                    "batching": {"maxBatchSize": 16, "batchWaitTimeoutMs": 5},
+                },
+            ),
+        ),
+        manifest(
+            "phrasebook",
+            following(
+                PHRASEBOOK,
+                serving={"routePrefix": "/phrasebook", "cpusPerReplica": 0.5},
+                # Short steps for a demo; latency is left unjudged (maxLatencyRatio at its bound): on a
+                # busy laptop the p95 of a few dozen requests differs by several times between
+                # identical models.
+                rollout={
+                    "strategy": "Canary",
+                    "canary": {
+                        "steps": [25, 50],
+                        "stepSeconds": 3,
+                        "minRequests": 5,
+                        "maxErrorRate": 0.05,
+                        "maxLatencyRatio": 100,
+                    },
+                    "deadlineSeconds": 180,
+                },
+            ),
+        ),
+    ]
 
 
 @dataclass
@@ -492,17 +508,13 @@ def main(argv: Sequence[str]) -> int:
         server.start()
         say(f"mlflow server at {server.url} (sqlite in {workdir / 'mlflow'}, webhooks enabled)")
         models = register_models(server.url, workdir)
-        manifest = workdir / "regserve-demo.yaml"
-        manifest.write_text(
-            RESOURCES.format(
-                translator=TRANSLATOR, classifier=CLASSIFIER, phrasebook=PHRASEBOOK, uri=server.url
-            )
-        )
-        say(f"resources: {manifest}")
+        resources_file = workdir / "regserve-demo.yaml"
+        resources_file.write_text(manifests_yaml(*demo_resources(server.url)))
+        say(f"resources: {resources_file}")
 
         banner("Ray + regserve (local mode)")
         session = make_session(
-            load_resources(manifest),
+            load_resources(resources_file),
             dashboard_url=f"http://127.0.0.1:{args.dashboard_port}",
             serve_port=args.serve_port,
             log_dir=workdir,

@@ -41,9 +41,9 @@ from regserve_operator.sandbox.processes import free_port
 from regserve_operator.spec import (
     GROUP,
     KIND,
-    VERSION,
     RegisteredModelServingSpec,
     RegisteredModelServingStatus,
+    manifest,
     parse_spec,
     status_to_wire,
 )
@@ -444,18 +444,11 @@ class DevSession:
 def wire_object(resource: Resource, generation: int, status: RegisteredModelServingStatus) -> dict[str, Any]:
     """A RegisteredModelServing as the API server shows it; the status as the operator writes it."""
     owner = resource.owner
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {
-            "name": owner.name,
-            "namespace": owner.namespace,
-            "generation": generation,
-            "uid": owner.uid,
-        },
-        "spec": resource.applied or resource.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-        "status": status_to_wire(status),
-    }
+    spec = resource.applied or resource.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    body = manifest(owner.name, spec, namespace=owner.namespace)
+    body["metadata"] |= {"generation": generation, "uid": owner.uid}
+    body["status"] = status_to_wire(status)
+    return body
 
 
 def make_session(

@@ -56,13 +56,12 @@ class State:
         writes: StatusWrites | None = None,
         rayservices: RayServiceCache | None = None,
         finalizers: KubeFinalizers | None = None,
-        watched: Watched | None = None,
     ) -> None:
         self.settings = settings
         self.finalizers = finalizers
         self.deps = deps
         self.scheduler = Scheduler()
-        self.watched = watched or Watched()
+        self.watched = Watched()
         self.post_event = post_event
         self.writes = writes
         self.rayservices = rayservices
@@ -110,8 +109,7 @@ def build_state(settings: Settings) -> State:
     api_client = _api_client()
     reports = KubeReports(api_client)
     rayservices = RayServiceCache()
-    watched = Watched()
-    target = KubeTarget(api_client, cache=rayservices, members=watched.members)
+    target = KubeTarget(api_client, cache=rayservices)
     deps = Deps(
         registry=Registry(
             on_poll=metrics.record_poll,
@@ -134,7 +132,6 @@ def build_state(settings: Settings) -> State:
         writes=StatusWrites(reports.write_status),
         rayservices=rayservices,
         finalizers=KubeFinalizers(api_client),
-        watched=watched,
     )
 
 

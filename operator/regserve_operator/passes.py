@@ -47,20 +47,11 @@ class Seen:
         return body
 
 
-# What a pass, an Event and a shared cluster's peers read of a resource's metadata (peers are ordered
-# by creation).
-KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
-
-
 class Watched:
     """The latest copy of every resource the watch has seen."""
 
     def __init__(self) -> None:
         self._copies: dict[Key, Seen] = {}
-        # The members of each shared cluster, (namespace, spec.placement.cluster) → keys: a member's pass
-        # reads its peers from here instead of listing the namespace.
-        self._placed: dict[Key, set[Key]] = {}
-        self._cluster_of: dict[Key, Key] = {}
         self._lock = threading.Lock()
 
     def saw(self, body: Mapping[str, Any]) -> bool:
@@ -69,40 +60,20 @@ class Watched:
         kept = {
             "apiVersion": body.get("apiVersion"),
             "kind": body.get("kind"),
-            "metadata": {k: meta[k] for k in KEPT_METADATA if k in meta},
+            "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation")},
             "spec": body.get("spec") or {},
             "status": body.get("status") or {},
         }
         fresh = Seen(meta.get("uid") or "", meta.get("generation"), json.dumps(kept).encode())
         key = key_of(body)
-        cluster = ((body.get("spec") or {}).get("placement") or {}).get("cluster")
         with self._lock:
             before = self._copies.get(key)
             self._copies[key] = fresh
-            self._unplace(key)
-            if isinstance(cluster, str) and cluster:
-                self._cluster_of[key] = (key[0], cluster)
-                self._placed.setdefault((key[0], cluster), set()).add(key)
         return before is None or before.generation != fresh.generation or before.uid != fresh.uid
 
     def gone(self, key: Key) -> None:
         with self._lock:
             self._copies.pop(key, None)
-            self._unplace(key)
-
-    def _unplace(self, key: Key) -> None:
-        cluster = self._cluster_of.pop(key, None)
-        if cluster is not None:
-            members = self._placed.get(cluster, set())
-            members.discard(key)
-            if not members:
-                self._placed.pop(cluster, None)
-
-    def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
-        """The watched resources of `namespace` placed on `cluster` (as `Target.members` answers)."""
-        with self._lock:
-            seen = [self._copies[key] for key in sorted(self._placed.get((namespace, cluster), ()))]
-        return [copy.body() for copy in seen]
 
     def get(self, key: Key) -> Seen | None:
         with self._lock:

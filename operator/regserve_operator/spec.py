@@ -5,14 +5,18 @@ defaults are declared here once, and the API server enforces them at apply time.
 the API server must check are attached as CEL (`x-kubernetes-validations`).
 
 Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+`manifest` builds a whole resource as clients send it (the demo, the deployments plugin, tests).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -25,6 +29,41 @@ KIND = "RegisteredModelServing"
 PLURAL = "registeredmodelservings"
 SINGULAR = "registeredmodelserving"
 SHORT_NAMES = ["rms"]
+
+
+def manifest(
+    name: str,
+    spec: Mapping[str, Any],
+    *,
+    namespace: str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A RegisteredModelServing as a client sends it. The spec is copied, not validated: the API
+    server (or local mode) is the one to judge it, and callers need to send refused ones too."""
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    if labels is not None:
+        metadata["labels"] = dict(labels)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": metadata,
+        "spec": copy.deepcopy(dict(spec)),
+    }
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value met twice out twice: files people read and edit carry no `&id001` anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def manifests_yaml(*manifests: Mapping[str, Any]) -> str:
+    """Manifests as one multi-document YAML file, as `kubectl apply -f` and `regserve dev -f` read."""
+    return yaml.dump_all([dict(m) for m in manifests], Dumper=_PlainDumper, sort_keys=False)
+
 
 # CEL: exactly one selector. `has()` on an absent optional field is false.
 EXACTLY_ONE_SELECTOR = (

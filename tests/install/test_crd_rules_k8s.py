@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from regserve_operator.spec import manifest
 
 pytestmark = pytest.mark.k8s
 
@@ -14,16 +15,14 @@ GROUP, VERSION, PLURAL = "regserve.io", "v1alpha1", "registeredmodelservings"
 
 
 def _resource(serving: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RegisteredModelServing",
-        "metadata": {"name": "cel"},
-        "spec": {
+    return manifest(
+        "cel",
+        {
             "model": {"name": "m", "alias": "champion"},
             "registry": {"trackingUri": "http://mlflow:5000"},
             "serving": serving,
         },
-    }
+    )
 
 
 def _create(kube_api: client.ApiClient, namespace: str, serving: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from regserve_operator.builders import serving_version_of
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import start_and_wait, stop
+from regserve_operator.spec import manifest
 
 from tests.install.support import CHART, KUBECTL, ROOT, VENV_BIN, docs, helm_template, kubectl, run
 from tests.k8s import plane
@@ -354,11 +355,9 @@ def test_operator_with_only_the_charts_rbac_reconciles_end_to_end(
     core.create_namespaced_secret(
         release.namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="mlflow-auth"))
     )
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RegisteredModelServing",
-        "metadata": {"name": name},
-        "spec": {
+    body = manifest(
+        name,
+        {
             "model": {"name": model, "alias": "champion"},
             "registry": {
                 "trackingUri": mlflow_server.url,
@@ -366,7 +365,7 @@ def test_operator_with_only_the_charts_rbac_reconciles_end_to_end(
                 "pollIntervalSeconds": 2,
             },
         },
-    }
+    )
     custom.create_namespaced_custom_object(GROUP, VERSION, release.namespace, PLURAL, body)
 
     def carried() -> str | None:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes import client
 from regserve_operator import conditions as c
+from regserve_operator.spec import manifest, manifests_yaml
 
 from tests.install.support import KUBECTL, docs, helm_template, kubectl, of_kind, run_status
 from tests.k8s import plane
@@ -55,10 +56,7 @@ def _spec(**extra: Any) -> dict[str, Any]:
 
 
 def _manifest(name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> str:
-    meta: dict[str, Any] = {"name": name, **({"labels": labels} if labels else {})}
-    return yaml.safe_dump(
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RegisteredModelServing", "metadata": meta, "spec": spec}
-    )
+    return manifests_yaml(manifest(name, spec, labels=labels or None))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from regserve_operator.spec import manifest
 
 pytestmark = pytest.mark.k8s
 
@@ -14,16 +15,14 @@ GROUP, VERSION, PLURAL = "regserve.io", "v1alpha1", "registeredmodelservings"
 
 
 def _create(kube_api: client.ApiClient, namespace: str, rollout: dict[str, Any]) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RegisteredModelServing",
-        "metadata": {"name": "rollout-rules"},
-        "spec": {
+    body = manifest(
+        "rollout-rules",
+        {
             "model": {"name": "m", "alias": "champion"},
             "registry": {"trackingUri": "http://mlflow:5000"},
             "rollout": rollout,
         },
-    }
+    )
     created: dict[str, Any] = client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
     )

@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from regserve_operator import rbac
 from regserve_operator.builders import serving_version_of
+from regserve_operator.spec import manifest
 
 from tests.k8s import plane
 
@@ -178,12 +179,7 @@ class Cluster:
         self.core = client.CoreV1Api(api)
 
     def create_rms(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "RegisteredModelServing",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
+        body = manifest(name, spec)
         return dict(self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body))
 
     def rms(self, name: str) -> dict[str, Any]:

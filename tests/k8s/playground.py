@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from kubernetes import client
+from regserve_operator.spec import manifest, manifests_yaml
 
 from tests.k8s import network, plane
 from tests.k8s.podrunner import with_cluster_hosts
@@ -24,17 +25,13 @@ MODEL = "playground_translator"
 RMS_NAME = "translator"
 
 
-def manifest(namespace: str, tracking_uri: str) -> str:
-    return f"""apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata:
-  name: {RMS_NAME}
-  namespace: {namespace}
-spec:
-  model: {{name: {MODEL}, alias: champion}}
-  registry: {{trackingUri: "{tracking_uri}", pollIntervalSeconds: 5}}
-  serving: {{cpusPerReplica: 0.5}}
-"""
+def rms_yaml(namespace: str, tracking_uri: str) -> str:
+    spec = {
+        "model": {"name": MODEL, "alias": "champion"},
+        "registry": {"trackingUri": tracking_uri, "pollIntervalSeconds": 5},
+        "serving": {"cpusPerReplica": 0.5},
+    }
+    return manifests_yaml(manifest(RMS_NAME, spec, namespace=namespace))
 
 
 def instructions(started: plane.ControlPlane, tracking_uri: str, rms_file: Path, python: str) -> str:
@@ -84,7 +81,7 @@ def main() -> int:
         log_phrasebook(mlflow.url, MODEL, lang_to="fr")
         MlflowClient(mlflow.url).set_registered_model_alias(MODEL, "champion", "1")
         rms_file = started.workdir / "translator.yaml"
-        rms_file.write_text(manifest(started.ray_namespace, mlflow.url))
+        rms_file.write_text(rms_yaml(started.ray_namespace, mlflow.url))
         with (
             started.api_client() as api,
             operator_account(api, started.ray_namespace, started.mint_kubeconfig) as kubeconfig,

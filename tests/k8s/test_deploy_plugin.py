@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 from kubernetes import client
 from mlflow.deployments import get_deploy_client
@@ -107,12 +108,20 @@ def test_refusals_say_what_to_change(
     custom: client.CustomObjectsApi,
     mint_kubeconfig: plane.MintKubeconfig,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     target = f"regserve:/{kube_namespace}"
     ok = {"trackingUri": TRACKING, "wait": "false"}
     assert "Register the model" in _refusal(target, model_uri="runs:/0123/model", config=ok)
     assert "did you mean rollout.strategy" in _refusal(target, config={**ok, "stratgy": "Canary"})
-    assert "no tracking URI the cluster can reach" in _refusal(target, config={"wait": "false"})
+    # Earlier tests in this process may have pointed MLflow at a server: a local store here, which no
+    # cluster could read from.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tmp_path.as_uri())
+    try:
+        assert "no tracking URI the cluster can reach" in _refusal(target, config={"wait": "false"})
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert "canary.steps must be strictly increasing" in _refusal(target, config={**ok, "steps": "50,10"})
     with_password = {**ok, "trackingUri": "http://reader:secret@mlflow:5000"}
     assert "must not carry credentials" in _refusal(target, config=with_password)

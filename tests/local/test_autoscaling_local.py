@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -19,33 +20,38 @@ from regserve_operator.local import DevSession, load_resource_files, make_sessio
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_slow_echo
 from regserve_operator.sandbox.processes import free_port, wait_for
+from regserve_operator.spec import manifest, manifests_yaml
 from regserve_operator.targets.local import ServeDashboard
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "autoscaled_echo"
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: {model}, {selector}}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: {poll}}}
-  serving:
-    routePrefix: /{name}
-    cpusPerReplica: 0.25
-    autoscaling: {autoscaling}
-  rollout: {{deadlineSeconds: 120}}
-"""
 # Small delays so a load step and the fall after it fit in a short test.
-ELASTIC = (
-    "{minReplicas: 1, maxReplicas: 3, targetOngoingRequests: 1,"
-    " upscaleDelaySeconds: 0.5, downscaleDelaySeconds: 2}"
-)
+ELASTIC = {
+    "minReplicas": 1,
+    "maxReplicas": 3,
+    "targetOngoingRequests": 1,
+    "upscaleDelaySeconds": 0.5,
+    "downscaleDelaySeconds": 2,
+}
 # Between a steady client's requests: about a tenth of a request in flight on average, far under
 # ELASTIC's targetOngoingRequests of 1.
 CLIENT_PAUSE_S = 0.1
-TO_ZERO = "{minReplicas: 0, maxReplicas: 1, upscaleDelaySeconds: 0, downscaleDelaySeconds: 2}"
+TO_ZERO = {"minReplicas": 0, "maxReplicas": 1, "upscaleDelaySeconds": 0, "downscaleDelaySeconds": 2}
+
+
+def rms(
+    name: str, uri: str, selector: dict[str, str], autoscaling: dict[str, Any], poll: int
+) -> dict[str, Any]:
+    return manifest(
+        name,
+        {
+            "model": {"name": MODEL, **selector},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": poll},
+            "serving": {"routePrefix": f"/{name}", "cpusPerReplica": 0.25, "autoscaling": autoscaling},
+            "rollout": {"deadlineSeconds": 120},
+        },
+    )
 
 
 class Cluster:
@@ -82,13 +88,12 @@ def cluster(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
     MlflowClient(mlflow_server.url).set_registered_model_alias(MODEL, "champion", version)
     files = []
     resources = (
-        ("elastic", ELASTIC, f'version: "{version}"', 300),
-        ("to-zero", TO_ZERO, "alias: champion", 2),
+        ("elastic", ELASTIC, {"version": version}, 300),
+        ("to-zero", TO_ZERO, {"alias": "champion"}, 2),
     )
     for name, autoscaling, selector, poll in resources:
         path = workdir / f"{name}.yaml"
-        fields = {"autoscaling": autoscaling, "selector": selector, "poll": poll}
-        path.write_text(RMS.format(name=name, model=MODEL, uri=mlflow_server.url, **fields))
+        path.write_text(manifests_yaml(rms(name, mlflow_server.url, selector, autoscaling, poll)))
         files.append(path)
     dashboard_url, serve_port = f"http://127.0.0.1:{free_port()}", free_port()
     session = make_session(

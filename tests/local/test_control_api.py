@@ -43,6 +43,7 @@ from regserve_operator.local_ray import LocalCluster
 from regserve_operator.plan import Plan
 from regserve_operator.reconcile import Deps
 from regserve_operator.registry import Registry
+from regserve_operator.spec import manifest as rms_manifest
 from regserve_operator.targets.local import LocalRayTarget, ServeDashboard
 
 from tests.operator.fakes import World, signature
@@ -53,17 +54,11 @@ UNUSED_DASHBOARD = "http://127.0.0.1:9"
 
 
 def manifest(name: str = "m1", namespace: str | None = "default", **spec: Any) -> dict[str, Any]:
-    metadata = {"name": name} | ({"namespace": namespace} if namespace is not None else {})
-    return {
-        "apiVersion": "regserve.io/v1alpha1",
-        "kind": "RegisteredModelServing",
-        "metadata": metadata,
-        "spec": {
-            "model": {"name": "model", "alias": "champion"},
-            "registry": {"trackingUri": "http://127.0.0.1:5000"},
-        }
-        | spec,
+    base = {
+        "model": {"name": "model", "alias": "champion"},
+        "registry": {"trackingUri": "http://127.0.0.1:5000"},
     }
+    return rms_manifest(name, base | spec, namespace=namespace)
 
 
 # ------------------------------------------------------------------------------------- decisions

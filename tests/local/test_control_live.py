@@ -20,6 +20,7 @@ from regserve_operator.local_client import LocalControlClient, LocalSessionNotFo
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier
 from regserve_operator.sandbox.processes import free_port, session_members, start_and_wait, stop, wait_for
+from regserve_operator.spec import manifest
 from regserve_operator.tags import tag_key
 from regserve_operator.targets.local import ServeDashboard
 
@@ -30,17 +31,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MODEL = "control_api_model"
 
 
-def manifest(uri: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "regserve.io/v1alpha1",
-        "kind": "RegisteredModelServing",
-        "metadata": {"name": "ctl", "namespace": "default"},
-        "spec": {
-            "model": {"name": MODEL, "alias": "champion"},
-            "registry": {"trackingUri": uri, "pollIntervalSeconds": 5},
-            "serving": {"routePrefix": "/ctl", "cpusPerReplica": 0.25},
-        },
+def ctl_manifest(uri: str) -> dict[str, Any]:
+    spec = {
+        "model": {"name": MODEL, "alias": "champion"},
+        "registry": {"trackingUri": uri, "pollIntervalSeconds": 5},
+        "serving": {"routePrefix": "/ctl", "cpusPerReplica": 0.25},
     }
+    return manifest("ctl", spec, namespace="default")
 
 
 def discovered(path: Path) -> LocalControlClient | None:
@@ -100,7 +97,7 @@ def test_resources_applied_and_deleted_through_the_control_api(
         assert client.serve_url == f"http://127.0.0.1:{serve_port}"
         assert client.list() == []
 
-        created = client.apply(manifest(mlflow_server.url))
+        created = client.apply(ctl_manifest(mlflow_server.url))
         assert created["metadata"]["name"] == "ctl" and created["metadata"]["generation"] == 1
 
         def answers() -> bool:

@@ -16,7 +16,7 @@ from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_sklearn_classifier
 from regserve_operator.sandbox.processes import free_port, session_members, start_and_wait, stop, wait_for
 
-from tests.local.test_local_ray import RMS, Listener, command_line, listeners, ray_session_of
+from tests.local.test_local_ray import Listener, command_line, listeners, ray_session_of, twin_yaml
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def _with_haproxy(held: list[Listener]) -> list[Listener] | None:
 def test_a_sigkilled_regserve_dev_leaves_nothing(mlflow_server: MlflowServer, tmp_path: Path) -> None:
     version, samples, _ = log_sklearn_classifier(mlflow_server.url, "killed_model")
     MlflowClient(mlflow_server.url).set_registered_model_alias("killed_model", "champion", version)
-    (tmp_path / "rms.yaml").write_text(RMS.format(model="killed_model", uri=mlflow_server.url))
+    (tmp_path / "rms.yaml").write_text(twin_yaml("killed_model", mlflow_server.url))
     dashboard_port, serve_port = free_port(), free_port()
     body = [list(map(float, row)) for row in samples[:2]]
 

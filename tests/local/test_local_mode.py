@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -24,22 +25,23 @@ from regserve_operator.local import (
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook
 from regserve_operator.sandbox.processes import free_port, wait_for
+from regserve_operator.spec import manifest, manifests_yaml
 
 from tests.support.ray_cluster import LocalRay
 
 pytestmark = pytest.mark.ray
 
 MODEL = "local_mode_model"
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: local-translator}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 300}}
-  serving: {{routePrefix: /local-translator, cpusPerReplica: 0.5}}
-  rollout: {{deadlineSeconds: 90}}
-"""
+
+
+def rms(uri: str) -> dict[str, Any]:
+    spec = {
+        "model": {"name": MODEL, "alias": "champion"},
+        "registry": {"trackingUri": uri, "pollIntervalSeconds": 300},
+        "serving": {"routePrefix": "/local-translator", "cpusPerReplica": 0.5},
+        "rollout": {"deadlineSeconds": 90},
+    }
+    return manifest("local-translator", spec)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def session(
     mlflow_server: MlflowServer, local_ray: LocalRay, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DevSession]:
     path = tmp_path_factory.mktemp("local") / "rms.yaml"
-    path.write_text(RMS.format(model=MODEL, uri=mlflow_server.url))
+    path.write_text(manifests_yaml(rms(mlflow_server.url)))
     lines: list[str] = []
     dev = make_session(
         load_resources(path),

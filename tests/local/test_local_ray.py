@@ -35,21 +35,23 @@ from regserve_operator.sandbox.processes import (
     stop,
     wait_for,
 )
+from regserve_operator.spec import manifest, manifests_yaml
 
 from tests.local.test_local_ray_settings import RAY_FIXED_PORTS
 from tests.support.ray_cluster import LocalRay
 
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: twin}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 5}}
-  serving: {{routePrefix: /twin, cpusPerReplica: 0.25}}
-"""
 LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def twin_yaml(model: str, uri: str) -> str:
+    """The file `regserve dev -f` runs: one resource, `twin`, following `model`'s champion."""
+    spec = {
+        "model": {"name": model, "alias": "champion"},
+        "registry": {"trackingUri": uri, "pollIntervalSeconds": 5},
+        "serving": {"routePrefix": "/twin", "cpusPerReplica": 0.25},
+    }
+    return manifests_yaml(manifest("twin", spec))
 
 
 @dataclass
@@ -117,7 +119,7 @@ def dev_run(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactor
     version, samples, predictions = log_sklearn_classifier(mlflow_server.url, "twin_model")
 
     MlflowClient(mlflow_server.url).set_registered_model_alias("twin_model", "champion", version)
-    (workdir / "rms.yaml").write_text(RMS.format(model="twin_model", uri=mlflow_server.url))
+    (workdir / "rms.yaml").write_text(twin_yaml("twin_model", mlflow_server.url))
     dashboard_port, serve_port = free_port(), free_port()
     serve_url = f"http://127.0.0.1:{serve_port}"
     body = [list(map(float, row)) for row in samples[:2]]

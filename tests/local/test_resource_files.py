@@ -7,19 +7,13 @@ from typing import Any
 
 import pytest
 from regserve_operator import local
+from regserve_operator.spec import manifest, manifests_yaml
 
-DOC = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: m, alias: champion}}
-  registry: {{trackingUri: "http://127.0.0.1:5000"}}
-"""
+SPEC = {"model": {"name": "m", "alias": "champion"}, "registry": {"trackingUri": "http://127.0.0.1:5000"}}
 
 
 def _write(path: Path, *names: str) -> Path:
-    path.write_text("---".join(DOC.format(name=name) for name in names))
+    path.write_text(manifests_yaml(*(manifest(name, SPEC) for name in names)))
     return path
 
 

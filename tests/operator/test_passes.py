@@ -12,23 +12,19 @@ from typing import Any
 import pytest
 from regserve_operator.passes import InFlight, Seen, StatusWrites, Watched, WriteGone, run_pass
 from regserve_operator.schedule import Key, Scheduler
+from regserve_operator.spec import manifest
 
 
 def body(name: str, generation: int = 1, uid: str = "u1", **status: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "regserve.io/v1alpha1",
-        "kind": "RegisteredModelServing",
-        "metadata": {
-            "name": name,
-            "namespace": "ml",
-            "uid": uid,
-            "generation": generation,
-            "resourceVersion": "7",
-            "managedFields": [{"manager": "kubectl"}],
-        },
-        "spec": {"model": {"name": "m"}},
-        "status": status,
+    """A resource as the watch delivers it: with what the API server adds, status included."""
+    resource = manifest(name, {"model": {"name": "m"}}, namespace="ml")
+    resource["metadata"] |= {
+        "uid": uid,
+        "generation": generation,
+        "resourceVersion": "7",
+        "managedFields": [{"manager": "kubectl"}],
     }
+    return resource | {"status": status}
 
 
 def test_saw_reports_what_is_worth_a_pass_now() -> None:
@@ -59,43 +55,6 @@ def test_the_copy_keeps_what_a_pass_and_an_event_need_and_nothing_else() -> None
     }
     watched.gone(("ml", "a"))
     assert watched.get(("ml", "a")) is None and len(watched) == 0
-
-
-def _placed(name: str, cluster: str | None, namespace: str = "ml") -> dict[str, Any]:
-    placed = body(name)
-    placed["metadata"] = {**placed["metadata"], "namespace": namespace, "creationTimestamp": f"t-{name}"}
-    if cluster is not None:
-        placed["spec"] = {**placed["spec"], "placement": {"cluster": cluster}}
-    return placed
-
-
-def test_members_of_a_shared_cluster_follow_the_watch() -> None:
-    """A member's peers come from the watch's copies (no namespace list per pass): placed, moved to
-    another cluster, unplaced, deleted."""
-    tests: list[tuple[str, list[dict[str, Any]], list[Key], dict[tuple[str, str], list[str]]]] = [
-        (
-            "two members, one elsewhere, one unplaced, one in another namespace",
-            [_placed("a", "pool"), _placed("b", "pool"), _placed("c", "other"), _placed("d", None),
-             _placed("e", "pool", namespace="ops")],
-            [],
-            {("ml", "pool"): ["a", "b"], ("ml", "other"): ["c"], ("ops", "pool"): ["e"]},
-        ),
-        ("moved to another cluster", [_placed("a", "pool"), _placed("a", "other")], [], {("ml", "pool"): [],
-         ("ml", "other"): ["a"]}),
-        ("placement dropped", [_placed("a", "pool"), _placed("a", None)], [], {("ml", "pool"): []}),
-        ("deleted", [_placed("a", "pool"), _placed("b", "pool")], [("ml", "a")], {("ml", "pool"): ["b"]}),
-    ]  # fmt: skip
-    for name, seen, gone, want in tests:
-        watched = Watched()
-        for resource in seen:
-            watched.saw(resource)
-        for key in gone:
-            watched.gone(key)
-        for (namespace, cluster), names in want.items():
-            members = watched.members(namespace, cluster)
-            assert [m["metadata"]["name"] for m in members] == names, name
-            # What `shared.peer_of` reads: the creation time orders the members.
-            assert all(m["metadata"]["creationTimestamp"] == f"t-{m['metadata']['name']}" for m in members)
 
 
 class Clock:

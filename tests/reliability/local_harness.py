@@ -13,20 +13,21 @@ from typing import Any
 
 import httpx
 from regserve_operator.local import DevSession, load_resources, make_session, status_summary
-from regserve_operator.spec import RegisteredModelServingStatus
+from regserve_operator.spec import RegisteredModelServingStatus, manifest, manifests_yaml
 
 from tests.support.ray_cluster import LocalRay
 
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: {poll}}}
-  serving: {{routePrefix: /{name}, cpusPerReplica: 0.25}}
-  rollout: {{deadlineSeconds: {deadline}, smokeTest: false}}
-"""
+
+def rms(name: str, model: str, uri: str, poll: int = 300, deadline: int = 60) -> dict[str, Any]:
+    return manifest(
+        name,
+        {
+            "model": {"name": model, "alias": "champion"},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": poll},
+            "serving": {"routePrefix": f"/{name}", "cpusPerReplica": 0.25},
+            "rollout": {"deadlineSeconds": deadline, "smokeTest": False},
+        },
+    )
 
 
 def condition(status: RegisteredModelServingStatus, type_: str) -> tuple[str, str, str]:
@@ -39,9 +40,7 @@ def condition(status: RegisteredModelServingStatus, type_: str) -> tuple[str, st
 class Harness:
     def __init__(self, local_ray: LocalRay, directory: Path, resources: list[dict[str, Any]]) -> None:
         path = directory / "rms.yaml"
-        path.write_text(
-            "---\n".join(RMS.format(**{"poll": 300, "deadline": 60, **resource}) for resource in resources)
-        )
+        path.write_text(manifests_yaml(*(rms(**resource) for resource in resources)))
         self.lines: list[str] = []
         self.local_ray = local_ray
         self.session: DevSession = make_session(

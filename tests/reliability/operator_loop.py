@@ -32,6 +32,7 @@ from regserve_operator.registry import Registry
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.schedule import Key
 from regserve_operator.settings import Settings
+from regserve_operator.spec import manifest
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +156,14 @@ class OperatorLoop:
             self._stop.wait(max(0.0, self._tick - (time.monotonic() - started)))
 
     def add(self, name: str, model: str, tracking_uri: str, poll_s: int = 300) -> None:
-        body = {
-            "apiVersion": "regserve.io/v1alpha1",
-            "kind": "RegisteredModelServing",
-            "metadata": {"name": name, "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1},
-            "spec": {
-                "model": {"name": model, "alias": "champion"},
-                "registry": {"trackingUri": tracking_uri, "pollIntervalSeconds": poll_s},
-                "serving": {"routePrefix": f"/{name}"},
-            },
+        spec = {
+            "model": {"name": model, "alias": "champion"},
+            "registry": {"trackingUri": tracking_uri, "pollIntervalSeconds": poll_s},
+            "serving": {"routePrefix": f"/{name}"},
         }
+        body = manifest(name, spec, namespace=NAMESPACE)
+        # What the API server adds on create.
+        body["metadata"] |= {"uid": str(uuid.uuid4()), "generation": 1}
         if self.state.watched.saw(body):
             self.state.scheduler.wake((NAMESPACE, name))
 

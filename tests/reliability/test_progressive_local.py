@@ -25,6 +25,7 @@ from regserve_operator.driver import Driver
 from regserve_operator.local import load_resources, make_session
 from regserve_operator.registry import Registry
 from regserve_operator.sandbox.mlflow_server import MlflowServer
+from regserve_operator.spec import manifest, manifests_yaml
 from regserve_operator.tags import tag_key
 
 from tests.reliability.local_harness import Harness
@@ -34,16 +35,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL_CODE = Path(__file__).parents[1] / "serving_ray" / "rollout_model.py"
 
-RMS = """
-apiVersion: regserve.io/v1alpha1
-kind: RegisteredModelServing
-metadata: {{name: {name}}}
-spec:
-  model: {{name: {model}, alias: champion}}
-  registry: {{trackingUri: "{uri}", pollIntervalSeconds: 300}}
-  serving: {{routePrefix: /{name}, cpusPerReplica: 0.25}}
-  rollout: {rollout}
-"""
+
+def rms(name: str, model: str, uri: str, rollout: dict[str, Any]) -> dict[str, Any]:
+    return manifest(
+        name,
+        {
+            "model": {"name": model, "alias": "champion"},
+            "registry": {"trackingUri": uri, "pollIntervalSeconds": 300},
+            "serving": {"routePrefix": f"/{name}", "cpusPerReplica": 0.25},
+            "rollout": rollout,
+        },
+    )
 
 
 def log_replier(
@@ -68,9 +70,11 @@ def log_replier(
 class RolloutHarness(Harness):
     """The local harness with a `spec.rollout` of the test's choosing."""
 
-    def __init__(self, local_ray: LocalRay, directory: Path, name: str, model: str, uri: str, rollout: str):
+    def __init__(
+        self, local_ray: LocalRay, directory: Path, name: str, model: str, uri: str, rollout: dict[str, Any]
+    ):
         path = directory / "rms.yaml"
-        path.write_text(RMS.format(name=name, model=model, uri=uri, rollout=rollout))
+        path.write_text(manifests_yaml(rms(name, model, uri, rollout)))
         self.lines: list[str] = []
         self.local_ray = local_ray
         self.session = make_session(
@@ -161,7 +165,7 @@ def _drive(harness: Harness, client: Client, until: Any, *, timeout: float, what
 def make_harness(local_ray: LocalRay, mlflow_server: MlflowServer, tmp_path: Path) -> Iterator[Any]:
     made: list[Harness] = []
 
-    def make(name: str, model: str, rollout: str) -> RolloutHarness:
+    def make(name: str, model: str, rollout: dict[str, Any]) -> RolloutHarness:
         directory = tmp_path / name
         directory.mkdir()
         harness = RolloutHarness(local_ray, directory, name, model, mlflow_server.url, rollout)
@@ -175,10 +179,16 @@ def make_harness(local_ray: LocalRay, mlflow_server: MlflowServer, tmp_path: Pat
 
 # Latency is not judged here (maxLatencyRatio at its bound): on a shared 2-core box the p95 of the
 # two versions' few requests differs by several times (table-tested in tests/operator instead).
-CANARY = (
-    "{strategy: Canary, canary: {steps: [25, 60], stepSeconds: 3, minRequests: 10, maxErrorRate: 0.01,"
-    " maxLatencyRatio: 100}}"
-)
+CANARY = {
+    "strategy": "Canary",
+    "canary": {
+        "steps": [25, 60],
+        "stepSeconds": 3,
+        "minRequests": 10,
+        "maxErrorRate": 0.01,
+        "maxLatencyRatio": 100,
+    },
+}
 
 
 def test_canary_shares_then_promotes(mlflow_server: MlflowServer, make_harness: Any) -> None:
@@ -287,7 +297,9 @@ def test_shadow_with_a_disagreeing_candidate_is_reported_not_promoted(
     uri, model, name = mlflow_server.url, "progressive_shadow", "shadow"
     v1 = log_replier(uri, model, lang="de")
     v2 = log_replier(uri, model, lang="fr")  # answers differ from v1's
-    harness = make_harness(name, model, "{strategy: Shadow, shadow: {percent: 100, durationSeconds: 3}}")
+    harness = make_harness(
+        name, model, {"strategy": "Shadow", "shadow": {"percent": 100, "durationSeconds": 3}}
+    )
     _serve_first(harness, uri, model, name, v1)
     with Client(harness, name) as client:
         _promote(harness, uri, model, v2)
@@ -312,9 +324,10 @@ def test_a_restarted_operator_resumes_mid_canary(mlflow_server: MlflowServer, ma
     uri, model, name = mlflow_server.url, "progressive_restart", "restart"
     v1 = log_replier(uri, model, lang="de")
     v2 = log_replier(uri, model, lang="fr")
-    slow = (
-        "{strategy: Canary, canary: {steps: [25, 60], stepSeconds: 8, minRequests: 5, maxLatencyRatio: 100}}"
-    )
+    slow = {
+        "strategy": "Canary",
+        "canary": {"steps": [25, 60], "stepSeconds": 8, "minRequests": 5, "maxLatencyRatio": 100},
+    }
     harness = make_harness(name, model, slow)
     _serve_first(harness, uri, model, name, v1)
     with Client(harness, name) as client:

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
@@ -20,8 +19,9 @@ from mlflow.protos.databricks_pb2 import (
 
 from regserve_operator.deploy import ops
 from regserve_operator.deploy.flatconfig import CLIENT_KEYS, ConfigError, spec_fields, split_config
-from regserve_operator.deploy.stores import ResourceStore, manifest
+from regserve_operator.deploy.stores import ResourceStore
 from regserve_operator.deploy.uris import KUBE_TARGET, LOCAL_TARGET, UriError, parse_model_uri, parse_target
+from regserve_operator.spec import manifest, manifests_yaml
 
 FLAVOR = "python_function"
 
@@ -156,7 +156,7 @@ def run_local(
 
     with tempfile.TemporaryDirectory(prefix="regserve-run-local-") as scratch:
         path = Path(scratch) / "deployment.yaml"
-        path.write_text(yaml.safe_dump(manifest(name, "default", spec)))
+        path.write_text(manifests_yaml(manifest(name, spec, namespace="default")))
         dev_main(["-f", str(path)])
 
 

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from regserve_operator.spec import GROUP, KIND, PLURAL, VERSION
+from regserve_operator.spec import GROUP, KIND, PLURAL, VERSION, manifest
 
-API_VERSION = f"{GROUP}/{VERSION}"
 REQUEST_TIMEOUT_S = 30.0
 SCORING_TIMEOUT_S = 120.0
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -48,15 +47,6 @@ class ResourceStore(Protocol):
     def score(
         self, url: str, route: str, payload: Mapping[str, Any], headers: Mapping[str, str]
     ) -> Answer: ...
-
-
-def manifest(name: str, namespace: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": dict(spec),
-    }
 
 
 # ------------------------------------------------------------------------------------------ Kubernetes
@@ -116,7 +106,7 @@ class KubeStore:
         return list(listed.get("items") or [])
 
     def create(self, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-        body = manifest(name, self.namespace, spec)
+        body = manifest(name, spec, namespace=self.namespace)
         created: dict[str, Any] = self._call(
             f"creating {name}", self._objects.create_namespaced_custom_object, body
         )
@@ -256,7 +246,7 @@ class LocalStore:
         if self.get(name) is not None:
             raise StoreError(f"creating {name}: it already exists in {self.where}", conflict=True)
         created: dict[str, Any] = self._call(
-            f"creating {name}", self._client.apply, manifest(name, self.namespace, spec)
+            f"creating {name}", self._client.apply, manifest(name, spec, namespace=self.namespace)
         )
         return created
 
@@ -264,7 +254,7 @@ class LocalStore:
         if self.get(name) is None:
             raise StoreError(f"{name} does not exist in {self.where}", missing=True)
         replaced: dict[str, Any] = self._call(
-            f"updating {name}", self._client.apply, manifest(name, self.namespace, spec)
+            f"updating {name}", self._client.apply, manifest(name, spec, namespace=self.namespace)
         )
         return replaced
 

@@ -56,15 +56,11 @@ class KubeTarget:
         *,
         sleep: Callable[[float], None] = time.sleep,
         cache: RayServiceCache | None = None,
-        members: Callable[[str, str], list[dict[str, Any]]] | None = None,
     ) -> None:
-        """`members`: the shared-cluster members the operator's watch keeps (`passes.Watched.members`);
-        without it, each call lists the namespace."""
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._sleep = sleep
         self._cache = cache
-        self._members = members
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The RayService: the watch's copy when there is one (see kube_cache.py), else asked for."""
@@ -157,8 +153,7 @@ class KubeTarget:
         return current is None or (current.get("metadata") or {}).get("resourceVersion") != guard
 
     def members(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
-        if self._members is not None:  # the watch's copies: no request per shared member's pass
-            return self._members(namespace, cluster)
+        # kopf already lists and watches these (main.py's rules); one list per shared member's pass.
         listed = self._custom.list_namespaced_custom_object(s.GROUP, s.VERSION, namespace, s.PLURAL)
         return [
             item

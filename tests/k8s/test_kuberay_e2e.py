@@ -1014,7 +1014,15 @@ def test_mlflow_deployments_create_predict_canary_update_rollback_and_delete(
         traffic = Client(serving, url=lambda: serving.url_at(name, name))
         traffic.start()
         deployments = get_deploy_client(target)
-        canary = {"strategy": "Canary", "canary.steps": "50", "stepSeconds": "2", "minRequests": "5"}
+        # The verdict is what is shown, not the latency gate: a few requests on a loaded machine make a
+        # noisy p95, so the latency bound is as wide as the CRD allows.
+        canary = {
+            "strategy": "Canary",
+            "canary.steps": "50",
+            "stepSeconds": "2",
+            "minRequests": "5",
+            "maxLatencyRatio": "100",
+        }
         updated = deployments.update_deployment(
             name, model_uri=f"models:/{MODEL}@plugin-next", config={**canary, "timeout": str(ROLLOUT_S)}
         )
@@ -1044,7 +1052,11 @@ def test_mlflow_deployments_create_predict_canary_update_rollback_and_delete(
         for _ in range(2):  # the second finds nothing to delete, and is no error
             deleted = _cli([*mlflow_cli, "delete", "-t", target, "--name", name], env, timeout=120)
             assert deleted.returncode == 0, deleted.stderr[-3000:]
-    until("the deployment's RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120)
+        # Whatever happened above: the next tests count the namespace's Ray clusters.
+        until(
+            "the deployment's RayService gone", lambda: serving.cluster.rayservice(name) is None, timeout=120
+        )
+        until("the deployment's RayCluster gone", lambda: not serving.rayclusters(name), timeout=240)
 
 
 # Replica bounds of the autoscaling test: one replica per worker pod, as pods are sized today.

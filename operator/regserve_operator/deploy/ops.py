@@ -54,14 +54,14 @@ def model_uri_of(spec: Mapping[str, Any]) -> str:
     return f"models:/{name}/{model.get('stage') or model.get('version') or ''}"
 
 
-def view(resource: Mapping[str, Any]) -> dict[str, Any]:
+def view(found: Mapping[str, Any]) -> dict[str, Any]:
     """A deployment as MLflow's clients show it: `name` first, the rollout in a few plain fields."""
-    metadata = resource.get("metadata") or {}
-    status = parse_status(resource.get("status"))
+    metadata = found.get("metadata") or {}
+    status = parse_status(found.get("status"))
     return {
         "name": metadata.get("name"),
         "namespace": metadata.get("namespace"),
-        "model_uri": model_uri_of(resource.get("spec") or {}),
+        "model_uri": model_uri_of(found.get("spec") or {}),
         "flavor": "python_function",
         "ready": c.is_true(status.conditions, c.READY),
         "serving_version": status.serving_version,
@@ -115,7 +115,7 @@ def update(
     config: Mapping[str, Any] | None,
     on_progress: Callable[[str], None] | None = None,
 ) -> Done:
-    current = _existing(store, name)
+    current = resource(store, name)
     try:
         options, fields = split_config(config)
         spec = merge(current.get("spec") or {}, fields)
@@ -147,12 +147,7 @@ def delete(store: ResourceStore, name: str, config: Mapping[str, Any] | None) ->
 
 
 def get(store: ResourceStore, name: str) -> dict[str, Any]:
-    return view(_existing(store, name))
-
-
-def resource(store: ResourceStore, name: str) -> dict[str, Any]:
-    """The resource as the store holds it (DeployError if it does not exist)."""
-    return _existing(store, name)
+    return view(resource(store, name))
 
 
 def follow_rollout(
@@ -162,7 +157,7 @@ def follow_rollout(
     expected_version: str | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> Done:
-    current = _existing(store, name)
+    current = resource(store, name)
     options = ClientOptions(wait=True, timeout_s=timeout_s)
     return _finish(store, name, current, options, expected_version, on_progress)
 
@@ -196,10 +191,11 @@ def _finish(
             f"{name}: no verdict after {options.timeout_s:.0f} s (config timeout=...): {verdict.detail}",
             timed_out=True,
         )
-    return Done(_existing(store, name), verdict)
+    return Done(resource(store, name), verdict)
 
 
-def _existing(store: ResourceStore, name: str) -> dict[str, Any]:
+def resource(store: ResourceStore, name: str) -> dict[str, Any]:
+    """The resource as the store holds it (DeployError if it does not exist)."""
     found = _store_call(store.get, name)
     if found is None:
         raise DeployError(f"no deployment {name} in {store.where}", missing=True)
@@ -242,10 +238,10 @@ def _jsonable(value: Any) -> Any:
 def score(
     store: ResourceStore, name: str, inputs: Any, version: str | None = None
 ) -> tuple[Answer, RegisteredModelServingStatus]:
-    resource = _existing(store, name)
-    status = parse_status(resource.get("status"))
+    found = resource(store, name)
+    status = parse_status(found.get("status"))
     if not status.url:
-        raise DeployError(f"{name} has no endpoint yet: {view(resource)['conditions']}")
+        raise DeployError(f"{name} has no endpoint yet: {view(found)['conditions']}")
     headers = {VERSION_HEADER: version} if version else {}
     answer = _store_call(store.score, status.url, INVOCATIONS, payload_of(inputs), headers)
     if answer.status != 200:
@@ -289,13 +285,13 @@ def promote(
 ) -> Done:
     """Point the resource's selector at `version` where it lives (the alias or stage in MLflow, or the
     spec's pinned version), then follow the rollout to its verdict."""
-    resource = _existing(store, name)
-    model = (resource.get("spec") or {}).get("model") or {}
+    found = resource(store, name)
+    model = (found.get("spec") or {}).get("model") or {}
     if model.get("version"):
-        spec = merge(resource.get("spec") or {}, {"model": {"version": version}})
+        spec = merge(found.get("spec") or {}, {"model": {"version": version}})
         replaced = _store_call(store.replace_spec, name, validated(spec))
         return _finish(store, name, replaced, ClientOptions(True, timeout_s), version, on_progress)
-    uri = tracking_uri or ((resource.get("spec") or {}).get("registry") or {}).get("trackingUri")
+    uri = tracking_uri or ((found.get("spec") or {}).get("registry") or {}).get("trackingUri")
     _move_pointer(str(uri), model, version)
     return follow_rollout(store, name, timeout_s, version, on_progress)
 

@@ -43,6 +43,8 @@ from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import enforce_signature, parse_invocation
 from serving_app.metrics import ServingMetrics
 from serving_app.mlmodel import RegistryAuth
+from serving_app.monitoring.records import REQUEST_ID_HEADER
+from serving_app.monitoring.replica import replica_payloads, writer_id
 from serving_app.oip.handlers import OipHandlers
 from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.replica_rollout import ReplicaRollout
@@ -148,6 +150,16 @@ class ModelServer:
         app_name, replica_id = _replica_identity()
         self.counters = ReplicaCounters(replica_id)
         self.rollout = ReplicaRollout(self.service, self.counters, self.metrics)
+        self.payloads, self.payloads_problem = replica_payloads(
+            args.monitoring.payloads,
+            model=args.model_name,
+            tracking_uri=tracking_uri,
+            writer_id=writer_id(replica_id),
+            counter=self.metrics.payloads,
+        )
+        if self.payloads is not None:
+            self.rollout.payloads = self.payloads
+            self.payloads.start()
         self.board = BoardClient(app_name, self.counters)
         self._board_pusher = asyncio.get_running_loop().create_task(self.board.run())
         self._routes: dict[str, RouteHandler] = {
@@ -228,7 +240,11 @@ class ModelServer:
         return await self.oip.answer(request, rest, self._answer)
 
     async def healthz(self, _request: Request, _rest: str) -> Response:
-        return http.json_response(self.service.health(), status_code=200 if self.service.ready else 503)
+        health = self.service.health()
+        if self.payloads is not None or self.payloads_problem is not None:
+            figures = self.payloads.figures() if self.payloads is not None else {}
+            health["payloads"] = {**figures, "problem": self.payloads_problem}
+        return http.json_response(health, status_code=200 if self.service.ready else 503)
 
     async def ping(self, _request: Request, _rest: str) -> Response:
         # Open like /healthz (Kubernetes probes and MLflow's client send no token; the body is a
@@ -286,6 +302,11 @@ class ModelServer:
             return http.error_response(error, retry_after_s=self.args.registry_retry_after_s)
         return None
 
+    async def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown: what is queued is written once more.
+        if self.payloads is not None:
+            await self.payloads.stop()
+
     async def check_health(self) -> None:
         if not self.service.ready:
             raise RuntimeError("no default version loaded")
@@ -299,6 +320,14 @@ class ModelServer:
         version = "none"
         stop_timing()  # a request that loads a version starts its own timer (`service.resolve`)
         state = self._assign(request, route)
+        echo_id, capture = None, None
+        if self.payloads is not None and state is not None:
+            # Ray's proxy gives every request an id (the client's `X-Request-Id` or its own) and echoes
+            # it; one arriving without (another ingress) gets ours, echoed here.
+            sent_id = request.headers.get(REQUEST_ID_HEADER)
+            request_id, capture = self.payloads.begin(sent_id, route)
+            echo_id = request_id if sent_id is None else None
+            state.payload = capture
         self.service.in_flight += 1
         try:
             http.check_token(request, self.token)
@@ -310,11 +339,15 @@ class ModelServer:
             else:
                 response = http.json_response(payload, headers={"X-Model-Version": version})
         except ServingError as error:
+            if capture is not None:
+                capture.error_code = error.code
             error = http.with_error_id(error)
             if not self.args.expose_schema_in_errors:
                 http.redact(error)
             response = http.error_response(error, retry_after_s=self.args.registry_retry_after_s)
         except Exception as error:  # never let one request take the replica down
+            if capture is not None:
+                capture.error_code = "internal_error"
             response = http.internal_error(error)
         finally:
             self.service.in_flight -= 1
@@ -325,6 +358,16 @@ class ModelServer:
             response.headers["Server-Timing"] = timer.header()
         if state is not None:
             self._finish(state, response, started)
+        if echo_id is not None:
+            response.headers[REQUEST_ID_HEADER] = echo_id
+        if capture is not None and state is not None and self.payloads is not None:
+            self.payloads.finish(
+                capture,
+                version=state.version,
+                choice=state.choice,
+                status=response.status_code,
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
         self.metrics.requests.inc(
             tags={"route": route, "version": version, "status": str(response.status_code)}
         )

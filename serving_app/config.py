@@ -34,6 +34,47 @@ def max_ongoing_requests(max_batch_size: int) -> int:
     return max(8, 2 * max_batch_size)
 
 
+PayloadPart = Literal["inputs", "outputs"]
+
+
+class CloudEventsSinkArgs(BaseModel):
+    """Payload records posted as binary CloudEvents in KServe's logger format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048)
+    headers_env: str | None = Field(
+        default=None,
+        description="Env var holding extra request headers (`Name: value` lines), from a Secret key.",
+    )
+
+
+class PayloadArgs(BaseModel):
+    """Sampled payload records (docs/monitoring.md): to the tracking server by default, or to a
+    CloudEvents receiver."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_rate: float = Field(ge=0.0, le=1.0)
+    include: tuple[PayloadPart, ...] = ("inputs", "outputs")
+    max_record_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    # Where records go: the experiment (`regserve/<namespace>/<name>`) on the tracking server, or
+    # a CloudEvents receiver.
+    experiment: str = Field(min_length=1, max_length=500)
+    cloudevents: CloudEventsSinkArgs | None = None
+    namespace: str = Field(default="", max_length=253)
+    resource: str = Field(default="", max_length=253)
+    # The replica's queue and how often it is written out (the operator leaves the defaults).
+    queue_records: int = Field(default=10_000, ge=10, le=1_000_000)
+    flush_interval_s: float = Field(default=5.0, gt=0.0, le=300.0)
+
+
+class MonitoringArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    payloads: PayloadArgs | None = None
+
+
 class AppArgs(BaseModel):
     """What `serving_app.app:build_app` accepts (the `args` of a Serve config application)."""
 
@@ -70,6 +111,7 @@ class AppArgs(BaseModel):
         "`pinned_cold_load_window_s`; past that a cold pinned request is answered 429.",
     )
     pinned_cold_load_window_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    monitoring: MonitoringArgs = Field(default_factory=MonitoringArgs)
 
     @property
     def batching(self) -> bool:

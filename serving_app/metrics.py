@@ -45,6 +45,8 @@ class ServingMetrics:
     version_latency: Histogram = field(default_factory=lambda: _Null())
     shadow_comparisons: Counter = field(default_factory=lambda: _Null())
     shadow_latency: Histogram = field(default_factory=lambda: _Null())
+    # Payload records (serving_app.monitoring) by outcome: logged, dropped (queue full), sink_error.
+    payloads: Counter = field(default_factory=lambda: _Null())
 
     @classmethod
     def create(cls) -> ServingMetrics:
@@ -129,6 +131,12 @@ class ServingMetrics:
                 description="The candidate's predict time on shadow requests.",
                 boundaries=_LATENCY_BUCKETS_MS,
                 tag_keys=("version",),
+            ),
+            payloads=_counter(
+                "regserve_payloads",
+                description="Payload records by outcome: logged, dropped (the replica's queue was full), "
+                "sink_error (the sink refused them past the retries).",
+                tag_keys=("outcome",),
             ),
         )
 

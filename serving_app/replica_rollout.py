@@ -16,6 +16,7 @@ from serving_app.config import Candidate
 from serving_app.counters import ReplicaCounters, RolloutKey, ShadowOutcome, SmokeResult
 from serving_app.errors import ServingError
 from serving_app.metrics import ServingMetrics
+from serving_app.monitoring.replica import ReplicaPayloads
 from serving_app.registry import LoadedVersion
 from serving_app.rollout import RequestRollout, ShadowInput, decide
 from serving_app.service import ModelService, PredictJob
@@ -49,6 +50,7 @@ class ReplicaRollout:
         self._smoke_version: str | None = None  # the candidate being (or last) smoke-tested here
         self._smoke_task: asyncio.Future[None] | None = None  # its smoke test, while it runs
         self._random = random.Random()
+        self.payloads: ReplicaPayloads | None = None  # set by the deployment when payloads are logged
 
     @property
     def phase(self) -> str:
@@ -146,17 +148,28 @@ class ReplicaRollout:
         )
 
     async def predict(self, job: PredictJob, predict: Predict) -> list[Any]:
-        """`predict(job)`, keeping a copy of the input for the candidate when the request is shadowed."""
+        """`predict(job)`, keeping a copy of the input for the candidate when the request is shadowed,
+        and what was asked and answered when the request is sampled for payload logging."""
         state = self.service.request_rollout.get()
+        capture = state.payload if state is not None else None
+        if capture is not None:
+            capture.model_input, capture.rows, capture.signature = (
+                job.model_input,
+                job.rows,
+                job.loaded.signature,
+            )
         if state is None or not state.decision.shadow or state.pinned:
-            return await predict(job)
-        if self.shadows.in_flight >= self.shadows.limit:
+            answer = await predict(job)
+        elif self.shadows.in_flight >= self.shadows.limit:
             # Over the bound the shadow would be dropped anyway: no copy of the input on the request path.
             state.shadow_dropped = True
-            return await predict(job)
-        kept = copy.deepcopy(job.model_input)  # the model may change its input in place
-        answer = await predict(job)
-        state.shadow_input = ShadowInput(kept, job.rows, job.params, answer)
+            answer = await predict(job)
+        else:
+            kept = copy.deepcopy(job.model_input)  # the model may change its input in place
+            answer = await predict(job)
+            state.shadow_input = ShadowInput(kept, job.rows, job.params, answer, capture)
+        if capture is not None:
+            capture.outputs = answer
         return answer
 
     def finish(self, state: RequestRollout, status: int, latency_ms: float) -> None:
@@ -195,6 +208,15 @@ class ReplicaRollout:
         else:
             outcome = "agree" if answers_agree(shadow.stable_answer, result) else "disagree"
         self._count_shadow(candidate.version, outcome, latency_ms)
+        if shadow.payload is not None and self.payloads is not None:
+            failed = isinstance(result, BaseException)
+            self.payloads.shadow(
+                shadow.payload,
+                version=candidate.version,
+                outputs=None if failed else result,
+                error=failed,
+                latency_ms=latency_ms,
+            )
 
     def _count_shadow(self, version: str, outcome: ShadowOutcome, latency_ms: float) -> None:
         self.counters.record_shadow(outcome, latency_ms)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving_app.config import Candidate
+from serving_app.monitoring.records import Choice, PayloadCapture
 
 # Shares are decided on a grid of 10,000 points (0.01 % steps).
 _GRID = 10_000
@@ -68,6 +69,14 @@ class RequestRollout:
     pinned: bool = False  # the request named a version (header or path)
     shadow_input: ShadowInput | None = None
     shadow_dropped: bool = False  # shadowed, but over the in-flight bound: counted as dropped
+    payload: PayloadCapture | None = None  # sampled for payload logging (serving_app.monitoring)
+
+    @property
+    def choice(self) -> Choice:
+        """How the answering version was chosen, as payload records name it."""
+        if self.pinned:
+            return "pinned"
+        return "canary" if self.decision.candidate else "default"
 
 
 @dataclass(frozen=True)
@@ -78,3 +87,4 @@ class ShadowInput:
     rows: int
     params: dict[str, Any] | None
     stable_answer: list[Any]
+    payload: PayloadCapture | None = None

@@ -31,6 +31,8 @@ FAST_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumpe
 
 # Name of the Serve deployment `build_app` creates; the version override targets it.
 AUTH_TOKEN_ENV = "REGSERVE_AUTH_TOKEN"
+# The payload sink's extra headers (`spec.monitoring.payloads.sink.http.headersSecretRef`), by reference.
+PAYLOAD_HEADERS_ENV = "REGSERVE_PAYLOAD_HEADERS"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 HAPROXY_METRICS_ENV = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
 # The replica runs the app on its own event loop, not on a second loop in another thread: one hop less
@@ -112,7 +114,23 @@ def route_prefix(owner_name: str, serving: s.Serving) -> str:
     return serving.route_prefix or f"/{owner_name}"
 
 
-def app_args(spec: s.RegisteredModelServingSpec) -> dict[str, Any]:
+def payload_args(owner: Owner, payloads: s.Payloads) -> dict[str, Any]:
+    sink: dict[str, Any] = {}
+    if payloads.sink.http is not None:
+        headers = {"headers_env": PAYLOAD_HEADERS_ENV} if payloads.sink.http.headers_secret_ref else {}
+        sink["cloudevents"] = {"url": payloads.sink.http.url, **headers}
+    return {
+        "sample_rate": payloads.sample_rate,
+        "include": list(payloads.include),
+        "max_record_bytes": payloads.max_record_bytes,
+        "experiment": f"regserve/{owner.namespace}/{owner.name}",
+        "namespace": owner.namespace,
+        "resource": owner.name,
+        **sink,
+    }
+
+
+def app_args(spec: s.RegisteredModelServingSpec, owner: Owner | None = None) -> dict[str, Any]:
     """`build_app` args: fixed per resource (never the version), validated by the app's own model."""
     serving = spec.serving
     fields: dict[str, Any] = {
@@ -126,6 +144,8 @@ def app_args(spec: s.RegisteredModelServingSpec) -> dict[str, Any]:
         fields["auth_token_env"] = AUTH_TOKEN_ENV
     if serving.hide_schema_in_errors:
         fields["expose_schema_in_errors"] = False
+    if spec.monitoring.payloads is not None and owner is not None:
+        fields["monitoring"] = {"payloads": payload_args(owner, spec.monitoring.payloads)}
     return AppArgs(**fields).model_dump(exclude_unset=True)
 
 
@@ -159,7 +179,7 @@ def replica_process_options(actor_options: dict[str, Any], *, access_log: bool) 
 
 
 def build_serve_config(
-    owner_name: str,
+    owner: Owner,
     spec: s.RegisteredModelServingSpec,
     version: str,
     size: ReplicaSize,
@@ -177,10 +197,10 @@ def build_serve_config(
     return {
         "applications": [
             {
-                "name": owner_name,
-                "route_prefix": route_prefix(owner_name, spec.serving),
+                "name": owner.name,
+                "route_prefix": route_prefix(owner.name, spec.serving),
                 "import_path": IMPORT_PATH,
-                "args": app_args(spec),
+                "args": app_args(spec, owner),
                 "deployments": [
                     {
                         "name": DEPLOYMENT_NAME,
@@ -238,7 +258,21 @@ def _env(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
         env.append(
             {"name": AUTH_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
+    if (headers := payload_headers_ref(spec)) is not None:
+        env.append(
+            {
+                "name": PAYLOAD_HEADERS_ENV,
+                "valueFrom": {"secretKeyRef": {"name": headers.name, "key": headers.key}},
+            }
+        )
     return env
+
+
+def payload_headers_ref(spec: s.RegisteredModelServingSpec) -> s.SecretKeyRef | None:
+    payloads = spec.monitoring.payloads
+    if payloads is None or payloads.sink.http is None:
+        return None
+    return payloads.sink.http.headers_secret_ref
 
 
 def _env_from(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
@@ -427,7 +461,7 @@ def build_rayservice(
         },
         "spec": {
             "serveConfigV2": serve_config_yaml(
-                build_serve_config(owner.name, spec, version, size, candidate, pinning)
+                build_serve_config(owner, spec, version, size, candidate, pinning)
             ),
             "rayClusterConfig": cluster,
         },

@@ -37,6 +37,7 @@ from regserve_operator.builders import (
     cluster_shape,
     config_hash,
     owner_reference,
+    payload_headers_ref,
     route_prefix,
     serve_config_yaml,
 )
@@ -85,6 +86,7 @@ def cluster_settings(spec: s.RegisteredModelServingSpec, defaults: BuildDefaults
     """What a member's spec says about the pods every member shares."""
     serving, registry, overrides = spec.serving, spec.registry, spec.ray_service
     auth = serving.auth.token_secret_ref.model_dump_json() if serving.auth else ""
+    headers = payload_headers_ref(spec)
     pulls = ",".join(ref.name for ref in overrides.image_pull_secrets or [])
     credentials = registry.credentials_secret_ref.name if registry.credentials_secret_ref else ""
     upgrade = overrides.upgrade_strategy.type if overrides.upgrade_strategy else ""
@@ -96,6 +98,8 @@ def cluster_settings(spec: s.RegisteredModelServingSpec, defaults: BuildDefaults
         # HAProxy's setting: the Python proxy records these metrics whatever it says.
         ("serving.ingressMetrics", str(serving.ingress_metrics) if serving.ingress_mode == "haproxy" else ""),
         ("serving.auth", auth),
+        # The pods' env holds the sink's headers Secret key, by reference.
+        ("monitoring.payloads.sink.http.headersSecretRef", headers.model_dump_json() if headers else ""),
         ("serving.autoscaling", "on" if serving.autoscaling is not None else "off"),
         ("rayService.serviceAccountName", overrides.service_account_name or ""),
         ("rayService.imagePullSecrets", pulls),

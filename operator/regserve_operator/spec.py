@@ -456,6 +456,78 @@ class Rollout(_Model):
     )
 
 
+PayloadPart = Literal["inputs", "outputs"]
+PAYLOAD_PARTS: tuple[PayloadPart, ...] = ("inputs", "outputs")
+
+
+class MlflowSink(_Model):
+    """Records as Parquet artifacts of one run per served version, in the experiment
+    `regserve/<namespace>/<name>` of the resource's own tracking server (its credentials)."""
+
+
+class HttpSink(_Model):
+    url: str = Field(
+        pattern=r"^https?://[^\s?#]+(\?[^\s#]*)?$",
+        max_length=2048,
+        description="Receiver of binary CloudEvents in KServe's payload logger format.",
+    )
+    headers_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description=(
+            "A key of a Secret in the resource's namespace holding extra request headers, one "
+            "`Name: value` per line (an Authorization header, typically). The Ray pods read it by "
+            "reference; a key that is not usable turns payload logging off and is reported."
+        ),
+    )
+
+
+class PayloadSink(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            "has(self.mlflow) != has(self.http)",
+            "set exactly one of payloads.sink.mlflow, payloads.sink.http",
+        )
+    )
+
+    mlflow: MlflowSink | None = None
+    http: HttpSink | None = None
+
+
+class Payloads(_Model):
+    """Sampled records of what each version receives and answers (docs/monitoring.md)."""
+
+    sample_rate: float = Field(
+        ge=0.0, le=1.0, description="Share of prediction requests logged, decided once per request id."
+    )
+    include: list[PayloadPart] = Field(
+        default_factory=lambda: list(PAYLOAD_PARTS),
+        max_length=2,
+        description="What a record holds.",
+        json_schema_extra={"default": list(PAYLOAD_PARTS)},
+    )
+    max_record_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Inputs and outputs past this are left out of the record, which is marked truncated.",
+    )
+    sink: PayloadSink = Field(
+        default_factory=lambda: PayloadSink(mlflow=MlflowSink()),
+        json_schema_extra={"default": {"mlflow": {}}},
+    )
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> Payloads:
+        # Same rule as the CEL one, for resources read from files (local mode).
+        if (self.sink.mlflow is None) == (self.sink.http is None):
+            raise ValueError("set exactly one of payloads.sink.mlflow, payloads.sink.http")
+        return self
+
+
+class Monitoring(_Model):
+    payloads: Payloads | None = Field(None, description="Payload logging; unset: off.")
+
+
 class Placement(_Model):
     cluster: str = Field(
         ...,
@@ -484,6 +556,7 @@ class RegisteredModelServingSpec(_Model):
     )
     rollout: Rollout = Field(default_factory=Rollout, json_schema_extra=_DEFAULT_EMPTY)
     paused: bool = Field(False, description="Stop rollouts; the serving version stays as it is.")
+    monitoring: Monitoring = Field(default_factory=Monitoring, json_schema_extra=_DEFAULT_EMPTY)
     placement: Placement | None = Field(
         None, description="Share a Ray cluster with other resources (unset: a RayService of its own)."
     )

@@ -158,3 +158,56 @@ def test_tracking_uri_with_credentials_refused(
     assert error.value.status == 422
     assert refused in str(error.value.body)
     assert "secret" not in str(error.value.body).replace("Secret", "")  # the refusal does not echo it
+
+
+def _monitored(payloads: dict[str, Any]) -> dict[str, Any]:
+    resource = _resource({})
+    resource["spec"]["monitoring"] = {"payloads": payloads}
+    return resource
+
+
+@pytest.mark.parametrize(
+    ("payloads", "message"),
+    [
+        ({"sampleRate": 1.5}, "should be less than or equal to 1"),
+        ({"sampleRate": -0.1}, "should be greater than or equal to 0"),
+        # An unknown sink is pruned by the API server, which leaves none.
+        (
+            {"sampleRate": 0.1, "sink": {"kafka": {}}},
+            "set exactly one of payloads.sink.mlflow, payloads.sink.http",
+        ),
+        ({"sampleRate": 0.1, "sink": {}}, "set exactly one of payloads.sink.mlflow, payloads.sink.http"),
+        (
+            {"sampleRate": 0.1, "sink": {"mlflow": {}, "http": {"url": "http://receiver"}}},
+            "set exactly one of payloads.sink.mlflow, payloads.sink.http",
+        ),
+        (
+            {"sampleRate": 0.1, "sink": {"http": {"url": "ftp://receiver"}}},
+            "spec.monitoring.payloads.sink.http.url",
+        ),
+        ({"sampleRate": 0.1, "include": ["headers"]}, "Unsupported value"),
+        ({"sampleRate": 0.1, "maxRecordBytes": 10}, "should be greater than or equal to 1024"),
+    ],
+)
+def test_payload_logging_refused(
+    kube_api: client.ApiClient, kube_namespace: str, payloads: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, PLURAL, _monitored(payloads), dry_run="All"
+        )
+    assert refused.value.status in (400, 422)
+    assert message in str(refused.value.body)
+
+
+def test_payload_logging_defaults_to_the_mlflow_sink(kube_api: client.ApiClient, kube_namespace: str) -> None:
+    created = client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        GROUP, VERSION, kube_namespace, PLURAL, _monitored({"sampleRate": 0.25}), dry_run="All"
+    )
+    payloads = created["spec"]["monitoring"]["payloads"]
+    assert payloads == {
+        "sampleRate": 0.25,
+        "include": ["inputs", "outputs"],
+        "maxRecordBytes": 65536,
+        "sink": {"mlflow": {}},
+    }

@@ -14,6 +14,7 @@ class CountingProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.counts: collections.Counter[str] = collections.Counter()
+        self.down = False  # answer 503 to everything, as a server that is going away does
         self._lock = threading.Lock()
         proxy = self
 
@@ -23,6 +24,11 @@ class CountingProxy:
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
                     proxy.counts[self.path.split("?")[0]] += 1
+                if proxy.down:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 headers = {
                     k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
                 }

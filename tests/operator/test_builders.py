@@ -434,3 +434,79 @@ def test_hardening_survives_callers_changing_the_pods() -> None:
     assert again["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000
     worker = again["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "payloads", "headers_env"),
+    [
+        ({}, None, None),
+        (
+            {"payloads": {"sampleRate": 0.1}},
+            {
+                "sample_rate": 0.1,
+                "include": ["inputs", "outputs"],
+                "max_record_bytes": 65536,
+                "experiment": "regserve/ml/translator",
+                "namespace": "ml",
+                "resource": "translator",
+            },
+            None,
+        ),
+        (
+            {
+                "payloads": {
+                    "sampleRate": 1,
+                    "include": ["outputs"],
+                    "sink": {"http": {"url": "http://receiver.ml/events"}},
+                }
+            },
+            {
+                "sample_rate": 1.0,
+                "include": ["outputs"],
+                "max_record_bytes": 65536,
+                "experiment": "regserve/ml/translator",
+                "namespace": "ml",
+                "resource": "translator",
+                "cloudevents": {"url": "http://receiver.ml/events"},
+            },
+            None,
+        ),
+        (
+            {
+                "payloads": {
+                    "sampleRate": 0.5,
+                    "sink": {
+                        "http": {
+                            "url": "https://receiver.ml/events",
+                            "headersSecretRef": {"name": "sink", "key": "headers"},
+                        }
+                    },
+                }
+            },
+            {
+                "sample_rate": 0.5,
+                "include": ["inputs", "outputs"],
+                "max_record_bytes": 65536,
+                "experiment": "regserve/ml/translator",
+                "namespace": "ml",
+                "resource": "translator",
+                "cloudevents": {"url": "https://receiver.ml/events", "headers_env": b.PAYLOAD_HEADERS_ENV},
+            },
+            {
+                "name": b.PAYLOAD_HEADERS_ENV,
+                "valueFrom": {"secretKeyRef": {"name": "sink", "key": "headers"}},
+            },
+        ),
+    ],
+    ids=["off", "mlflow-sink", "cloudevents", "cloudevents-with-headers"],
+)
+def test_payload_logging_reaches_the_app_and_the_pods(
+    monitoring: dict[str, Any], payloads: dict[str, Any] | None, headers_env: dict[str, Any] | None
+) -> None:
+    body = _build(make_spec(monitoring=monitoring))
+    args = _app(body)["args"]
+    assert args.get("monitoring", {}).get("payloads") == payloads
+    AppArgs.model_validate(args)  # the app takes what the operator writes
+    (container,) = body["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    written = [e for e in container["env"] if e["name"] == b.PAYLOAD_HEADERS_ENV]
+    assert written == ([headers_env] if headers_env else [])

@@ -1,0 +1,1 @@
+"""What each version receives and answers, sent back to MLflow or to a CloudEvents receiver."""

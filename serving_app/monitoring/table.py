@@ -1,0 +1,177 @@
+"""Payload records as an Arrow table: one row per input row, the request's fields repeated, the inputs
+and outputs as the signature's columns with the signature's types (so every file of a version has
+the same schema and a partitioned dataset reads back with pandas, DuckDB or Spark as it is).
+Inputs the signature does not describe as columns (tensors, no signature) go in as JSON text."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from serving_app.monitoring.records import PayloadRecord
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "boolean": pa.bool_(),
+    "integer": pa.int32(),
+    "long": pa.int64(),
+    "float": pa.float32(),
+    "double": pa.float64(),
+    "string": pa.string(),
+    "binary": pa.binary(),
+    "datetime": pa.timestamp("us"),
+}
+
+REQUEST_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("request_id", pa.string()),
+    ("time", pa.timestamp("ms", tz="UTC")),
+    ("model", pa.string()),
+    ("version", pa.string()),
+    ("choice", pa.string()),
+    ("route", pa.string()),
+    ("status", pa.int32()),
+    ("error_code", pa.string()),
+    ("latency_ms", pa.float64()),
+    ("row", pa.int32()),  # the row's place in its request; null when the request had no rows
+    ("truncated", pa.bool_()),
+)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A version's input and output columns with their Arrow types (empty: not column-shaped)."""
+
+    inputs: tuple[tuple[str, pa.DataType], ...]
+    outputs: tuple[tuple[str, pa.DataType], ...]
+
+
+def signature_columns(signature: Any) -> Columns:
+    return Columns(
+        _schema_columns(getattr(signature, "inputs", None)),
+        _schema_columns(getattr(signature, "outputs", None)),
+    )
+
+
+def _schema_columns(schema: Any) -> tuple[tuple[str, pa.DataType], ...]:
+    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+        return ()
+    columns = []
+    for name, mlflow_type in zip(schema.input_names(), schema.input_types(), strict=True):
+        # Arrays, objects and maps have no flat column type: JSON text.
+        arrow_type = _ARROW_TYPES.get(getattr(mlflow_type, "name", ""), pa.string())
+        columns.append((str(name), arrow_type))
+    return tuple(columns)
+
+
+def arrow_schema(columns: Columns, *, inputs: bool, outputs: bool) -> pa.Schema:
+    fields = [pa.field(name, kind) for name, kind in REQUEST_FIELDS]
+    if inputs:
+        fields += [pa.field(f"input_{name}", kind) for name, kind in columns.inputs]
+        fields.append(pa.field("inputs_json", pa.string()))
+    if outputs:
+        fields += [pa.field(f"output_{name}", kind) for name, kind in columns.outputs]
+        fields.append(pa.field("outputs_json", pa.string()))
+    return pa.schema(fields)
+
+
+def plain(value: Any) -> Any:
+    """A value as JSON has it: numpy scalars and arrays, pandas frames and NaN made plain."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.ndarray):
+        return [plain(item) for item in value.tolist()]
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):  # a DataFrame
+        return plain(value.to_dict(orient="list"))
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(plain(value), default=str, separators=(",", ":"))
+
+
+def _input_rows(record: PayloadRecord, columns: Columns) -> tuple[list[dict[str, Any]], str | None]:
+    """The request's rows by input column, or (no rows, the input as JSON) when it has no columns."""
+    frame = record.model_input
+    if frame is None:
+        return [], None
+    if columns.inputs and hasattr(frame, "columns"):
+        names = [name for name, _ in columns.inputs if name in frame.columns]
+        data = {name: frame[name].tolist() for name in names}
+        return [{name: plain(data[name][i]) for name in names} for i in range(len(frame))], None
+    return [], _json(frame)
+
+
+def _output_fields(answer: Any, columns: Columns) -> tuple[dict[str, Any], str | None]:
+    if columns.outputs:
+        if isinstance(answer, dict) and all(name in answer for name, _ in columns.outputs):
+            return {name: plain(answer[name]) for name, _ in columns.outputs}, None
+        if len(columns.outputs) == 1 and not isinstance(answer, dict | list):
+            return {columns.outputs[0][0]: plain(answer)}, None
+    return {}, _json(answer)
+
+
+def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterable[dict[str, Any]]:
+    request = {
+        "request_id": record.request_id,
+        "time": int(record.at * 1000),
+        "model": record.model,
+        "version": record.version,
+        "choice": record.choice,
+        "route": record.route,
+        "status": record.status,
+        "error_code": record.error_code,
+        "latency_ms": record.latency_ms,
+    }
+    inputs, inputs_json = _input_rows(record, columns)
+    outputs = record.outputs or []
+    count = max(len(inputs), len(outputs), 1)
+    budget = max_bytes - len(inputs_json or "")
+    truncated = budget < 0
+    if truncated:
+        inputs_json = None
+    rows: list[dict[str, Any]] = []
+    for index in range(count):
+        row: dict[str, Any] = {**request, "row": index if (inputs or outputs) else None}
+        if index < len(inputs):
+            row.update({f"input_{name}": value for name, value in inputs[index].items()})
+        if index == 0:
+            row["inputs_json"] = inputs_json
+        if index < len(outputs):
+            fields, as_json = _output_fields(outputs[index], columns)
+            row.update({f"output_{name}": value for name, value in fields.items()})
+            row["outputs_json"] = as_json
+        budget -= len(_json({k: v for k, v in row.items() if k.startswith(("input", "output"))}))
+        if budget < 0:
+            truncated = True
+            if not rows:  # not even one row fits: the request's fields alone
+                rows.append({k: v for k, v in row.items() if not k.startswith(("input", "output"))})
+            break
+        rows.append(row)
+    for row in rows:
+        row["truncated"] = truncated
+    return rows
+
+
+def payload_table(
+    records: Sequence[PayloadRecord], *, inputs: bool, outputs: bool, max_record_bytes: int
+) -> pa.Table:
+    """Records of one version (one signature) as one table; each record bounded by `max_record_bytes`
+    of inputs and outputs (the rows past it left out and the record's rows marked truncated)."""
+    columns = signature_columns(records[0].signature) if records else Columns((), ())
+    schema = arrow_schema(columns, inputs=inputs, outputs=outputs)
+    rows = [row for record in records for row in _rows_of(record, columns, max_record_bytes)]
+    names = set(schema.names)
+    return pa.Table.from_pylist([{k: v for k, v in row.items() if k in names} for row in rows], schema=schema)

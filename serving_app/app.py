@@ -43,8 +43,8 @@ from serving_app.errors import InvalidInput, ServingError
 from serving_app.invocations import enforce_signature, parse_invocation
 from serving_app.metrics import ServingMetrics
 from serving_app.mlmodel import RegistryAuth
+from serving_app.monitoring.monitor import replica_monitor
 from serving_app.monitoring.records import REQUEST_ID_HEADER
-from serving_app.monitoring.replica import replica_payloads, writer_id
 from serving_app.oip.handlers import OipHandlers
 from serving_app.registry import LoadedVersion, ModelRegistry, configure_process
 from serving_app.replica_rollout import ReplicaRollout
@@ -150,18 +150,19 @@ class ModelServer:
         app_name, replica_id = _replica_identity()
         self.counters = ReplicaCounters(replica_id)
         self.rollout = ReplicaRollout(self.service, self.counters, self.metrics)
-        self.payloads, self.payloads_problem = replica_payloads(
-            args.monitoring.payloads,
-            model=args.model_name,
-            tracking_uri=tracking_uri,
-            writer_id=writer_id(replica_id),
-            counter=self.metrics.payloads,
-        )
-        if self.payloads is not None:
-            self.rollout.payloads = self.payloads
-            self.payloads.start()
         self.board = BoardClient(app_name, self.counters)
         self._board_pusher = asyncio.get_running_loop().create_task(self.board.run())
+        self.monitor = replica_monitor(
+            args.monitoring,
+            model=args.model_name,
+            tracking_uri=tracking_uri,
+            replica_id=replica_id,
+            metrics=self.metrics,
+            board=self.board,
+        )
+        if self.monitor is not None:
+            self.rollout.monitor = self.monitor
+            self.monitor.start()
         self._routes: dict[str, RouteHandler] = {
             route.handler: getattr(self, route.handler) for route in routes.ROUTES
         }
@@ -241,9 +242,8 @@ class ModelServer:
 
     async def healthz(self, _request: Request, _rest: str) -> Response:
         health = self.service.health()
-        if self.payloads is not None or self.payloads_problem is not None:
-            figures = self.payloads.figures() if self.payloads is not None else {}
-            health["payloads"] = {**figures, "problem": self.payloads_problem}
+        if self.monitor is not None:
+            health["payloads"] = self.monitor.health()
         return http.json_response(health, status_code=200 if self.service.ready else 503)
 
     async def ping(self, _request: Request, _rest: str) -> Response:
@@ -269,6 +269,12 @@ class ModelServer:
         if self.token is not None:
             report = without_free_text(report)
         return http.json_response(report)
+
+    async def monitoring_report(self, _request: Request, _rest: str) -> Response:
+        # Open like /rollout (the operator reads it): counts, latency buckets, PSI per feature name.
+        if self.monitor is None:
+            return http.json_response({"enabled": False})
+        return http.json_response({"enabled": True, **await self.monitor.report()})
 
     async def metadata(self, request: Request, _rest: str) -> Response:
         if denied := self._denied(request):
@@ -304,8 +310,8 @@ class ModelServer:
 
     async def __del__(self) -> None:
         # Serve calls this on a graceful shutdown: what is queued is written once more.
-        if self.payloads is not None:
-            await self.payloads.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
 
     async def check_health(self) -> None:
         if not self.service.ready:
@@ -321,13 +327,12 @@ class ModelServer:
         stop_timing()  # a request that loads a version starts its own timer (`service.resolve`)
         state = self._assign(request, route)
         echo_id, capture = None, None
-        if self.payloads is not None and state is not None:
+        if self.monitor is not None and state is not None:
             # Ray's proxy gives every request an id (the client's `X-Request-Id` or its own) and echoes
             # it; one arriving without (another ingress) gets ours, echoed here.
             sent_id = request.headers.get(REQUEST_ID_HEADER)
-            request_id, capture = self.payloads.begin(sent_id, route)
-            echo_id = request_id if sent_id is None else None
-            state.payload = capture
+            capture = state.payload = self.monitor.begin(sent_id, route)
+            echo_id = capture.request_id if sent_id is None else None
         self.service.in_flight += 1
         try:
             http.check_token(request, self.token)
@@ -360,8 +365,8 @@ class ModelServer:
             self._finish(state, response, started)
         if echo_id is not None:
             response.headers[REQUEST_ID_HEADER] = echo_id
-        if capture is not None and state is not None and self.payloads is not None:
-            self.payloads.finish(
+        if capture is not None and state is not None and self.monitor is not None:
+            self.monitor.finish(
                 capture,
                 version=state.version,
                 choice=state.choice,

@@ -55,6 +55,7 @@ class RolloutBoard:
     def __init__(self, stale_after_s: float = STALE_AFTER_S) -> None:
         self._stale_after_s = stale_after_s
         self._snapshots: dict[str, dict[str, tuple[float, ReplicaSnapshot]]] = {}
+        self._windows: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
 
     def push(self, app: str, snapshot: ReplicaSnapshot) -> None:
         self._snapshots.setdefault(app, {})[snapshot.replica] = (time.monotonic(), snapshot)
@@ -73,6 +74,21 @@ class RolloutBoard:
 
     def report(self, app: str) -> dict[str, Any]:
         return rollout_report(self.snapshots(app))
+
+    def push_window(self, app: str, replica: str, wire: dict[str, Any]) -> None:
+        """A replica's last completed monitoring window (`serving_app.monitoring.window`)."""
+        self._windows.setdefault(app, {})[replica] = (time.monotonic(), wire)
+
+    def windows(self, app: str) -> list[dict[str, Any]]:
+        # A window is pushed once when it completes: kept for two windows' time, then it is old news.
+        kept = self._windows.get(app, {})
+        for replica in [
+            r for r, (at, wire) in kept.items() if time.monotonic() - at > 2 * wire["window_s"] + 10
+        ]:
+            del kept[replica]
+        if not kept:
+            self._windows.pop(app, None)
+        return [wire for _, wire in kept.values()]
 
 
 class BoardClient:
@@ -114,6 +130,12 @@ class BoardClient:
         changes = self.counters.changes
         await self._call("push", self.app, self.counters.snapshot())
         self._pushed_changes, self._pushed_at = changes, time.monotonic()
+
+    async def push_window(self, wire: dict[str, Any]) -> None:
+        await self._call("push_window", self.app, self.counters.replica, wire)
+
+    async def windows(self) -> list[dict[str, Any]]:
+        return list(await self._call("windows", self.app))
 
     async def report(self) -> dict[str, Any]:
         self._engaged = True

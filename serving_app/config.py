@@ -69,10 +69,26 @@ class PayloadArgs(BaseModel):
     flush_interval_s: float = Field(default=5.0, gt=0.0, le=300.0)
 
 
+class DriftArgs(BaseModel):
+    """Input and prediction drift against each version's reference (docs/monitoring.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_rows: int = Field(default=200, ge=1, le=10_000_000)
+    psi_threshold: float = Field(default=0.2, gt=0.0, le=10.0)
+
+
 class MonitoringArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     payloads: PayloadArgs | None = None
+    drift: DriftArgs | None = None
+    # Per-version figures (requests, errors, latency, drift) are kept in windows of this length.
+    window_s: float = Field(default=300.0, ge=1.0, le=86400.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.payloads is not None or self.drift is not None
 
 
 class AppArgs(BaseModel):

@@ -16,7 +16,7 @@ from serving_app.config import Candidate
 from serving_app.counters import ReplicaCounters, RolloutKey, ShadowOutcome, SmokeResult
 from serving_app.errors import ServingError
 from serving_app.metrics import ServingMetrics
-from serving_app.monitoring.replica import ReplicaPayloads
+from serving_app.monitoring.monitor import ReplicaMonitor
 from serving_app.registry import LoadedVersion
 from serving_app.rollout import RequestRollout, ShadowInput, decide
 from serving_app.service import ModelService, PredictJob
@@ -50,7 +50,7 @@ class ReplicaRollout:
         self._smoke_version: str | None = None  # the candidate being (or last) smoke-tested here
         self._smoke_task: asyncio.Future[None] | None = None  # its smoke test, while it runs
         self._random = random.Random()
-        self.payloads: ReplicaPayloads | None = None  # set by the deployment when payloads are logged
+        self.monitor: ReplicaMonitor | None = None  # set by the deployment when monitoring is on
 
     @property
     def phase(self) -> str:
@@ -153,11 +153,8 @@ class ReplicaRollout:
         state = self.service.request_rollout.get()
         capture = state.payload if state is not None else None
         if capture is not None:
-            capture.model_input, capture.rows, capture.signature = (
-                job.model_input,
-                job.rows,
-                job.loaded.signature,
-            )
+            capture.model_input, capture.rows = job.model_input, job.rows
+            capture.signature, capture.model = job.loaded.signature, job.loaded.model
         if state is None or not state.decision.shadow or state.pinned:
             answer = await predict(job)
         elif self.shadows.in_flight >= self.shadows.limit:
@@ -208,14 +205,15 @@ class ReplicaRollout:
         else:
             outcome = "agree" if answers_agree(shadow.stable_answer, result) else "disagree"
         self._count_shadow(candidate.version, outcome, latency_ms)
-        if shadow.payload is not None and self.payloads is not None:
+        if shadow.payload is not None and self.monitor is not None:
             failed = isinstance(result, BaseException)
-            self.payloads.shadow(
+            self.monitor.shadow(
                 shadow.payload,
                 version=candidate.version,
                 outputs=None if failed else result,
                 error=failed,
                 latency_ms=latency_ms,
+                signature=candidate.signature,
             )
 
     def _count_shadow(self, version: str, outcome: ShadowOutcome, latency_ms: float) -> None:

@@ -50,6 +50,12 @@ ROUTES = (
         "The rollout's figures summed over every replica (docs/rollouts.md)",
     ),
     Route(
+        "/monitoring",
+        frozenset({"GET"}),
+        "monitoring_report",
+        "Per-version figures and drift of the last completed window, summed over every replica",
+    ),
+    Route(
         "/metadata", frozenset({"GET"}), "metadata", "Model, default version, signature and loaded versions"
     ),
     # MLflow's scoring server's own routes, answered as it answers them (`mlflow models serve`).

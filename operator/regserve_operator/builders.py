@@ -114,6 +114,18 @@ def route_prefix(owner_name: str, serving: s.Serving) -> str:
     return serving.route_prefix or f"/{owner_name}"
 
 
+def monitoring_args(owner: Owner, monitoring: s.Monitoring) -> dict[str, Any]:
+    args: dict[str, Any] = {"window_s": float(monitoring.window_seconds)}
+    if monitoring.payloads is not None:
+        args["payloads"] = payload_args(owner, monitoring.payloads)
+    if monitoring.drift is not None:
+        args["drift"] = {
+            "min_rows": monitoring.drift.min_rows,
+            "psi_threshold": monitoring.drift.psi_threshold,
+        }
+    return args
+
+
 def payload_args(owner: Owner, payloads: s.Payloads) -> dict[str, Any]:
     sink: dict[str, Any] = {}
     if payloads.sink.http is not None:
@@ -144,8 +156,8 @@ def app_args(spec: s.RegisteredModelServingSpec, owner: Owner | None = None) -> 
         fields["auth_token_env"] = AUTH_TOKEN_ENV
     if serving.hide_schema_in_errors:
         fields["expose_schema_in_errors"] = False
-    if spec.monitoring.payloads is not None and owner is not None:
-        fields["monitoring"] = {"payloads": payload_args(owner, spec.monitoring.payloads)}
+    if owner is not None and spec.monitoring.enabled:
+        fields["monitoring"] = monitoring_args(owner, spec.monitoring)
     return AppArgs(**fields).model_dump(exclude_unset=True)
 
 

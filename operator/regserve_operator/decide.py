@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from regserve_operator import conditions as c
+from regserve_operator import monitoring as m
 from regserve_operator import progressive as p
 from regserve_operator import rollout as r
 from regserve_operator import tags as t
@@ -96,6 +97,7 @@ class Observation:
     app: AppReport | None = None  # what the app reported (asked only while a rollout is judged)
     # The app's /rollout (asked only while a candidate is on).
     rollout: RolloutReport | RolloutUnsupported | None = None
+    monitoring: m.WindowReport | None = None  # the app's last completed window (spec.monitoring on)
     # The resources sharing the cluster this one names (`spec.placement`), itself among them.
     peers: tuple[Peer, ...] = ()
     # Versions an alias or stage of the model points to (read for `serving.pinning: Promoted` only;
@@ -149,6 +151,7 @@ class Outcome:
     requeue_after_s: float | None = None  # a retry is due then (e.g. after a registry outage)
     # Deployment state tags to write to the registry (`status.registryTags` already holds the result).
     tag_writes: list[t.TagWrite] = field(default_factory=list)
+    window_metrics: list[m.WindowMetrics] = field(default_factory=list)  # for the versions' MLflow runs
 
 
 @dataclass(frozen=True)
@@ -874,6 +877,7 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
         d.cond(c.ROLLOUT_IN_PROGRESS, "True", "NewCluster", "KubeRay is preparing a new RayCluster")
     else:
         d.cond(c.ROLLOUT_IN_PROGRESS, "False", "Idle", "")
+    _monitor(d)
     _plan_tags(d)
     st.observed_generation = d.inputs.generation
     if st != d.inputs.status:
@@ -881,6 +885,26 @@ def _finish(d: _Draft, svc: c.ServiceState | None) -> Outcome:
         # (10,000 resources at 30 s would otherwise be 333 status writes a second).
         st.revision = (st.revision or 0) + 1
     return d.out
+
+
+def _monitor(d: _Draft) -> None:
+    """A new window's figures in status, the InputDrift condition (one Event when it turns True), and
+    the metrics act logs to each version's MLflow run."""
+    monitoring = d.spec.monitoring
+    if not monitoring.enabled:
+        d.st.monitoring = None
+        return
+    judged = tuple(v for v in (d.st.serving_version, d.st.rollout_version) if v)
+    judgement = m.judge(monitoring, d.st.monitoring, d.observed.monitoring, judged)
+    if judgement is None:
+        return
+    d.st.monitoring = judgement.status
+    d.out.window_metrics = list(judgement.metrics)
+    condition = judgement.condition
+    if condition is not None:
+        turned = d.cond(m.INPUT_DRIFT, condition.status, condition.reason, condition.message)
+        if turned and condition.status == "True":
+            d.event("Warning", "InputDrift", condition.message)
 
 
 def _plan_tags(d: _Draft) -> None:

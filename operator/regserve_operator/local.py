@@ -34,6 +34,7 @@ from regserve_operator.driver import Driver
 from regserve_operator.local_client import SESSION_ENV, LocalSession, session_path
 from regserve_operator.local_control import control_server, refuse_if_live, session_file
 from regserve_operator.local_ray import LocalCluster, ensure_ray, wanted_ingress_mode
+from regserve_operator.monitoring import probe_monitoring
 from regserve_operator.probe import probe_app, probe_rollout
 from regserve_operator.reconcile import Deps
 from regserve_operator.registry import Registry
@@ -480,6 +481,7 @@ def make_session(
         settle_seconds=settle_seconds,
         probe=probe_app,
         rollout_probe=probe_rollout,
+        monitoring_probe=probe_monitoring,
     )
     reporter = Reporter(out=out)
     # As the operator's loop: one resource on a slow registry does not hold up the others' promotions.

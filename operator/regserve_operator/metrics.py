@@ -7,6 +7,8 @@ import urllib.parse
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from regserve_operator.spec import MonitoringStatus
+
 RECONCILES = Counter("regserve_reconciles_total", "Reconcile passes by result", ["result"])
 ROLLOUTS = Counter("regserve_rollouts_total", "Rollout transitions by outcome", ["outcome"])
 PROMOTION_LATENCY = Histogram(
@@ -46,6 +48,37 @@ def forget_rollout(namespace: str, name: str) -> None:
             ROLLOUT_PHASE.remove(namespace, name, each)
     with contextlib.suppress(KeyError):
         ROLLOUT_WEIGHT.remove(namespace, name)
+
+
+DRIFT_PSI = Gauge(
+    "regserve_drift_psi",
+    "Population stability index of a feature (or `prediction.<output>`) in the last window, by version",
+    ["resource_namespace", "resource", "version", "feature"],
+)
+WINDOW_REQUESTS = Gauge(
+    "regserve_window_requests",
+    "Requests a version answered in the last completed monitoring window",
+    ["resource_namespace", "resource", "version"],
+)
+
+
+def record_monitoring(namespace: str, name: str, monitoring: MonitoringStatus | None) -> None:
+    """The last window's figures; the previous window's series of this resource go."""
+    for gauge in (DRIFT_PSI, WINDOW_REQUESTS):
+        for labels in [key for key in _series(gauge) if key[:2] == (namespace, name)]:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+    for figures in (monitoring.versions or []) if monitoring is not None else []:
+        WINDOW_REQUESTS.labels(namespace, name, figures.version).set(figures.requests)
+        for feature, psi in (figures.input_psi or {}).items():
+            DRIFT_PSI.labels(namespace, name, figures.version, feature).set(psi)
+        for output, psi in (figures.prediction_psi or {}).items():
+            DRIFT_PSI.labels(namespace, name, figures.version, f"prediction.{output}").set(psi)
+
+
+def _series(gauge: Gauge) -> list[tuple[str, ...]]:
+    # prometheus_client keeps a labelled metric's children by their label values.
+    return [tuple(labels) for labels in gauge._metrics]
 
 
 def record_poll(server: str, seconds: float, ok: bool) -> None:

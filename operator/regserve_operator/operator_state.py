@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from regserve_operator import metrics, probe
+from regserve_operator import metrics, monitoring, probe
 from regserve_operator import spec as s
 from regserve_operator.allocator import TRIM_AFTER_RESOURCES, release_free_heap
 from regserve_operator.builders import BuildDefaults, Owner
@@ -123,6 +123,7 @@ def build_state(settings: Settings) -> State:
         settle_seconds=settings.settle_seconds,
         probe=probe.probe_app if settings.probes_serving else None,
         rollout_probe=probe.probe_rollout if settings.probes_serving else None,
+        monitoring_probe=monitoring.probe_monitoring if settings.probes_serving else None,
         policy=settings.policy(),
     )
     return State(
@@ -172,6 +173,7 @@ def forget(state: State, key: Key, body: Mapping[str, Any]) -> None:
     if state.writes is not None:
         state.writes.forget(key)
     metrics.forget_rollout(namespace, name)
+    metrics.record_monitoring(namespace, name, None)
     cluster = ((body.get("spec") or {}).get("placement") or {}).get("cluster")
     if cluster:
         # The other members drop its application at their next pass: make that now, not a poll later.
@@ -214,6 +216,7 @@ def handle(
         return {}
     _record(outcome)
     metrics.record_rollout(namespace, name, outcome.status.rollout_phase, outcome.status.rollout_weight)
+    metrics.record_monitoring(namespace, name, outcome.status.monitoring)
     return status_patch(raw_status, s.status_to_wire(outcome.status))
 
 

@@ -129,6 +129,29 @@ class RegistryPort(Protocol):
         Raise RegistryRefused (401/403) or RegistryUnreachable."""
         ...
 
+    def log_window_metrics(
+        self,
+        tracking_uri: str,
+        credentials: Credentials,
+        run: VersionRunRef,
+        metrics: Mapping[str, float],
+        timestamp_ms: int,
+        step: int,
+    ) -> None:
+        """Log one window's figures on a served version's run (found by its tag, or created).
+        Raise RegistryError when the tracking server refuses or cannot be reached."""
+        ...
+
+
+@dataclass(frozen=True)
+class VersionRunRef:
+    """Which run: the resource's experiment, and the served version's run in it."""
+
+    experiment: str
+    model: str
+    resource: str
+    version: str
+
 
 # ------------------------------------------------------------------------------------------- target
 

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from regserve_operator import conditions as c
 from regserve_operator.builders import BuildDefaults, Owner, rayservice_name, route_prefix
@@ -35,6 +36,7 @@ from regserve_operator.decide import (
     wants_app_report,
     wants_rollout_report,
 )
+from regserve_operator.monitoring import MonitoringProbe
 from regserve_operator.policy import OFF, Policy, violations
 from regserve_operator.ports import (
     Credentials,
@@ -43,6 +45,7 @@ from regserve_operator.ports import (
     RegistryPort,
     Target,
     TargetConflict,
+    VersionRunRef,
 )
 from regserve_operator.probe import Probe, RolloutProbe
 from regserve_operator.schedule import Key, Scheduler
@@ -68,6 +71,8 @@ class Deps:
     # asks the app how the candidate fares (None: a candidate never gets a verdict, so never promoted)
     rollout_probe: RolloutProbe | None = None
     policy: Policy = OFF  # the platform team's limits (settings); local mode has none
+    # asks the app for its last completed monitoring window (None: spec.monitoring gets no figures)
+    monitoring_probe: MonitoringProbe | None = None
 
 
 def reconcile(
@@ -148,12 +153,16 @@ def gather(
         app = deps.probe(url)
     if deps.rollout_probe is not None and wants_rollout_report(status, existing, owner.name):
         report = deps.rollout_probe(url)
+    window = None
+    if deps.monitoring_probe is not None and spec.monitoring.enabled and _running(existing, owner.name):
+        window = deps.monitoring_probe(url)
     observed = Observation(
         url=url,
         existing=existing,
         resolved=resolved,
         app=app,
         rollout=report,
+        monitoring=window,
         peers=peers,
         promoted=promoted,
         ignored_credential_keys=ignored,
@@ -184,7 +193,33 @@ def act(decision: Outcome, inputs: Inputs, deps: Deps, credentials: Credentials 
             return Outcome(status=inputs.status, in_flight=True)
     if decision.tag_writes:
         write_tags(decision, inputs, deps, credentials or Credentials())
+    if decision.window_metrics:
+        log_window_metrics(decision, inputs, deps, credentials or Credentials())
     return decision
+
+
+def log_window_metrics(decision: Outcome, inputs: Inputs, deps: Deps, credentials: Credentials) -> None:
+    """Each version's window figures on its MLflow run. Best effort: a tracking server that refuses or
+    is away costs that window's points (logged as a warning), never the pass."""
+    spec, owner = inputs.spec, inputs.owner
+    for window in decision.window_metrics:
+        run = VersionRunRef(
+            experiment=f"regserve/{owner.namespace}/{owner.name}",
+            model=spec.model.name,
+            resource=f"{owner.namespace}/{owner.name}",
+            version=window.version,
+        )
+        try:
+            deps.registry.log_window_metrics(
+                spec.registry.tracking_uri, credentials, run, window.metrics, window.timestamp_ms, window.step
+            )
+        except RegistryError as exc:
+            log.warning("%s/%s: window metrics not logged: %s", owner.namespace, owner.name, exc)
+            return
+
+
+def _running(existing: dict[str, Any] | None, app: str) -> bool:
+    return c.read_service_state(existing, app).running
 
 
 def write_tags(decision: Outcome, inputs: Inputs, deps: Deps, credentials: Credentials) -> None:

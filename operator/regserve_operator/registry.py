@@ -32,10 +32,18 @@ from typing import Any
 import httpx
 
 from regserve_operator.pinning import promoted_versions
-from regserve_operator.ports import Credentials, ModelFacts, NotFound, RegistryRefused, RegistryUnreachable
+from regserve_operator.ports import (
+    Credentials,
+    ModelFacts,
+    NotFound,
+    RegistryRefused,
+    RegistryUnreachable,
+    VersionRunRef,
+)
 from regserve_operator.spec import ModelSelector
 from serving_app import mlmodel, mlmodel_client
 from serving_app.mlmodel import Deadline, SharedTransport, bounded_request, redirect_note
+from serving_app.monitoring.mlflow_sink import RESOURCE_TAG, SinkRefused, TrackingRest, version_run
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +536,36 @@ class Registry:
                 f"{tracking_uri}: tag write answered HTTP {response.status_code}"
                 f"{redirect_note(response.status_code)}"
             )
+
+    def log_window_metrics(
+        self,
+        tracking_uri: str,
+        credentials: Credentials,
+        run: VersionRunRef,
+        metrics: Mapping[str, float],
+        timestamp_ms: int,
+        step: int,
+    ) -> None:
+        """One window's figures on the version's run, over MLflow's REST API with the resource's
+        credentials (bounded per call like every other request)."""
+        with credentials.registry_auth.client(tracking_uri, self._transport_for(credentials)) as client:
+            rest = TrackingRest(client)
+            try:
+                experiment_id = rest.experiment_id(run.experiment, {RESOURCE_TAG: run.resource})
+                found = version_run(rest, experiment_id, run.model, run.resource, run.version)
+                rest.log_batch(found.run_id, metrics, timestamp_ms, step)
+            except SinkRefused as exc:
+                if exc.code in ("401", "403", "PERMISSION_DENIED", "UNAUTHENTICATED"):
+                    raise RegistryRefused(
+                        f"{tracking_uri}: metrics of version {run.version} refused"
+                    ) from exc
+                raise RegistryUnreachable(
+                    f"{tracking_uri}: metrics of version {run.version}: {exc.code}"
+                ) from exc
+            except (mlmodel.Unreachable, httpx.HTTPError) as exc:
+                raise RegistryUnreachable(
+                    f"{tracking_uri}: metrics not logged ({type(exc).__name__})"
+                ) from exc
 
     def close(self) -> None:
         with self._shared_lock:

@@ -456,6 +456,7 @@ class Rollout(_Model):
     )
 
 
+DEFAULT_WINDOW_SECONDS = 300
 PayloadPart = Literal["inputs", "outputs"]
 PAYLOAD_PARTS: tuple[PayloadPart, ...] = ("inputs", "outputs")
 
@@ -524,8 +525,42 @@ class Payloads(_Model):
         return self
 
 
+class Drift(_Model):
+    """Input and prediction drift of live traffic against each version's own reference, per window."""
+
+    reference: Literal["training"] = Field(
+        "training",
+        description=(
+            "The training dataset logged on the version's run (`mlflow.log_input`, context training), "
+            "else its input example (a weak reference, said in status)."
+        ),
+    )
+    window_seconds: int = Field(
+        300, ge=10, le=86400, description="Figures are computed, and drift judged, once per window."
+    )
+    min_rows: int = Field(200, ge=1, le=10_000_000, description="Fewer rows in a window give no verdict.")
+    psi_threshold: float = Field(
+        0.2, gt=0.0, le=10.0, description="A feature whose population stability index is over this drifted."
+    )
+
+
 class Monitoring(_Model):
     payloads: Payloads | None = Field(None, description="Payload logging; unset: off.")
+    drift: Drift | None = Field(
+        None,
+        description=(
+            "Per-version figures (requests, error rate, p50/p95 latency) and drift per window, in status, "
+            "Prometheus and the version's MLflow run; unset: off."
+        ),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.payloads is not None or self.drift is not None
+
+    @property
+    def window_seconds(self) -> int:
+        return self.drift.window_seconds if self.drift is not None else DEFAULT_WINDOW_SECONDS
 
 
 class Placement(_Model):
@@ -651,6 +686,29 @@ class Sizing(_Model):
     basis: str = ""  # fingerprint of the spec fields sizing depends on (shrink only when they change)
 
 
+class VersionFigures(_Model):
+    """One version's figures in the last completed window, summed over every replica."""
+
+    version: str
+    requests: int = 0
+    error_rate: float = 0.0  # share answered 5xx
+    p50_ms: float | None = None  # the upper bound of the latency bucket holding the median
+    p95_ms: float | None = None
+    rows: int | None = None  # rows counted for drift
+    reference: str | None = None  # training, inputExample (a weak reference), none, loading, unavailable
+    reference_note: str | None = None
+    input_psi: dict[str, float] | None = None  # the features with the highest PSI
+    drifted: list[str] | None = None
+    prediction_psi: dict[str, float] | None = None
+    predictions_drifted: list[str] | None = None
+
+
+class MonitoringStatus(_Model):
+    window_end: str | None = None  # the end of the last window judged (ISO 8601)
+    window_seconds: int | None = None
+    versions: list[VersionFigures] | None = None
+
+
 class RegisteredModelServingStatus(_Model):
     model_config = ConfigDict(extra="allow")  # kopf keeps its own bookkeeping in status
 
@@ -676,6 +734,7 @@ class RegisteredModelServingStatus(_Model):
     rollout_stages: list[StageRecord] | None = None
     # The deployment state tags (tags.py) as last written to the registry: version → value.
     registry_tags: dict[str, str] | None = None
+    monitoring: MonitoringStatus | None = None  # spec.monitoring's figures and drift (docs/monitoring.md)
     history: list[HistoryEntry] | None = None
     conditions: list[Condition] | None = None
     observed_generation: int | None = None

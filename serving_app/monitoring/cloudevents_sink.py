@@ -127,7 +127,13 @@ class CloudEventsSink:
         gate = asyncio.Semaphore(CONCURRENT_POSTS)
 
         async def post(headers: dict[str, str], body: bytes) -> None:
-            async with gate, session.post(self.url, data=body, headers={**self.headers, **headers}) as answer:
+            # No redirects: the Secret's headers go to the receiver named in the spec and nowhere else.
+            async with (
+                gate,
+                session.post(
+                    self.url, data=body, headers={**self.headers, **headers}, allow_redirects=False
+                ) as answer,
+            ):
                 await answer.read()
                 if answer.status >= 300:
                     raise aiohttp.ClientResponseError(

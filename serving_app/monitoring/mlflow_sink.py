@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pyarrow.parquet as pq
 
+from serving_app.mlmodel import Deadline, HasStatus, bounded_request
 from serving_app.monitoring.records import PayloadRecord
 from serving_app.monitoring.table import payload_table
 
@@ -39,6 +40,7 @@ RESOURCE_TAG = "regserve.resource"
 PAYLOADS_DIR = "payloads"
 PROXIED_SCHEME = "mlflow-artifacts:"
 _API = "/api/2.0/mlflow"
+CALL_DEADLINE_S = 15.0
 
 
 class SinkRefused(RuntimeError):
@@ -86,15 +88,34 @@ class TrackingRest:
     def __init__(self, client: httpx.Client) -> None:
         self.client = client
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        answer = self.client.request(method, path, **kwargs)
+    def _call(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, json: Any = None
+    ) -> dict[str, Any]:
+        # Bounded in time and size: a tracking server that trickles or floods gets nowhere.
+        answer = bounded_request(
+            self.client,
+            method,
+            path,
+            label=path,
+            deadline=Deadline.after(CALL_DEADLINE_S),
+            params=params,
+            body=json,
+        )
+        return self._parsed(answer)
+
+    @staticmethod
+    def _parsed(answer: HasStatus) -> dict[str, Any]:
         if answer.status_code >= 400:
             try:
                 code = str(answer.json().get("error_code") or answer.status_code)
-            except ValueError:
+            except (ValueError, AttributeError):
                 code = str(answer.status_code)
-            raise SinkRefused(code)
-        return dict(answer.json()) if answer.content else {}
+            raise SinkRefused(code[:64])
+        try:
+            parsed = answer.json()
+        except ValueError:  # an empty answer (an upload's)
+            return {}
+        return dict(parsed) if isinstance(parsed, dict) else {}
 
     def experiment_id(self, name: str, tags: dict[str, str]) -> str:
         try:
@@ -136,8 +157,36 @@ class TrackingRest:
         body = {"name": model, "version": version, "key": key, "value": value}
         self._call("POST", f"{_API}/model-versions/set-tag", json=body)
 
+    def log_batch(self, run_id: str, metrics: Mapping[str, float], timestamp_ms: int, step: int) -> None:
+        body = {
+            "run_id": run_id,
+            "metrics": [
+                {"key": key, "value": value, "timestamp": timestamp_ms, "step": step}
+                for key, value in metrics.items()
+            ],
+        }
+        self._call("POST", f"{_API}/runs/log-batch", json=body)
+
     def upload(self, path: str, content: bytes) -> None:
-        self._call("PUT", path, content=content, headers={"Content-Type": "application/octet-stream"})
+        answer = self.client.request(
+            "PUT", path, content=content, headers={"Content-Type": "application/octet-stream"}
+        )
+        self._parsed(answer)
+
+
+def version_run(rest: TrackingRest, experiment_id: str, model: str, resource: str, version: str) -> RunInfo:
+    """The run of one served version in the resource's experiment, found by its tag or created. Two
+    processes creating it at once both end up with the older run; the other is deleted."""
+    runs = rest.runs_tagged(experiment_id, VERSION_TAG, version)
+    if runs:
+        return oldest(runs)
+    created = rest.create_run(
+        experiment_id, f"{model} v{version}", {VERSION_TAG: version, MODEL_TAG: model, RESOURCE_TAG: resource}
+    )
+    chosen = oldest(rest.runs_tagged(experiment_id, VERSION_TAG, version) or [created])
+    if chosen.run_id != created.run_id:
+        rest.delete_run(created.run_id)
+    return chosen
 
 
 class MlflowPayloadSink:
@@ -210,17 +259,7 @@ class MlflowPayloadSink:
     def _find_or_create_run(self, version: str) -> RunInfo:
         if self._experiment_id is None:
             self._experiment_id = self.rest.experiment_id(self.experiment, {RESOURCE_TAG: self.resource})
-        runs = self.rest.runs_tagged(self._experiment_id, VERSION_TAG, version)
-        if runs:
-            return oldest(runs)
-        created = self.rest.create_run(
-            self._experiment_id,
-            f"{self.model} v{version}",
-            {VERSION_TAG: version, MODEL_TAG: self.model, RESOURCE_TAG: self.resource},
-        )
-        chosen = oldest(self.rest.runs_tagged(self._experiment_id, VERSION_TAG, version) or [created])
-        if chosen.run_id != created.run_id:
-            self.rest.delete_run(created.run_id)
+        chosen = version_run(self.rest, self._experiment_id, self.model, self.resource, version)
         if self.version_tag is not None:
             try:
                 self.rest.set_version_tag(self.model, version, self.version_tag, f"runs:/{chosen.run_id}")

@@ -49,6 +49,10 @@ class PayloadCapture:
     outputs: list[Any] | None = None
     signature: Any = None  # the answering version's MLflow signature: the columns' names and types
     error_code: str | None = None
+    sampled: bool = True  # logged as a payload record (the window figures count every request)
+    model: Any = field(
+        default=None, repr=False
+    )  # the answering version's model (its reference is profiled with it)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,6 @@ from serving_app.monitoring.records import (
     Choice,
     PayloadCapture,
     record_of,
-    request_id,
-    sampled,
 )
 from serving_app.monitoring.writer import PayloadLog, PayloadSink, WriterLimits
 
@@ -69,13 +67,6 @@ class ReplicaPayloads:
         """The replica's payload log for `/healthz`: queued now, totals by outcome, the sink's last error."""
         return {"queued": self.log.queued, **dict(self.log.totals), "last_error": self.log.last_error}
 
-    def begin(self, sent_id: str | None, route: str) -> tuple[str, PayloadCapture | None]:
-        """The request's id (echoed in the answer) and, when it is sampled, its capture."""
-        rid = request_id(sent_id)
-        if not sampled(rid, self.args.sample_rate):
-            return rid, None
-        return rid, PayloadCapture(rid, route)
-
     def finish(
         self, capture: PayloadCapture, *, version: str | None, choice: Choice, status: int, latency_ms: float
     ) -> None:
@@ -98,8 +89,10 @@ class ReplicaPayloads:
         outputs: list[Any] | None,
         error: bool,
         latency_ms: float,
+        signature: Any,
     ) -> None:
-        """The candidate's shadow answer, beside the stable one under the same request id."""
+        """The candidate's shadow answer, beside the stable one under the same request id (with the
+        candidate's own signature: its run's files have its columns)."""
         shadow = PayloadCapture(
             capture.request_id,
             capture.route,
@@ -107,7 +100,7 @@ class ReplicaPayloads:
             capture.model_input,
             capture.rows,
             outputs,
-            capture.signature,
+            signature,
             "prediction_failed" if error else None,
         )
         self.finish(

@@ -138,8 +138,8 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
     inputs, inputs_json = _input_rows(record, columns)
     outputs = record.outputs or []
     count = max(len(inputs), len(outputs), 1)
-    budget = max_bytes - len(inputs_json or "")
-    truncated = budget < 0
+    budget = max_bytes
+    truncated = len(inputs_json or "") > max_bytes
     if truncated:
         inputs_json = None
     rows: list[dict[str, Any]] = []
@@ -153,7 +153,7 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
             fields, as_json = _output_fields(outputs[index], columns)
             row.update({f"output_{name}": value for name, value in fields.items()})
             row["outputs_json"] = as_json
-        budget -= len(_json({k: v for k, v in row.items() if k.startswith(("input", "output"))}))
+        budget -= _size(row)
         if budget < 0:
             truncated = True
             if not rows:  # not even one row fits: the request's fields alone
@@ -165,6 +165,35 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
     return rows
 
 
+def _size(row: dict[str, Any]) -> int:
+    """What a row's inputs and outputs take: text by its length, anything else as JSON."""
+    values = [v for k, v in row.items() if k.startswith(("input", "output")) and v is not None]
+    return sum(len(v) if isinstance(v, str) else len(_json(v)) for v in values)
+
+
+def _column(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """`values` as an Arrow column of `kind`. Text columns take anything else as JSON text (arrays and
+    objects of a signature); a value that is not of the column's type becomes null, costing that value
+    only (MLflow enforces no output types, and a pinned version's input is enforced later)."""
+    if pa.types.is_string(kind):
+        values = [v if v is None or isinstance(v, str) else _json(v) for v in values]
+    elif pa.types.is_integer(kind):
+        # Arrow would truncate 1.5 to 1: a number nobody sent. Not a whole number: null.
+        values = [None if isinstance(v, float) and not v.is_integer() else v for v in values]
+    try:
+        return pa.array(values, type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        return pa.array([_scalar(v, kind) for v in values], type=kind)
+
+
+def _scalar(value: Any, kind: pa.DataType) -> Any:
+    try:
+        pa.array([value], type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        return None
+    return value
+
+
 def payload_table(
     records: Sequence[PayloadRecord], *, inputs: bool, outputs: bool, max_record_bytes: int
 ) -> pa.Table:
@@ -173,5 +202,6 @@ def payload_table(
     columns = signature_columns(records[0].signature) if records else Columns((), ())
     schema = arrow_schema(columns, inputs=inputs, outputs=outputs)
     rows = [row for record in records for row in _rows_of(record, columns, max_record_bytes)]
-    names = set(schema.names)
-    return pa.Table.from_pylist([{k: v for k, v in row.items() if k in names} for row in rows], schema=schema)
+    return pa.Table.from_arrays(
+        [_column([row.get(f.name) for row in rows], f.type) for f in schema], schema=schema
+    )

@@ -36,6 +36,7 @@ class WriterLimits:
     attempts: int = 5  # a batch the sink refused this many times is given up (counted sink_error)
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    final_drain_s: float = 10.0  # what stopping may spend writing what is left
 
 
 def next_backoff(previous: float | None, limits: WriterLimits) -> float:
@@ -82,7 +83,13 @@ class PayloadLog:
                 await asyncio.wait_for(self._wake.wait(), self.limits.flush_interval_s)
             self._wake.clear()
             await self.drain()
-        await self.drain(retry=False)
+        # Once more on the way out, within a bound: a replica's shutdown must not wait on a hung sink.
+        try:
+            await asyncio.wait_for(self.drain(retry=False), self.limits.final_drain_s)
+        except TimeoutError:
+            self._counted("sink_error", self.queued)
+            self._queue.clear()
+            self._writing = 0
 
     async def drain(self, *, retry: bool = True) -> None:
         """Write everything queued now, in batches; a failing sink is retried with back-off."""

@@ -1,0 +1,250 @@
+"""spec.monitoring, the operator's side (docs/monitoring.md): the app's last completed window (`GET
+/monitoring`, summed over replicas by the app) parsed into typed figures, and the pure judgement of a
+new window: the figures in status, the `InputDrift` condition naming the drifted features, one Event when
+it turns, and the metrics to log on each version's MLflow run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+
+from regserve_operator import probe
+from regserve_operator.spec import Monitoring, MonitoringStatus, VersionFigures
+
+INPUT_DRIFT = "InputDrift"
+MAX_VERSIONS = 16
+MAX_FEATURES = 20  # named per version in status
+MAX_NAME = 200
+MESSAGE_FEATURES = 5  # named in the condition's message
+
+
+# ------------------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    version: str
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    reference: str
+    reference_note: str
+    rows: int | None = None
+    enough_rows: bool = False
+    input_psi: Mapping[str, float] = field(default_factory=dict)
+    drifted: tuple[str, ...] = ()
+    prediction_psi: Mapping[str, float] = field(default_factory=dict)
+    predictions_drifted: tuple[str, ...] = ()
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    window_end: float  # epoch seconds
+    window_seconds: float
+    versions: tuple[WindowFigures, ...]
+
+
+MonitoringProbe = Callable[[str], "WindowReport | None"]
+
+
+def probe_monitoring(url: str, *, client: httpx.Client | None = None) -> WindowReport | None:
+    """The app's last completed window; None before the first one, or when it cannot be asked."""
+    response = probe._get(url, "/monitoring", client)
+    if response is None or response.status_code != 200:
+        return None
+    try:
+        return parse_monitoring(response.json())
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else 0
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(str(item)[:MAX_NAME] for item in value[:MAX_FEATURES] if isinstance(item, str))
+
+
+def _psi(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    kept = {str(k)[:MAX_NAME]: n for k, v in value.items() if (n := _number(v)) is not None and n >= 0}
+    return dict(sorted(kept.items(), key=lambda item: -item[1])[:MAX_FEATURES])
+
+
+def parse_monitoring(body: Any) -> WindowReport | None:
+    """`/monitoring`'s body (a tenant's app wrote it: every field checked and bounded)."""
+    if not isinstance(body, dict) or not body.get("enabled"):
+        return None
+    end, length = _number(body.get("window_end")), _number(body.get("window_s"))
+    versions = body.get("versions")
+    if end is None or length is None or not isinstance(versions, dict):
+        return None
+    figures = []
+    for version, raw in list(versions.items())[:MAX_VERSIONS]:
+        if not (
+            isinstance(version, str) and version.isdigit() and len(version) <= 10 and isinstance(raw, dict)
+        ):
+            continue
+        found = raw.get("drift")
+        drift: dict[str, Any] = found if isinstance(found, dict) else {}
+        figures.append(
+            WindowFigures(
+                version=version,
+                requests=_count(raw.get("requests")),
+                errors=_count(raw.get("errors")),
+                p50_ms=_number(raw.get("p50_ms")),
+                p95_ms=_number(raw.get("p95_ms")),
+                reference=str(raw.get("reference") or "none")[:40],
+                reference_note=str(raw.get("reference_detail") or "")[:300],
+                rows=_count(drift["rows"]) if "rows" in drift else None,
+                enough_rows=drift.get("enough_rows") is True,
+                input_psi=_psi(drift.get("input_psi")),
+                drifted=_names(drift.get("drifted")),
+                prediction_psi=_psi(drift.get("prediction_psi")),
+                predictions_drifted=_names(drift.get("predictions_drifted")),
+            )
+        )
+    return WindowReport(end, length, tuple(figures))
+
+
+# ------------------------------------------------------------------------------------- judgement
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class DriftCondition:
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WindowMetrics:
+    """What one version's MLflow run gets for one window."""
+
+    version: str
+    timestamp_ms: int
+    step: int  # the window's number since the epoch
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    status: MonitoringStatus
+    condition: DriftCondition | None  # None: leave the condition as it is (no drift asked)
+    metrics: tuple[WindowMetrics, ...]
+
+
+def window_end_text(end: float) -> str:
+    return datetime.fromtimestamp(end, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def judge(
+    monitoring: Monitoring,
+    previous: MonitoringStatus | None,
+    report: WindowReport | None,
+    judged_versions: tuple[str, ...],
+) -> Judgement | None:
+    """A new window's figures; None when there is none since the last one judged (nothing to write).
+    `judged_versions`: the versions whose drift counts (the serving one and a candidate)."""
+    if report is None:
+        return None
+    end_text = window_end_text(report.window_end)
+    if previous is not None and previous.window_end == end_text:
+        return None
+    step = int(report.window_end // report.window_seconds) - 1
+    status = MonitoringStatus(
+        window_end=end_text,
+        window_seconds=int(report.window_seconds),
+        versions=[_status_figures(f) for f in report.versions] or None,
+    )
+    metrics = tuple(_metrics(f, int(report.window_end * 1000), step) for f in report.versions if f.requests)
+    condition = _condition(report, judged_versions) if monitoring.drift is not None else None
+    return Judgement(status, condition, metrics)
+
+
+def _status_figures(figures: WindowFigures) -> VersionFigures:
+    return VersionFigures(
+        version=figures.version,
+        requests=figures.requests,
+        error_rate=round(figures.error_rate, 6),
+        p50_ms=figures.p50_ms,
+        p95_ms=figures.p95_ms,
+        rows=figures.rows,
+        reference=figures.reference,
+        reference_note=figures.reference_note or None,
+        input_psi={k: round(v, 4) for k, v in figures.input_psi.items()} or None,
+        drifted=list(figures.drifted) or None,
+        prediction_psi={k: round(v, 4) for k, v in figures.prediction_psi.items()} or None,
+        predictions_drifted=list(figures.predictions_drifted) or None,
+    )
+
+
+def _metrics(figures: WindowFigures, timestamp_ms: int, step: int) -> WindowMetrics:
+    values: dict[str, float] = {"requests": float(figures.requests), "error_rate": figures.error_rate}
+    if figures.p50_ms is not None:
+        values["latency_p50_ms"] = figures.p50_ms
+    if figures.p95_ms is not None:
+        values["latency_p95_ms"] = figures.p95_ms
+    if figures.rows is not None:
+        values["drift_rows"] = float(figures.rows)
+        values.update({f"psi.{_metric_name(name)}": psi for name, psi in figures.input_psi.items()})
+        values.update(
+            {f"prediction_psi.{_metric_name(name)}": psi for name, psi in figures.prediction_psi.items()}
+        )
+    return WindowMetrics(figures.version, timestamp_ms, step, values)
+
+
+def _metric_name(name: str) -> str:
+    # MLflow metric keys take letters, digits, `_ - . / ` and spaces.
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)[:100]
+
+
+def _condition(report: WindowReport, judged_versions: tuple[str, ...]) -> DriftCondition:
+    judged = [f for f in report.versions if f.version in judged_versions]
+    drifted = [f for f in judged if f.enough_rows and (f.drifted or f.predictions_drifted)]
+    if drifted:
+        parts = []
+        for figures in drifted:
+            named = [f"{name} (PSI {figures.input_psi.get(name, 0.0):.2f})" for name in figures.drifted]
+            named += [
+                f"prediction {name} (PSI {figures.prediction_psi.get(name, 0.0):.2f})"
+                for name in figures.predictions_drifted
+            ]
+            weak = (
+                " against its input example (a weak reference)" if figures.reference == "inputExample" else ""
+            )
+            parts.append(f"version {figures.version}{weak}: {', '.join(named[:MESSAGE_FEATURES])}")
+        return DriftCondition("True", "Drifted", "; ".join(parts))
+    with_rows = [f for f in judged if f.enough_rows]
+    if with_rows:
+        return DriftCondition(
+            "False", "NoDrift", f"no feature over the threshold in {len(with_rows)} version(s)"
+        )
+    no_reference = [f for f in judged if f.rows is None]
+    if judged and len(no_reference) == len(judged):
+        note = "; ".join(f"version {f.version}: {f.reference_note or f.reference}" for f in no_reference)
+        return DriftCondition("Unknown", "NoReference", note[:500])
+    return DriftCondition("Unknown", "NotEnoughRows", "too few rows in the last window for a verdict")

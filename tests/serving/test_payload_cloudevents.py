@@ -1,0 +1,379 @@
+"""The CloudEvents sink: the headers Secret's parsing, each record's pair of events, and posting them
+to a receiver (a loopback HTTP server started here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving_app.monitoring.cloudevents_sink import (
+    MAX_HEADER_VALUE,
+    MAX_HEADERS,
+    REQUEST_TYPE,
+    RESPONSE_TYPE,
+    CloudEventsSink,
+    SinkHeadersInvalid,
+    events,
+    parse_headers,
+)
+from serving_app.monitoring.records import Choice, PayloadRecord
+
+SECRET = "SECRETVALUE"
+ALL = ("inputs", "outputs")
+AT = 1_700_000_000.25
+SOURCE = "/regserve/team-a/iris"
+
+# ---------------------------------------------------------------------------------------- headers
+
+GOOD_HEADERS = {
+    "none": (None, {}),
+    "empty": ("", {}),
+    "authorization": (f"Authorization: Bearer {SECRET}", {"Authorization": f"Bearer {SECRET}"}),
+    "blank-lines-and-crlf": ("\n\nX-A: 1\r\n\r\n  \nX-B: 2\n", {"X-A": "1", "X-B": "2"}),
+    "spaces-trimmed": ("  X-A  :   v w  ", {"X-A": "v w"}),
+    "colon-in-value": ("X-Url: http://a:8080/b", {"X-Url": "http://a:8080/b"}),
+    "empty-value": ("X-Empty:", {"X-Empty": ""}),
+    "token-chars-in-name": ("X!#$%&'*+.^_`|~-1: v", {"X!#$%&'*+.^_`|~-1": "v"}),
+    "longest-name": (f"{'N' * 64}: v", {"N" * 64: "v"}),
+    "longest-value": (f"X-A: {'v' * MAX_HEADER_VALUE}", {"X-A": "v" * MAX_HEADER_VALUE}),
+    "most-headers": (
+        "\n".join(f"X-{n}: {n}" for n in range(MAX_HEADERS)),
+        {f"X-{n}": str(n) for n in range(MAX_HEADERS)},
+    ),
+    "repeated-name-last-wins": ("\n".join(f"X-A: {n}" for n in range(40)), {"X-A": "39"}),
+    "reserved-word-inside-name": ("X-Ce-Host: v", {"X-Ce-Host": "v"}),
+    # A bare CR ends a line: it never gets into a value.
+    "bare-cr-ends-a-line": ("X-A: 1\rX-B: 2", {"X-A": "1", "X-B": "2"}),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_HEADERS.values(), ids=GOOD_HEADERS.keys())
+def test_parse_headers(text: str | None, expected: dict[str, str]) -> None:
+    assert parse_headers(text) == expected
+
+
+BAD_HEADERS = {
+    "missing-colon": f"Authorization Bearer {SECRET}",
+    "missing-colon-after-good": f"X-A: 1\nBearer {SECRET}",
+    "space-in-name": f"X Bad: {SECRET}",
+    "at-in-name": f"X@Bad: {SECRET}",
+    "empty-name": f": {SECRET}",
+    "non-ascii-name": f"X-\u00e9: {SECRET}",
+    "name-too-long": f"{'N' * 65}: {SECRET}",
+    "ce-attribute": f"ce-id: {SECRET}",
+    "ce-attribute-upper": f"CE-Type: {SECRET}",
+    "content-type": f"Content-Type: {SECRET}",
+    "content-length": f"content-length: {SECRET}",
+    "host": f"Host: {SECRET}",
+    "transfer-encoding": f"Transfer-Encoding: {SECRET}",
+    "connection": f"Connection: {SECRET}",
+    "bare-cr-split-value": f"X-A: a\r{SECRET}",
+    "nul-in-value": f"X-A: {SECRET}\x00",
+    "tab-in-value": f"X-A: {SECRET}\tb",
+    "escape-in-value": f"X-A: {SECRET}\x1b[31m",
+    "del-in-value": f"X-A: {SECRET}\x7f",
+    "next-line-in-value": f"X-A: a\x85{SECRET}",
+    "value-too-long": f"X-A: {SECRET}{'v' * MAX_HEADER_VALUE}",
+    "too-many-headers": "\n".join(f"X-{n}: {SECRET}{n}" for n in range(MAX_HEADERS + 1)),
+}
+
+
+@pytest.mark.parametrize("text", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_parse_headers_refuses_without_quoting_the_value(text: str) -> None:
+    with pytest.raises(SinkHeadersInvalid) as refused:
+        parse_headers(text)
+    assert SECRET not in str(refused.value)
+    assert SECRET not in repr(refused.value)
+    assert all(SECRET not in str(arg) for arg in refused.value.args)
+
+
+# ----------------------------------------------------------------------------------------- events
+
+
+def record(
+    choice: Choice = "default",
+    *,
+    model_input: Any = None,
+    outputs: list[Any] | None = None,
+    status: int = 200,
+    error_code: str | None = None,
+    version: str | None = "3",
+) -> PayloadRecord:
+    return PayloadRecord(
+        request_id="req-1",
+        at=AT,
+        model="iris",
+        version=version,
+        choice=choice,
+        route="/invocations",
+        status=status,
+        error_code=error_code,
+        latency_ms=2.5,
+        model_input=model_input,
+        rows=0 if model_input is None else len(model_input),
+        outputs=outputs,
+    )
+
+
+def answered(choice: Choice = "default", **changes: Any) -> PayloadRecord:
+    model_input = pd.DataFrame({"x": [1.0, np.nan], "s": ["a", "b"]})
+    return record(choice, **{"model_input": model_input, "outputs": [np.float32(0.5), 1], **changes})
+
+
+def event_pair(
+    item: PayloadRecord, include: Sequence[str] = ALL
+) -> tuple[dict[str, str], Any, dict[str, str], Any]:
+    (ask_headers, ask_body), (answer_headers, answer_body) = events(
+        item, source=SOURCE, resource="iris", namespace="team-a", include=include
+    )
+    return ask_headers, json.loads(ask_body), answer_headers, json.loads(answer_body)
+
+
+@dataclass(frozen=True)
+class EventCase:
+    record: PayloadRecord
+    endpoint: str
+    request_body: Any
+    response_body: Any
+    include: tuple[str, ...] = ALL
+
+
+FRAME_RECORDS = {"dataframe_records": [{"x": 1.0, "s": "a"}, {"x": None, "s": "b"}]}
+PREDICTIONS = {"predictions": [0.5, 1]}
+EVENT_CASES = {
+    "default": EventCase(answered(), "default", FRAME_RECORDS, PREDICTIONS),
+    "pinned": EventCase(answered("pinned"), "default", FRAME_RECORDS, PREDICTIONS),
+    "canary": EventCase(answered("canary"), "canary", FRAME_RECORDS, PREDICTIONS),
+    "shadow": EventCase(answered("shadow"), "shadow", FRAME_RECORDS, PREDICTIONS),
+    "failed-before-input": EventCase(
+        record(status=400, error_code="invalid_input"),
+        "default",
+        {},
+        {"error": "invalid_input", "status": 400},
+    ),
+    "failed-with-input": EventCase(
+        answered(outputs=None, status=500, error_code="prediction_failed"),
+        "default",
+        FRAME_RECORDS,
+        {"error": "prediction_failed", "status": 500},
+    ),
+    "failed-without-code": EventCase(record(status=503), "default", {}, {"error": "error", "status": 503}),
+    "shadow-failed": EventCase(
+        answered("shadow", outputs=None, status=500, error_code="prediction_failed"),
+        "shadow",
+        FRAME_RECORDS,
+        {"error": "prediction_failed", "status": 500},
+    ),
+    "ndarray-input": EventCase(
+        record(model_input=np.array([[1.0, np.nan]]), outputs=[[0.1, 0.9]]),
+        "default",
+        {"inputs": [[1.0, None]]},
+        {"predictions": [[0.1, 0.9]]},
+    ),
+    "dict-input": EventCase(
+        record(model_input={"a": np.array([1, 2]), "b": "t"}, outputs=["x"]),
+        "default",
+        {"inputs": {"a": [1, 2], "b": "t"}},
+        {"predictions": ["x"]},
+    ),
+    "outputs-only": EventCase(answered(), "default", {}, PREDICTIONS, ("outputs",)),
+    "inputs-only": EventCase(answered(), "default", FRAME_RECORDS, {}, ("inputs",)),
+    "neither": EventCase(answered(), "default", {}, {}, ()),
+    # A failure's response event says what went wrong whatever `include` says: it holds no payload.
+    "failed-inputs-only": EventCase(
+        record(status=400, error_code="invalid_input"),
+        "default",
+        {},
+        {"error": "invalid_input", "status": 400},
+        ("inputs",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EVENT_CASES.values(), ids=EVENT_CASES.keys())
+def test_each_record_is_a_request_and_a_response_event(case: EventCase) -> None:
+    ask, ask_body, answer, answer_body = event_pair(case.record, case.include)
+    assert (ask["ce-type"], answer["ce-type"]) == (REQUEST_TYPE, RESPONSE_TYPE)
+    common = {
+        "ce-specversion": "1.0",
+        "ce-id": "req-1",
+        "ce-source": SOURCE,
+        "ce-time": "2023-11-14T22:13:20.250000+00:00",
+        "ce-inferenceservicename": "iris",
+        "ce-namespace": "team-a",
+        "ce-component": "predictor",
+        "ce-endpoint": case.endpoint,
+        "ce-modelversion": "3",
+        "ce-choice": case.record.choice,
+        "ce-statuscode": str(case.record.status),
+        "content-type": "application/json",
+    }
+    assert ask == {**common, "ce-type": REQUEST_TYPE}
+    assert answer == {**common, "ce-type": RESPONSE_TYPE}
+    assert ask_body == case.request_body
+    assert answer_body == case.response_body
+
+
+def test_a_record_without_a_version_has_an_empty_version_attribute() -> None:
+    ask, _, answer, _ = event_pair(record(version=None, status=401, error_code="unauthorized"))
+    assert ask["ce-modelversion"] == answer["ce-modelversion"] == ""
+
+
+def test_bodies_are_strict_json() -> None:
+    item = answered(outputs=[float("nan"), np.float64("inf"), np.int64(2)])
+    for _, body in events(item, source=SOURCE, resource="iris", namespace="team-a", include=ALL):
+        json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in a body"))
+
+
+# -------------------------------------------------------------------------------------- the sink
+
+
+@dataclass
+class Receiver:
+    """What a loopback receiver was sent, and how it answers."""
+
+    status: int = 202
+    location: str | None = None
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Loopback(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the sink's posts at once all get in, none waits for a SYN retry
+
+
+def handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with receiver.lock:
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(receiver.status)
+            if receiver.location is not None:
+                self.send_header("Location", receiver.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """Starts loopback receivers; each is shut down at the end of the test."""
+    servers: list[Loopback] = []
+
+    def start(receiver: Receiver) -> str:
+        server = Loopback(("127.0.0.1", 0), handler_for(receiver))
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}/events"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def sink(url: str, include: Sequence[str] = ALL) -> CloudEventsSink:
+    return CloudEventsSink(
+        url,
+        headers={"Authorization": f"Bearer {SECRET}", "X-Api-Key": SECRET},
+        source=SOURCE,
+        resource="iris",
+        namespace="team-a",
+        include=include,
+    )
+
+
+def write(target: CloudEventsSink, records: Sequence[PayloadRecord]) -> None:
+    async def scenario() -> None:
+        try:
+            await target.write(records)
+        finally:
+            await target.close()
+
+    asyncio.run(scenario())
+
+
+def test_write_posts_every_event_with_the_extra_headers(serve: Any) -> None:
+    receiver = Receiver()
+    records = [answered(), answered("canary"), record(status=400, error_code="invalid_input")]
+    write(sink(serve(receiver)), records)
+    assert len(receiver.received) == 6
+    for headers, body in receiver.received:
+        assert headers["authorization"] == f"Bearer {SECRET}"
+        assert headers["x-api-key"] == SECRET
+        assert headers["content-type"] == "application/json"
+        assert headers["ce-id"] == "req-1"
+        json.loads(body)
+    kinds = sorted((h["ce-endpoint"], h["ce-type"], h["ce-statuscode"]) for h, _ in receiver.received)
+    assert kinds == sorted(
+        (endpoint, kind, status)
+        for endpoint, status in [("default", "200"), ("canary", "200"), ("default", "400")]
+        for kind in (REQUEST_TYPE, RESPONSE_TYPE)
+    )
+    bodies = [json.loads(b) for h, b in receiver.received if h["ce-type"] == REQUEST_TYPE]
+    assert bodies.count(FRAME_RECORDS) == 2
+
+
+def test_write_of_many_records_posts_them_all(serve: Any) -> None:
+    receiver = Receiver()
+    records = [answered() for _ in range(25)]  # more events than posts at once
+    write(sink(serve(receiver)), records)
+    assert len(receiver.received) == 50
+
+
+def test_the_sinks_session_is_reused_and_closed(serve: Any) -> None:
+    receiver = Receiver()
+    target = sink(serve(receiver))
+
+    async def scenario() -> None:
+        await target.write([answered()])
+        session = target._session
+        await target.write([answered("shadow")])
+        assert target._session is session
+        await target.close()
+        assert target._session is None
+        await target.close()  # twice is fine
+
+    asyncio.run(scenario())
+    assert len(receiver.received) == 4
+
+
+@pytest.mark.parametrize("status", [400, 404, 500, 503])
+def test_a_receiver_refusing_makes_write_raise(serve: Any, status: int) -> None:
+    receiver = Receiver(status=status)
+    with pytest.raises(aiohttp.ClientResponseError) as refused:
+        write(sink(serve(receiver)), [answered()])
+    assert refused.value.status == status
+    assert SECRET not in str(refused.value)
+
+
+def test_a_receiver_that_is_not_there_makes_write_raise(serve: Any) -> None:
+    server = Loopback(("127.0.0.1", 0), handler_for(Receiver()))
+    port = server.server_address[1]
+    server.server_close()  # the port is free again: nothing listens
+    with pytest.raises(aiohttp.ClientError):
+        write(sink(f"http://127.0.0.1:{port}/events"), [answered()])
+
+
+def test_a_redirect_is_not_followed_with_the_secrets_headers(serve: Any) -> None:
+    elsewhere = Receiver()
+    receiver = Receiver(status=307, location=serve(elsewhere))
+    with pytest.raises(aiohttp.ClientResponseError):
+        write(sink(serve(receiver)), [answered()])
+    assert [h.get("x-api-key") for h, _ in elsewhere.received] == []

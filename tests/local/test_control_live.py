@@ -25,6 +25,7 @@ from regserve_operator.tags import tag_key
 from regserve_operator.targets.local import ServeDashboard
 
 from tests.local.test_local_ray import command_line, ray_session_of
+from tests.support import monitored
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -57,6 +58,56 @@ def ready(found: dict[str, Any] | None, version: str) -> bool:
 
 def our_webhooks(mlflow: MlflowClient) -> list[str]:
     return [hook.webhook_id for hook in mlflow.list_webhooks() if hook.name.startswith(WEBHOOK_PREFIX)]
+
+
+def monitored_manifest(uri: str) -> dict[str, Any]:
+    spec = {
+        "model": {"name": monitored.MODEL, "alias": "champion"},
+        "registry": {"trackingUri": uri, "pollIntervalSeconds": 5},
+        "serving": {"routePrefix": "/monitored", "cpusPerReplica": 0.25},
+        "monitoring": {
+            "payloads": {"sampleRate": 1.0},
+            "drift": {"windowSeconds": 10, "minRows": 50, "psiThreshold": 0.2},
+        },
+    }
+    return manifest("monitored", spec, namespace="default")
+
+
+def check_monitoring(client: LocalControlClient, uri: str, tmp_path: Path) -> None:
+    """spec.monitoring in local mode: a client shifting one feature → InputDrift naming it, the
+    window's figures in status and on the version's MLflow run, the payloads beside them."""
+    mlflow = MlflowClient(uri)
+    version = monitored.log_with_training_data(uri, tmp_path)
+    mlflow.set_registered_model_alias(monitored.MODEL, "champion", version)
+    client.apply(monitored_manifest(uri))
+    wait_for(lambda: ready(client.get("default", "monitored"), version), timeout=300, message="Ready")
+
+    def drift_condition() -> dict[str, Any] | None:
+        status = (client.get("default", "monitored") or {}).get("status") or {}
+        found = [c for c in status.get("conditions") or [] if c["type"] == "InputDrift"]
+        return found[0] if found and found[0]["status"] == "True" else None
+
+    with monitored.Traffic(f"{client.serve_url}/monitored", shift=2.0) as traffic:
+        condition = wait_for(drift_condition, timeout=120, interval=1, message="InputDrift=True")
+    assert traffic.failures == 0
+    assert condition["reason"] == "Drifted"
+    assert condition["message"].startswith(f"version {version}: x (PSI ")
+    status = (client.get("default", "monitored") or {})["status"]
+    (figures,) = [f for f in status["monitoring"]["versions"] if f["version"] == version]
+    assert figures["reference"] == "training" and figures["drifted"] == ["x"]
+    assert figures["requests"] > 0 and figures["errorRate"] == 0.0
+
+    experiment = mlflow.get_experiment_by_name("regserve/default/monitored")
+    assert experiment is not None
+    (run,) = mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`regserve.model_version` = '{version}'"
+    )
+    assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "psi.x")][-1] > 0.2
+    assert mlflow.get_metric_history(run.info.run_id, "requests")
+    wait_for(
+        lambda: mlflow.list_artifacts(run.info.run_id, "payloads"), timeout=60, message="payload records"
+    )
+    assert client.delete("default", "monitored") is True
 
 
 def test_resources_applied_and_deleted_through_the_control_api(
@@ -137,6 +188,8 @@ def test_resources_applied_and_deleted_through_the_control_api(
         assert client.get("default", "ctl") is None
         assert client.delete("default", "ctl") is False
         assert client.list() == []
+
+        check_monitoring(client, mlflow_server.url, tmp_path)
 
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=120) == 0

@@ -21,6 +21,11 @@ MAX_VERSIONS = 16
 MAX_FEATURES = 20  # named per version in status
 MAX_NAME = 200
 MESSAGE_FEATURES = 5  # named in the condition's message
+MAX_COUNT = 2**53
+MAX_LATENCY_MS = 3_600_000.0
+# What a window may be (the app's own bounds), and when it may end (before 2200: a date Python prints).
+WINDOW_SECONDS = (1.0, 86400.0)
+WINDOW_END = (0.0, 7_258_118_400.0)
 
 
 # ------------------------------------------------------------------------------------- the report
@@ -64,7 +69,7 @@ def probe_monitoring(url: str, *, client: httpx.Client | None = None) -> WindowR
         return None
     try:
         return parse_monitoring(response.json())
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested answer too
         return None
 
 
@@ -76,13 +81,20 @@ def _number(value: Any) -> float | None:
 
 def _count(value: Any) -> int:
     number = _number(value)
-    return int(number) if number is not None and number >= 0 else 0
+    return int(number) if number is not None and 0 <= number <= MAX_COUNT else 0
+
+
+def _latency(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and 0 <= number <= MAX_LATENCY_MS else None
 
 
 def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         return ()
-    return tuple(str(item)[:MAX_NAME] for item in value[:MAX_FEATURES] if isinstance(item, str))
+    return tuple(str(item)[:MAX_NAME] for item in value[: MAX_FEATURES * 4] if isinstance(item, str))[
+        :MAX_FEATURES
+    ]
 
 
 def _psi(value: Any) -> dict[str, float]:
@@ -90,6 +102,10 @@ def _psi(value: Any) -> dict[str, float]:
         return {}
     kept = {str(k)[:MAX_NAME]: n for k, v in value.items() if (n := _number(v)) is not None and n >= 0}
     return dict(sorted(kept.items(), key=lambda item: -item[1])[:MAX_FEATURES])
+
+
+def _is_version(value: Any) -> bool:
+    return isinstance(value, str) and value.isascii() and value.isdigit() and 1 <= len(value) <= 10
 
 
 def parse_monitoring(body: Any) -> WindowReport | None:
@@ -100,11 +116,13 @@ def parse_monitoring(body: Any) -> WindowReport | None:
     versions = body.get("versions")
     if end is None or length is None or not isinstance(versions, dict):
         return None
-    figures = []
-    for version, raw in list(versions.items())[:MAX_VERSIONS]:
-        if not (
-            isinstance(version, str) and version.isdigit() and len(version) <= 10 and isinstance(raw, dict)
-        ):
+    if not (WINDOW_SECONDS[0] <= length <= WINDOW_SECONDS[1] and WINDOW_END[0] <= end <= WINDOW_END[1]):
+        return None
+    figures: list[WindowFigures] = []
+    for version, raw in versions.items():
+        if len(figures) >= MAX_VERSIONS:
+            break
+        if not (_is_version(version) and isinstance(raw, dict)):
             continue
         found = raw.get("drift")
         drift: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -113,8 +131,8 @@ def parse_monitoring(body: Any) -> WindowReport | None:
                 version=version,
                 requests=_count(raw.get("requests")),
                 errors=_count(raw.get("errors")),
-                p50_ms=_number(raw.get("p50_ms")),
-                p95_ms=_number(raw.get("p95_ms")),
+                p50_ms=_latency(raw.get("p50_ms")),
+                p95_ms=_latency(raw.get("p95_ms")),
                 reference=str(raw.get("reference") or "none")[:40],
                 reference_note=str(raw.get("reference_detail") or "")[:300],
                 rows=_count(drift["rows"]) if "rows" in drift else None,

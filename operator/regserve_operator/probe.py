@@ -64,7 +64,7 @@ def probe_app(url: str, *, client: httpx.Client | None = None) -> AppReport | No
         return None
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested answer too
         return None
     return parse_report(body)
 
@@ -181,7 +181,7 @@ def probe_rollout(
         return None
     try:
         return parse_rollout(response.json())
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested answer too
         return None
 
 

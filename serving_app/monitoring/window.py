@@ -46,6 +46,7 @@ class VersionWindow:
     drift: Histogram | None = None
     pending: list[tuple[pd.DataFrame, Any]] = field(default_factory=list)
     pending_rows: int = 0
+    counted_rows: int = 0  # rows already counted in this window (the bound is per window)
     skipped_rows: int = 0
 
 
@@ -100,9 +101,9 @@ class ReplicaWindows:
         elif status >= 400:
             window.client_errors += 1
         window.latency[latency_bucket(latency_ms)] += 1
-        if self.drift and status < 400 and isinstance(model_input, pd.DataFrame) and outputs is not None:
+        if self.drift and status < 300 and isinstance(model_input, pd.DataFrame) and outputs is not None:
             rows = len(model_input)
-            if window.pending_rows + rows > MAX_DRIFT_ROWS:
+            if window.counted_rows + window.pending_rows + rows > MAX_DRIFT_ROWS:
                 window.skipped_rows += rows
             else:
                 window.pending.append((model_input, outputs))
@@ -146,7 +147,9 @@ class ReplicaWindows:
         for version, window in windows.items():
             if not window.pending:
                 continue
-            pending, window.pending, window.pending_rows = window.pending, [], 0
+            pending, window.pending = window.pending, []
+            window.counted_rows += window.pending_rows
+            window.pending_rows = 0
             profile = self._profile_of(version).profile
             if profile is None:
                 window.skipped_rows += sum(len(frame) for frame, _ in pending)

@@ -291,14 +291,6 @@ def test_drift_rows_are_bounded_per_count(profile: ReferenceProfile) -> None:
     assert completed(windows)["versions"]["3"]["requests"] == 4  # skipped rows still count as requests
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "window.py record(): the bound compares pending_rows, which count_pending() resets to 0, so "
-        "MAX_DRIFT_ROWS bounds rows per count (per tick), not 'per version, window and replica' as its "
-        "comment and the module docstring say"
-    ),
-)
 def test_drift_rows_are_bounded_per_window(profile: ReferenceProfile) -> None:
     clock = Clock()
     windows = replica(clock, {"3": profile})

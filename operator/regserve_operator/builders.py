@@ -271,10 +271,12 @@ def _env(spec: s.RegisteredModelServingSpec) -> list[dict[str, Any]]:
             {"name": AUTH_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
     if (headers := payload_headers_ref(spec)) is not None:
+        # Optional: a missing Secret or key turns payload logging off (PayloadsLogged says so) and
+        # leaves the pods starting and serving.
         env.append(
             {
                 "name": PAYLOAD_HEADERS_ENV,
-                "valueFrom": {"secretKeyRef": {"name": headers.name, "key": headers.key}},
+                "valueFrom": {"secretKeyRef": {"name": headers.name, "key": headers.key, "optional": True}},
             }
         )
     return env

@@ -905,6 +905,11 @@ def _monitor(d: _Draft) -> None:
         turned = d.cond(m.INPUT_DRIFT, condition.status, condition.reason, condition.message)
         if turned and condition.status == "True":
             d.event("Warning", "InputDrift", condition.message)
+    logged = judgement.payloads
+    if logged is not None:
+        turned = d.cond(m.PAYLOADS_LOGGED, logged.status, logged.reason, logged.message)
+        if turned and logged.status == "False":
+            d.event("Warning", "PayloadsNotLogged", logged.message)
 
 
 def _plan_tags(d: _Draft) -> None:

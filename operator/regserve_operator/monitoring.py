@@ -6,6 +6,7 @@ it turns, and the metrics to log on each version's MLflow run."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,9 +15,18 @@ from typing import Any, Literal
 import httpx
 
 from regserve_operator import probe
-from regserve_operator.spec import Monitoring, MonitoringStatus, VersionFigures
+from regserve_operator.spec import Monitoring, MonitoringStatus, PayloadFigures, VersionFigures
 
 INPUT_DRIFT = "InputDrift"
+PAYLOADS_LOGGED = "PayloadsLogged"
+PROBLEM_REASONS = {
+    "sink_headers_invalid": (
+        "SinkHeadersInvalid",
+        "the sink's headers Secret key is not `Name: value` lines",
+    ),
+    "sink_headers_missing": ("SinkHeadersMissing", "the sink's headers Secret or its key is missing"),
+    "sink_unavailable": ("SinkUnavailable", "no tracking URI for the MLflow sink"),
+}
 MAX_VERSIONS = 16
 MAX_FEATURES = 20  # named per version in status
 MAX_NAME = 200
@@ -53,10 +63,22 @@ class WindowFigures:
 
 
 @dataclass(frozen=True)
+class PayloadWindow:
+    """What happened to payload records in the window, over every replica."""
+
+    logged: int = 0
+    dropped: int = 0
+    sink_error: int = 0
+    problems: tuple[str, ...] = ()  # why a replica logs nothing (sink_headers_invalid, ...)
+    errors: tuple[str, ...] = ()  # the sink's last failure on a replica, as an exception type
+
+
+@dataclass(frozen=True)
 class WindowReport:
     window_end: float  # epoch seconds
     window_seconds: float
     versions: tuple[WindowFigures, ...]
+    payloads: PayloadWindow | None = None
 
 
 MonitoringProbe = Callable[[str], "WindowReport | None"]
@@ -143,7 +165,27 @@ def parse_monitoring(body: Any) -> WindowReport | None:
                 predictions_drifted=_names(drift.get("predictions_drifted")),
             )
         )
-    return WindowReport(end, length, tuple(figures))
+    return WindowReport(end, length, tuple(figures), _payloads(body.get("payloads")))
+
+
+_CODE = re.compile(r"[A-Za-z0-9_.]{1,64}")
+
+
+def _payloads(raw: Any) -> PayloadWindow | None:
+    if not isinstance(raw, dict):
+        return None
+
+    def codes(value: Any) -> tuple[str, ...]:
+        listed = value if isinstance(value, list) else []
+        return tuple(sorted({v for v in listed[:16] if isinstance(v, str) and _CODE.fullmatch(v)}))
+
+    return PayloadWindow(
+        logged=_count(raw.get("logged")),
+        dropped=_count(raw.get("dropped")),
+        sink_error=_count(raw.get("sink_error")),
+        problems=codes(raw.get("problems")),
+        errors=codes(raw.get("errors")),
+    )
 
 
 # ------------------------------------------------------------------------------------- judgement
@@ -173,6 +215,7 @@ class Judgement:
     status: MonitoringStatus
     condition: DriftCondition | None  # None: leave the condition as it is (no drift asked)
     metrics: tuple[WindowMetrics, ...]
+    payloads: DriftCondition | None = None  # PayloadsLogged (None: no payload logging asked)
 
 
 def window_end_text(end: float) -> str:
@@ -200,7 +243,30 @@ def judge(
     )
     metrics = tuple(_metrics(f, int(report.window_end * 1000), step) for f in report.versions if f.requests)
     condition = _condition(report, judged_versions) if monitoring.drift is not None else None
-    return Judgement(status, condition, metrics)
+    logged = _payloads_condition(report.payloads) if monitoring.payloads is not None else None
+    if report.payloads is not None and monitoring.payloads is not None:
+        status.payloads = PayloadFigures(
+            logged=report.payloads.logged,
+            dropped=report.payloads.dropped,
+            sink_error=report.payloads.sink_error,
+        )
+    return Judgement(status, condition, metrics, logged)
+
+
+def _payloads_condition(payloads: PayloadWindow | None) -> DriftCondition:
+    """Whether payload records reach the sink: a replica that cannot log at all, or a sink failing, is
+    said with the cause (serving is never touched by either)."""
+    if payloads is None:
+        return DriftCondition("Unknown", "NoFigures", "no replica reported payload figures for the window")
+    for problem in payloads.problems:
+        reason, message = PROBLEM_REASONS.get(problem, ("SinkUnavailable", problem))
+        return DriftCondition("False", reason, f"payload logging is off: {message}")
+    counts = f"{payloads.logged} logged, {payloads.dropped} dropped, {payloads.sink_error} given up"
+    if payloads.errors:
+        return DriftCondition(
+            "False", "SinkFailing", f"the sink fails ({', '.join(payloads.errors)}): {counts}"
+        )
+    return DriftCondition("True", "Logging", counts)
 
 
 def _status_figures(figures: WindowFigures) -> VersionFigures:

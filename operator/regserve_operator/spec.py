@@ -703,10 +703,19 @@ class VersionFigures(_Model):
     predictions_drifted: list[str] | None = None
 
 
+class PayloadFigures(_Model):
+    """Payload records of the last window, summed over replicas."""
+
+    logged: int = 0
+    dropped: int = 0  # a replica's queue was full
+    sink_error: int = 0  # given up after the sink failed
+
+
 class MonitoringStatus(_Model):
     window_end: str | None = None  # the end of the last window judged (ISO 8601)
     window_seconds: int | None = None
     versions: list[VersionFigures] | None = None
+    payloads: PayloadFigures | None = None
 
 
 class RegisteredModelServingStatus(_Model):

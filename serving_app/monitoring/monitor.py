@@ -20,6 +20,7 @@ from serving_app.monitoring.window import ReplicaWindows, sum_windows
 logger = logging.getLogger("ray.serve")
 
 MAX_SIGNATURES = 64
+PAYLOAD_OUTCOMES = ("logged", "dropped", "sink_error")
 TICK_S = 1.0  # drift rows are counted, and a completed window pushed, this often
 
 
@@ -47,6 +48,7 @@ class ReplicaMonitor:
         self.board = board
         self._pushed_window: int | None = None
         self._signatures: dict[str, Any] = {}  # version -> its signature, as its answers showed it
+        self._pushed_totals: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -118,6 +120,16 @@ class ReplicaMonitor:
             body.update(self.payloads.figures())
         return body
 
+    def _payload_window(self) -> dict[str, Any] | None:
+        """What happened to payload records since the last push, and the sink's state now."""
+        if self.payloads is None and self.payloads_problem is None:
+            return None
+        totals = dict(self.payloads.log.totals) if self.payloads is not None else {}
+        since = {k: totals.get(k, 0) - self._pushed_totals.get(k, 0) for k in PAYLOAD_OUTCOMES}
+        self._pushed_totals = totals
+        last_error = self.payloads.log.last_error if self.payloads is not None else None
+        return {**since, "problem": self.payloads_problem, "last_error": last_error}
+
     async def report(self) -> dict[str, Any]:
         """The newest completed window summed over every replica (this one's alone without the board)."""
         own = self.windows.completed_wire()
@@ -139,6 +151,7 @@ class ReplicaMonitor:
             "replicas": sum(1 for wire in wires if wire.get("window") == index),
             "drift": drift is not None,
             "versions": {f.version: f.to_wire() for f in figures},
+            "payloads": payload_summary([w.get("payloads") for w in wires if w.get("window") == index]),
         }
 
     async def _tick(self) -> None:
@@ -148,7 +161,7 @@ class ReplicaMonitor:
                 self.windows.count_pending()
                 wire = self.windows.completed_wire()
                 if wire is not None and wire["window"] != self._pushed_window:
-                    await self.board.push_window(wire)
+                    await self.board.push_window({**wire, "payloads": self._payload_window()})
                     self._pushed_window = wire["window"]
             except Exception as error:  # figures are best effort: serving never depends on them
                 logger.warning("monitoring tick failed: %s", type(error).__name__)
@@ -181,3 +194,14 @@ def replica_monitor(
         board=board,
         payloads_problem=problem,
     )
+
+
+def payload_summary(parts: list[Any]) -> dict[str, Any] | None:
+    """The replicas' payload figures of one window, summed; the problems and errors named once each."""
+    parts = [part for part in parts if isinstance(part, dict)]
+    if not parts:
+        return None
+    summary: dict[str, Any] = {k: sum(int(part.get(k) or 0) for part in parts) for k in PAYLOAD_OUTCOMES}
+    summary["problems"] = sorted({str(p["problem"]) for p in parts if p.get("problem")})
+    summary["errors"] = sorted({str(p["last_error"]) for p in parts if p.get("last_error")})
+    return summary

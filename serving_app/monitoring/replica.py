@@ -39,6 +39,10 @@ class SinkUnavailable(RuntimeError):
     pass
 
 
+class SinkHeadersMissing(RuntimeError):
+    pass
+
+
 class ReplicaPayloads:
     def __init__(
         self,
@@ -118,7 +122,11 @@ def sink_for(
 ) -> PayloadSink:
     """The sink `args` name. Raises `SinkHeadersInvalid` for a headers Secret that is not usable."""
     if args.cloudevents is not None:
-        headers_text = environ(args.cloudevents.headers_env) if args.cloudevents.headers_env else None
+        headers_text = None
+        if args.cloudevents.headers_env:
+            headers_text = environ(args.cloudevents.headers_env)
+            if not headers_text:  # the Secret or its key is missing (the pod's env takes it as optional)
+                raise SinkHeadersMissing("the sink's headers Secret key is missing or empty")
         return CloudEventsSink(
             args.cloudevents.url,
             headers=parse_headers(headers_text),
@@ -155,6 +163,9 @@ def replica_payloads(
         return None, None
     try:
         sink = sink_for(args, model=model, tracking_uri=tracking_uri, writer_id=writer_id)
+    except SinkHeadersMissing as error:
+        logger.error("payload logging is off: %s", error)
+        return None, "sink_headers_missing"
     except SinkHeadersInvalid as error:
         logger.error("payload logging is off: the sink's headers are not usable (%s)", error)
         return None, "sink_headers_invalid"

@@ -211,3 +211,39 @@ def test_payload_logging_defaults_to_the_mlflow_sink(kube_api: client.ApiClient,
         "maxRecordBytes": 65536,
         "sink": {"mlflow": {}},
     }
+
+
+@pytest.mark.parametrize(
+    ("drift", "message"),
+    [
+        ({"psiThreshold": 0}, "should be greater than 0"),
+        ({"windowSeconds": 5}, "should be greater than or equal to 10"),
+        ({"minRows": 0}, "should be greater than or equal to 1"),
+        ({"reference": "production"}, "Unsupported value"),
+    ],
+)
+def test_drift_refused(
+    kube_api: client.ApiClient, kube_namespace: str, drift: dict[str, Any], message: str
+) -> None:
+    resource = _resource({})
+    resource["spec"]["monitoring"] = {"drift": drift}
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, PLURAL, resource, dry_run="All"
+        )
+    assert refused.value.status == 422
+    assert message in str(refused.value.body)
+
+
+def test_drift_defaults(kube_api: client.ApiClient, kube_namespace: str) -> None:
+    resource = _resource({})
+    resource["spec"]["monitoring"] = {"drift": {}}
+    created = client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        GROUP, VERSION, kube_namespace, PLURAL, resource, dry_run="All"
+    )
+    assert created["spec"]["monitoring"]["drift"] == {
+        "reference": "training",
+        "windowSeconds": 300,
+        "minRows": 200,
+        "psiThreshold": 0.2,
+    }

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
+import yaml
 from kubernetes import client
 from mlflow import MlflowClient
 from mlflow.deployments import get_deploy_client
@@ -961,6 +962,92 @@ def test_two_resources_share_one_cluster_and_a_promotion_leaves_the_other_alone(
         lambda: serving.cluster.rayservice(pool) is None,
         timeout=120,
     )
+
+
+def test_monitoring_logs_payloads_to_mlflow_and_reports_a_shifted_prompt_as_drift(
+    serving: Serving, tmp_path: Path
+) -> None:
+    """spec.monitoring with real Ray behind KubeRay: every request's record read back from MLflow with
+    pandas as the client sent and got it; prompts the training data never had → InputDrift naming
+    `prompt`, the window's figures in status and on the version's MLflow run. Turned off again after."""
+    if "raycluster_uid" not in serving.facts:
+        pytest.skip("the resource never served (see the first test)")
+    prompts = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["Hello", "Goodbye", "Thank you"] * 40}).to_csv(prompts, index=False)
+    monitored = log_phrasebook(serving.mlflow.url, MODEL, lang_to="de", training_prompts=prompts)
+    _merge_spec(
+        serving,
+        NAME,
+        {
+            "model": {"alias": "champion", "version": None},
+            "monitoring": {
+                "payloads": {"sampleRate": 1.0},
+                "drift": {"windowSeconds": 10, "minRows": 20, "psiThreshold": 0.2},
+            },
+        },
+    )
+    MlflowClient(serving.mlflow.url).set_registered_model_alias(MODEL, "champion", monitored)
+    until("the monitored version serving", lambda: serving.serving(monitored), timeout=ROLLOUT_S)
+    serving.facts["good"] = monitored
+    until("it answers", lambda: serving.answered_by(monitored), timeout=ROLLOUT_S)
+
+    sent: dict[str, str] = {}
+    answers: dict[str, Any] = {}
+
+    condition: dict[str, Any] = {}
+
+    def drifted() -> bool:
+        for _ in range(10):
+            rid = f"mon-{len(sent)}"
+            sent[rid] = f"Good morning {len(sent) % 3}"
+            response = httpx.post(
+                serving.url(), json={"prompt": sent[rid]}, headers={"X-Request-Id": rid}, timeout=30
+            )
+            assert response.status_code == 200, response.text
+            answers[rid] = response.json()[0]["translation_text"]
+        condition.update(cond({"status": serving.status()}, "InputDrift") or {})
+        return condition.get("status") == "True"
+
+    until("InputDrift=True", drifted, timeout=180)
+    assert condition["message"].startswith(f"version {monitored}: prompt (PSI "), condition
+    figures = {f["version"]: f for f in serving.status()["monitoring"]["versions"]}[monitored]
+    assert figures["reference"] == "training" and figures["drifted"] == ["prompt"]
+
+    registry = MlflowClient(serving.mlflow.url)
+    experiment = registry.get_experiment_by_name(f"regserve/{serving.namespace}/{NAME}")
+    assert experiment is not None
+    (run,) = registry.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`regserve.model_version` = '{monitored}'"
+    )
+    assert registry.get_metric_history(run.info.run_id, "psi.prompt")[-1].value > 0.2
+
+    read: dict[str, pd.DataFrame] = {}
+
+    def records() -> bool:
+        into = tmp_path / f"payloads-{time.monotonic_ns()}"
+        read["frame"] = pd.read_parquet(registry.download_artifacts(run.info.run_id, "payloads", str(into)))
+        return set(sent) <= set(read["frame"]["request_id"])
+
+    until("every request's record in MLflow", records, timeout=60)
+    frame = read["frame"].set_index("request_id")
+    for rid, prompt in sent.items():
+        assert frame.loc[rid, "input_prompt"] == prompt
+        assert frame.loc[rid, "output_translation_text"] == answers[rid]
+        assert frame.loc[rid, "version"] == monitored and frame.loc[rid, "status"] == 200
+
+    _merge_spec(serving, NAME, {"monitoring": None})
+    until(
+        "monitoring off in the app's args",
+        lambda: "monitoring" not in _app_args(serving),
+        timeout=60,
+    )
+    until("answering without it", lambda: serving.answered_by(monitored), timeout=ROLLOUT_S)
+
+
+def _app_args(serving: Serving) -> dict[str, Any]:
+    rayservice = serving.cluster.rayservice(NAME) or {}
+    config = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "{}") or {}
+    return dict((config.get("applications") or [{}])[0].get("args") or {})
 
 
 def _cli(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:

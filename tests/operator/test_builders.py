@@ -494,7 +494,7 @@ def test_hardening_survives_callers_changing_the_pods() -> None:
             },
             {
                 "name": b.PAYLOAD_HEADERS_ENV,
-                "valueFrom": {"secretKeyRef": {"name": "sink", "key": "headers"}},
+                "valueFrom": {"secretKeyRef": {"name": "sink", "key": "headers", "optional": True}},
             },
         ),
     ],

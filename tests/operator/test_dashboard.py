@@ -31,7 +31,7 @@ def test_every_panel_queries_something_and_ids_are_unique() -> None:
     assert len({p["id"] for p in panels}) == len(panels)
     assert all(p["targets"] and all(t["expr"].strip() for t in p["targets"]) for p in panels)
     titles = " ".join(p["title"] for p in panels)
-    for wanted in ("phase", "weight", "Requests", "5xx", "p95"):
+    for wanted in ("phase", "weight", "Requests", "5xx", "p95", "Input drift", "Prediction drift"):
         assert wanted in titles
 
 
@@ -39,13 +39,15 @@ def test_queries_name_exported_series_with_their_labels() -> None:
     operator_series = {
         "regserve_rollout_phase": metrics.ROLLOUT_PHASE,
         "regserve_rollout_weight_percent": metrics.ROLLOUT_WEIGHT,
+        "regserve_drift_psi": metrics.DRIFT_PSI,
+        "regserve_window_requests": metrics.WINDOW_REQUESTS,
     }
     seen_operator, seen_app = set(), set()
     for expr in _exprs():
         for name, gauge in operator_series.items():
             for labels in re.findall(rf"{name}\{{([^}}]*)\}}", expr):
                 seen_operator.add(name)
-                used = set(re.findall(r"(\w+)=~?", labels))
+                used = set(re.findall(r"(\w+)!?=~?", labels))
                 assert used <= set(gauge._labelnames), (name, used)
         for app_name in re.findall(r"ray_(regserve_\w+?)(?:_bucket|\(_total\)\?)", expr):
             seen_app.add(app_name)

@@ -726,3 +726,75 @@ def test_the_step_is_the_windows_number(end: float, length: float, step: int) ->
     judgement = judged(PAYLOADS_ONLY, WindowReport(end, length, (figures(),)))
     assert [m.step for m in judgement.metrics] == [step]
     assert judgement.metrics[0].timestamp_ms == int(end * 1000)
+
+
+PAYLOAD_CASES = [
+    pytest.param(None, ("Unknown", "NoFigures"), id="no-figures"),
+    pytest.param(
+        {"logged": 40, "dropped": 0, "sink_error": 0, "problems": [], "errors": []},
+        ("True", "Logging"),
+        id="logging",
+    ),
+    pytest.param(
+        {"logged": 0, "dropped": 3, "sink_error": 10, "problems": [], "errors": ["ClientConnectorError"]},
+        ("False", "SinkFailing"),
+        id="sink-failing",
+    ),
+    pytest.param(
+        {"logged": 0, "problems": ["sink_headers_missing"], "errors": []},
+        ("False", "SinkHeadersMissing"),
+        id="headers-missing",
+    ),
+    pytest.param(
+        {"logged": 0, "problems": ["sink_headers_invalid"], "errors": ["SinkRefused"]},
+        ("False", "SinkHeadersInvalid"),
+        id="a-problem-before-an-error",
+    ),
+    pytest.param(
+        {"logged": 1, "problems": ["not a code!"], "errors": ["also not\\na code"]},
+        ("True", "Logging"),
+        id="hostile-codes-dropped",
+    ),
+]
+
+
+@pytest.mark.parametrize(("payloads", "expected"), PAYLOAD_CASES)
+def test_payloads_logged_condition(payloads: dict[str, Any] | None, expected: tuple[str, str]) -> None:
+    raw = body(versions={"3": {"requests": 4}})
+    if payloads is not None:
+        raw["payloads"] = payloads
+    report = parse_monitoring(raw)
+    assert report is not None
+    spec = Monitoring.model_validate({"payloads": {"sampleRate": 0.5}})
+    judgement = judge(spec, None, report, ("3",))
+    assert judgement is not None and judgement.payloads is not None
+    assert (judgement.payloads.status, judgement.payloads.reason) == expected
+    assert judgement.condition is None, "no drift asked: InputDrift is left alone"
+    if payloads is not None and expected[0] != "Unknown":
+        assert judgement.status.payloads is not None
+        assert judgement.status.payloads.logged == payloads["logged"]
+
+
+def test_payload_summary_sums_replicas_and_names_each_problem_once() -> None:
+    from serving_app.monitoring.monitor import payload_summary
+
+    parts = [
+        {"logged": 3, "dropped": 1, "sink_error": 0, "problem": None, "last_error": "SinkRefused"},
+        {"logged": 2, "dropped": 0, "sink_error": 5, "problem": "sink_headers_missing", "last_error": None},
+        {
+            "logged": 1,
+            "dropped": 0,
+            "sink_error": 0,
+            "problem": "sink_headers_missing",
+            "last_error": "SinkRefused",
+        },
+        None,
+    ]
+    assert payload_summary(parts) == {
+        "logged": 6,
+        "dropped": 1,
+        "sink_error": 5,
+        "problems": ["sink_headers_missing"],
+        "errors": ["SinkRefused"],
+    }
+    assert payload_summary([None]) is None

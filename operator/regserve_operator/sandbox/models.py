@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -20,15 +21,22 @@ def log_phrasebook(
     fail_on_load: bool = False,
     extra_inputs: dict[str, Any] | None = None,
     input_example: str | None = None,
+    training_prompts: Path | None = None,
 ) -> str:
     """Register a phrasebook translator version; returns its version number.
 
     `input_example`: a prompt logged as the version's MLflow input example (what a smoke test
-    predicts); "boom" makes a version that loads but fails its own example."""
+    predicts); "boom" makes a version that loads but fails its own example. `training_prompts`: a CSV
+    file of prompts logged on the version's run as its training dataset (its drift reference)."""
     mlflow.set_tracking_uri(tracking_uri)
     example = pd.DataFrame({input_label: ["Hello"], **{k: [v] for k, v in (extra_inputs or {}).items()}})
     signature = infer_signature(example, [{"translation_text": "Hallo"}])
     with mlflow.start_run():
+        if training_prompts is not None:
+            from mlflow.data.pandas_dataset import from_pandas
+
+            training = pd.read_csv(training_prompts)
+            mlflow.log_input(from_pandas(training, source=str(training_prompts), name="prompts"), "training")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PHRASEBOOK_MODEL),

@@ -65,6 +65,7 @@ bench: venv wrk
 	$(BIN)/python -m bench.profile_replica
 	$(BIN)/python -m bench.shared_cluster
 	$(BIN)/python -m bench.autoscaling
+	$(BIN)/python -m bench.payloads --rounds 3 --duration 2
 
 # Re-pins constraints.txt from the current virtualenv.
 lock:

@@ -972,8 +972,7 @@ def test_monitoring_logs_payloads_to_mlflow_and_reports_a_shifted_prompt_as_drif
     `prompt`, the window's figures in status and on the version's MLflow run. Turned off again after."""
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")
-    prompts = tmp_path / "prompts.csv"
-    pd.DataFrame({"prompt": ["Hello", "Goodbye", "Thank you"] * 40}).to_csv(prompts, index=False)
+    prompts = ["Hello", "Goodbye", "Thank you"] * 40
     monitored = log_phrasebook(serving.mlflow.url, MODEL, lang_to="de", training_prompts=prompts)
     _merge_spec(
         serving,
@@ -1008,7 +1007,10 @@ def test_monitoring_logs_payloads_to_mlflow_and_reports_a_shifted_prompt_as_drif
         condition.update(cond({"status": serving.status()}, "InputDrift") or {})
         return condition.get("status") == "True"
 
-    until("InputDrift=True", drifted, timeout=180)
+    try:
+        until("InputDrift=True", drifted, timeout=180)
+    except plane.PlaneError:
+        raise AssertionError(f"no drift: {serving.status().get('monitoring')} {condition}") from None
     assert condition["message"].startswith(f"version {monitored}: prompt (PSI "), condition
     figures = {f["version"]: f for f in serving.status()["monitoring"]["versions"]}[monitored]
     assert figures["reference"] == "training" and figures["drifted"] == ["prompt"]

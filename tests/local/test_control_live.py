@@ -107,6 +107,25 @@ def check_monitoring(client: LocalControlClient, uri: str, tmp_path: Path) -> No
     wait_for(
         lambda: mlflow.list_artifacts(run.info.run_id, "payloads"), timeout=60, message="payload records"
     )
+    logged = [c for c in status["conditions"] if c["type"] == "PayloadsLogged"]
+    assert logged and logged[0]["status"] == "True", status["conditions"]
+
+    # A sink nobody listens at: PayloadsLogged says so, and the endpoint answers throughout.
+    broken = monitored_manifest(uri)
+    broken["spec"]["monitoring"]["payloads"]["sink"] = {
+        "http": {"url": f"http://127.0.0.1:{free_port()}/events"}
+    }
+    client.apply(broken)
+
+    def sink_failing() -> dict[str, Any] | None:
+        status = (client.get("default", "monitored") or {}).get("status") or {}
+        found = [c for c in status.get("conditions") or [] if c["type"] == "PayloadsLogged"]
+        return found[0] if found and found[0]["reason"] == "SinkFailing" else None
+
+    with monitored.Traffic(f"{client.serve_url}/monitored") as traffic:
+        failing = wait_for(sink_failing, timeout=120, interval=1, message="PayloadsLogged=False")
+    assert failing["status"] == "False" and "ClientConnectorError" in failing["message"]
+    assert traffic.failures == 0
     assert client.delete("default", "monitored") is True
 
 

@@ -202,3 +202,23 @@ def test_an_unreachable_registry_raises(tracking: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(ReferenceUnavailable):
         load_reference(f"http://127.0.0.1:{free_port()}", "any_model", "1", timeout_s=60)
+
+
+def test_a_training_csv_read_back_over_the_artifact_proxy(tracking: str) -> None:
+    """The sandbox's way (`log_training_csv`): the dataset is an artifact of the run, its source the
+    tracking server's artifact proxy URL, which any replica reaching the server can read."""
+    from regserve_operator.sandbox.models import log_training_csv
+
+    rows = training_rows(300)
+    with mlflow.start_run():
+        log_training_csv(tracking, rows, "train.csv")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODELS / "echo_model.py"),
+            signature=SIGNATURE,
+            pip_requirements=["mlflow==3.17.2", "pandas"],
+            registered_model_name="drift_ref_proxy",
+        )
+    found = load_reference(tracking, "drift_ref_proxy", str(info.registered_model_version))
+    assert isinstance(found, Reference) and found.kind == "training"
+    assert len(found.frame) == 300 and list(found.frame.columns) == ["x", "colour"]

@@ -21,22 +21,20 @@ def log_phrasebook(
     fail_on_load: bool = False,
     extra_inputs: dict[str, Any] | None = None,
     input_example: str | None = None,
-    training_prompts: Path | None = None,
+    training_prompts: list[str] | None = None,
 ) -> str:
     """Register a phrasebook translator version; returns its version number.
 
     `input_example`: a prompt logged as the version's MLflow input example (what a smoke test
-    predicts); "boom" makes a version that loads but fails its own example. `training_prompts`: a CSV
-    file of prompts logged on the version's run as its training dataset (its drift reference)."""
+    predicts); "boom" makes a version that loads but fails its own example. `training_prompts`: logged
+    on the version's run as its training dataset (its drift reference), a CSV artifact read back over
+    the tracking server's artifact proxy (an http source any replica that reaches the server reads)."""
     mlflow.set_tracking_uri(tracking_uri)
     example = pd.DataFrame({input_label: ["Hello"], **{k: [v] for k, v in (extra_inputs or {}).items()}})
     signature = infer_signature(example, [{"translation_text": "Hallo"}])
     with mlflow.start_run():
         if training_prompts is not None:
-            from mlflow.data.pandas_dataset import from_pandas
-
-            training = pd.read_csv(training_prompts)
-            mlflow.log_input(from_pandas(training, source=str(training_prompts), name="prompts"), "training")
+            log_training_csv(tracking_uri, pd.DataFrame({input_label: training_prompts}), "prompts.csv")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PHRASEBOOK_MODEL),
@@ -47,6 +45,22 @@ def log_phrasebook(
             registered_model_name=model_name,
         )
     return str(info.registered_model_version)
+
+
+def log_training_csv(tracking_uri: str, frame: pd.DataFrame, name: str) -> None:
+    """`frame` as the active run's training dataset: a CSV artifact, its source the artifact proxy's URL."""
+    import tempfile
+    import urllib.parse
+
+    from mlflow.data.pandas_dataset import from_pandas
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / name
+        frame.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    root = urllib.parse.urlsplit(mlflow.get_artifact_uri()).path.strip("/")
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{root}/{name}"
+    mlflow.log_input(from_pandas(frame, source=url, name=name.split(".")[0]), context="training")
 
 
 def log_slow_echo(tracking_uri: str, model_name: str, *, delay_s: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from serving_app.monitoring.records import PayloadRecord
+from serving_app.monitoring.records import ColumnArrays, PayloadRecord
 from serving_app.monitoring.table import plain
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
@@ -62,6 +62,8 @@ def _endpoint(record: PayloadRecord) -> str:
 def request_body(record: PayloadRecord) -> dict[str, Any]:
     """The input in MLflow's scoring format: records for a frame, `inputs` for anything else."""
     model_input = record.model_input
+    if isinstance(model_input, ColumnArrays):
+        return {"dataframe_records": plain(model_input.records())}
     if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):
         return {"dataframe_records": plain(model_input.to_dict(orient="records"))}
     return {"inputs": plain(model_input)}

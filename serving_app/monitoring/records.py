@@ -7,8 +7,12 @@ import hashlib
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # What a client's request id may be: echoed in a header and written to the sink, so a bounded token.
@@ -56,6 +60,29 @@ class PayloadCapture:
 
 
 @dataclass(frozen=True)
+class ColumnArrays:
+    """A frame's columns as arrays: what a queued record keeps of a DataFrame input. A DataFrame is
+    dozens of objects the garbage collector walks on every pass while thousands wait in the queue;
+    its arrays are not tracked at all."""
+
+    arrays: Mapping[str, np.ndarray]
+    rows: int
+
+    def records(self) -> list[dict[str, Any]]:
+        lists = {name: array.tolist() for name, array in self.arrays.items()}
+        return [{name: values[i] for name, values in lists.items()} for i in range(self.rows)]
+
+
+def compact(model_input: Any) -> Any:
+    """A DataFrame input as `ColumnArrays`; anything else as it is."""
+    if isinstance(model_input, pd.DataFrame):
+        return ColumnArrays(
+            {str(name): model_input[name].to_numpy() for name in model_input.columns}, len(model_input)
+        )
+    return model_input
+
+
+@dataclass(frozen=True)
 class PayloadRecord:
     request_id: str
     at: float  # seconds since the epoch, when the request arrived
@@ -91,7 +118,7 @@ def record_of(
         status=status,
         error_code=capture.error_code,
         latency_ms=latency_ms,
-        model_input=capture.model_input,
+        model_input=compact(capture.model_input),
         rows=capture.rows,
         outputs=capture.outputs,
         signature=capture.signature,

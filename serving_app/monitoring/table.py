@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from serving_app.monitoring.records import PayloadRecord
+from serving_app.monitoring.records import ColumnArrays, PayloadRecord, compact
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "boolean": pa.bool_(),
@@ -93,6 +93,8 @@ def plain(value: Any) -> Any:
         return [plain(item) for item in value]
     if hasattr(value, "to_dict") and hasattr(value, "columns"):  # a DataFrame
         return plain(value.to_dict(orient="list"))
+    if isinstance(value, ColumnArrays):
+        return {name: plain(array) for name, array in value.arrays.items()}
     if isinstance(value, bytes | bytearray):
         return value.hex()
     return value
@@ -107,6 +109,10 @@ def _input_rows(record: PayloadRecord, columns: Columns) -> tuple[list[dict[str,
     frame = record.model_input
     if frame is None:
         return [], None
+    if columns.inputs and isinstance(frame, ColumnArrays):
+        names = [name for name, _ in columns.inputs if name in frame.arrays]
+        data = {name: frame.arrays[name].tolist() for name in names}
+        return [{name: data[name][i] for name in names} for i in range(frame.rows)], None
     if columns.inputs and hasattr(frame, "columns"):
         names = [name for name, _ in columns.inputs if name in frame.columns]
         data = {name: frame[name].tolist() for name in names}
@@ -138,7 +144,8 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
     inputs, inputs_json = _input_rows(record, columns)
     outputs = record.outputs or []
     count = max(len(inputs), len(outputs), 1)
-    budget = max_bytes
+    # Sized row by row only when the whole record may not fit (most are far below the bound).
+    budget = max_bytes if _may_exceed(record, inputs_json, max_bytes) else None
     truncated = len(inputs_json or "") > max_bytes
     if truncated:
         inputs_json = None
@@ -153,8 +160,9 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
             fields, as_json = _output_fields(outputs[index], columns)
             row.update({f"output_{name}": value for name, value in fields.items()})
             row["outputs_json"] = as_json
-        budget -= _size(row)
-        if budget < 0:
+        if budget is not None:
+            budget -= _size(row)
+        if budget is not None and budget < 0:
             truncated = True
             if not rows:  # not even one row fits: the request's fields alone
                 rows.append({k: v for k, v in row.items() if not k.startswith(("input", "output"))})
@@ -163,6 +171,20 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
     for row in rows:
         row["truncated"] = truncated
     return rows
+
+
+def _may_exceed(record: PayloadRecord, inputs_json: str | None, max_bytes: int) -> bool:
+    """An upper bound of the record's size against `max_bytes`, cheaply: numbers as 24 characters."""
+    size = len(inputs_json or "")
+    frame = compact(record.model_input)
+    if isinstance(frame, ColumnArrays):
+        for array in frame.arrays.values():
+            if array.dtype.kind in "biuf":
+                size += 24 * array.size
+            else:
+                size += sum(len(str(value)) + 8 for value in array.tolist())
+    size += len(_json(record.outputs)) if record.outputs is not None else 0
+    return size > max_bytes
 
 
 def _size(row: dict[str, Any]) -> int:

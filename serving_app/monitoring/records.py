@@ -3,6 +3,7 @@ answering it. Cheap on the request path: references only; the writer encodes the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -77,9 +78,15 @@ def compact(model_input: Any) -> Any:
     """A DataFrame input as `ColumnArrays`; anything else as it is."""
     if isinstance(model_input, pd.DataFrame):
         return ColumnArrays(
-            {str(name): model_input[name].to_numpy() for name in model_input.columns}, len(model_input)
+            {str(name): column.to_numpy() for name, column in model_input.items()}, len(model_input)
         )
     return model_input
+
+
+def settled(record: PayloadRecord) -> PayloadRecord:
+    """What a queued record keeps: its input compacted (done by the writer, off the request path)."""
+    compacted = compact(record.model_input)
+    return record if compacted is record.model_input else dataclasses.replace(record, model_input=compacted)
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ def record_of(
         status=status,
         error_code=capture.error_code,
         latency_ms=latency_ms,
-        model_input=compact(capture.model_input),
+        model_input=capture.model_input,
         rows=capture.rows,
         outputs=capture.outputs,
         signature=capture.signature,

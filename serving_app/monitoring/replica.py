@@ -23,6 +23,7 @@ from serving_app.monitoring.records import (
     Choice,
     PayloadCapture,
     record_of,
+    settled,
 )
 from serving_app.monitoring.writer import PayloadLog, PayloadSink, WriterLimits
 
@@ -54,7 +55,9 @@ class ReplicaPayloads:
     ) -> None:
         self.args = args
         self.model = model
-        self.log = PayloadLog(sink, lambda outcome, n: counter.inc(n, tags={"outcome": outcome}), limits)
+        self.log = PayloadLog(
+            sink, lambda outcome, n: counter.inc(n, tags={"outcome": outcome}), limits, settle=settled
+        )
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

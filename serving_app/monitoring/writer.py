@@ -37,6 +37,7 @@ class WriterLimits:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     final_drain_s: float = 10.0  # what stopping may spend writing what is left
+    settle_interval_s: float = 0.25
 
 
 def next_backoff(previous: float | None, limits: WriterLimits) -> float:
@@ -51,11 +52,15 @@ class PayloadLog:
         sink: PayloadSink,
         count: Callable[[Outcome, int], None],
         limits: WriterLimits | None = None,
+        settle: Callable[[PayloadRecord], PayloadRecord] | None = None,
     ) -> None:
         self.sink = sink
         self.limits = limits or WriterLimits()
         self._count = count
+        # Records as offered, and as settled (`settle`: a DataFrame input kept as its arrays).
+        self._fresh: collections.deque[PayloadRecord] = collections.deque()
         self._queue: collections.deque[PayloadRecord] = collections.deque()
+        self._settle_record = settle or (lambda record: record)
         self._writing = 0  # records of the batch being written: still within the bound
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -64,36 +69,50 @@ class PayloadLog:
 
     @property
     def queued(self) -> int:
-        return len(self._queue) + self._writing
+        return len(self._fresh) + len(self._queue) + self._writing
 
     def offer(self, record: PayloadRecord) -> bool:
         """Queue a record; False (and counted) when the queue is full. Never blocks."""
         if self.queued >= self.limits.capacity:
             self._counted("dropped", 1)
             return False
-        self._queue.append(record)
-        if len(self._queue) >= self.limits.batch_records:
+        self._fresh.append(record)
+        if len(self._fresh) + len(self._queue) >= self.limits.batch_records:
             self._wake.set()
         return True
 
     async def run(self) -> None:
-        """The writer task: runs until `stop()`, then writes what is queued once more."""
+        """The writer task: runs until `stop()`, then writes what is queued once more. Between writes
+        it settles new records every `settle_interval_s` (off the request path)."""
+        loop = asyncio.get_running_loop()
+        written_at = loop.time()
         while not self._stopping.is_set():
+            wait = min(self.limits.settle_interval_s, self.limits.flush_interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.limits.flush_interval_s)
-            self._wake.clear()
-            await self.drain()
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._settle()
+            due = loop.time() - written_at >= self.limits.flush_interval_s
+            if self._wake.is_set() or due:
+                self._wake.clear()
+                await self.drain()
+                written_at = loop.time()
         # Once more on the way out, within a bound: a replica's shutdown must not wait on a hung sink.
         try:
             await asyncio.wait_for(self.drain(retry=False), self.limits.final_drain_s)
         except TimeoutError:
             self._counted("sink_error", self.queued)
+            self._fresh.clear()
             self._queue.clear()
             self._writing = 0
+
+    def _settle(self) -> None:
+        while self._fresh:
+            self._queue.append(self._settle_record(self._fresh.popleft()))
 
     async def drain(self, *, retry: bool = True) -> None:
         """Write everything queued now, in batches; a failing sink is retried with back-off."""
         attempt, backoff = 0, None
+        self._settle()
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self.limits.batch_records, len(self._queue)))]
             self._writing = len(batch)
@@ -124,6 +143,7 @@ class PayloadLog:
             attempt, backoff = 0, None
             self.last_error = None
             self._counted("logged", len(batch))
+            self._settle()
 
     def stop(self) -> None:
         self._stopping.set()

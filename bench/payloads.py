@@ -514,6 +514,7 @@ def in_process(cases: Sequence[ModelCase], tracking_uri: str, receiver_url: str)
                 "model": case.key,
                 "gc_tracked_objects": len(gc.get_objects()),
                 "capture_us": _capture_us(request),
+                "settle_us": _settle_us(request),
                 "gc_us_queued": retained - without,
                 "mlflow_us": _sink_us(case, "mlflow", records, tracking_uri, receiver_url),
                 "cloudevents_us": _sink_us(case, "cloudevents", records, tracking_uri, receiver_url),
@@ -566,6 +567,19 @@ def _capture_us(request: Any, n: int = 5000) -> float:
     return took / n * 1e6
 
 
+def _settle_us(request: Any, n: int = 5000) -> float:
+    """The writer's settling of a record (off the request path): a DataFrame input to its arrays."""
+    import time
+
+    from serving_app.monitoring.records import settled
+
+    records = [_record(*request()) for _ in range(n)]
+    started = time.perf_counter()
+    for record in records:
+        settled(record)
+    return (time.perf_counter() - started) / n * 1e6
+
+
 def _gc_while_queued(request: Any, *, retain: bool, n: int = 5000, batch: int = 1000) -> float:
     """The garbage collector's time per request when each request's record (and the model input and
     output it refers to) waits in the queue for a batch of `batch`, or is dropped at once."""
@@ -580,13 +594,15 @@ def _gc_while_queued(request: Any, *, retain: bool, n: int = 5000, batch: int = 
         else:
             spent[0] += time.perf_counter() - started[0]
 
+    from serving_app.monitoring.records import settled
+
     queued: list[Any] = []
     gc.callbacks.append(timed)
     try:
         for _ in range(n):
             record = _record(*request())
             if retain:
-                queued.append(record)
+                queued.append(settled(record))  # as the writer keeps it once settled
             if len(queued) >= batch:
                 queued = []
     finally:

@@ -75,8 +75,13 @@ class ColumnArrays:
 
 
 def compact(model_input: Any) -> Any:
-    """A DataFrame input as `ColumnArrays`; anything else as it is."""
+    """A DataFrame input as `ColumnArrays` (views of one array: a mixed frame's is of objects); anything
+    else as it is."""
     if isinstance(model_input, pd.DataFrame):
+        values = model_input.to_numpy()
+        names = [str(name) for name in model_input.columns]
+        if values.ndim == 2 and values.shape[1] == len(names):
+            return ColumnArrays({name: values[:, i] for i, name in enumerate(names)}, len(model_input))
         return ColumnArrays(
             {str(name): column.to_numpy() for name, column in model_input.items()}, len(model_input)
         )

@@ -39,21 +39,27 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     for key, value in node.items():
         if key in _DROP or (key == "additionalProperties" and value is False):
             continue  # pruning already drops unknown fields
-        if key == "properties":
-            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
-        elif key == "const":
-            out["enum"] = [value]
-        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
-            # JSON Schema's numeric bound is OpenAPI v3's (Kubernetes') bound plus a boolean flag.
-            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
-        else:
-            out[key] = _structural(value, defs)
+        _keyword(out, key, value, defs)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     if out.get("default") is None:
         out.pop("default", None)
     return out
+
+
+def _keyword(out: dict[str, Any], key: str, value: Any, defs: dict[str, Any]) -> None:
+    """One JSON Schema keyword written into `out` as a structural OpenAPI v3 schema has it."""
+    if key == "properties":
+        if value:  # the API server drops an empty one: written, it would read back as drift
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+    elif key == "const":
+        out["enum"] = [value]
+    elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+        # JSON Schema's numeric bound is OpenAPI v3's (Kubernetes') bound plus a boolean flag.
+        out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+        out[key] = True
+    else:
+        out[key] = _structural(value, defs)
 
 
 def _without_null(node: dict[str, Any]) -> dict[str, Any]:

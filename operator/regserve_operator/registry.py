@@ -43,7 +43,7 @@ from regserve_operator.ports import (
 from regserve_operator.spec import ModelSelector
 from serving_app import mlmodel, mlmodel_client
 from serving_app.mlmodel import Deadline, SharedTransport, bounded_request, redirect_note
-from serving_app.monitoring.mlflow_sink import RESOURCE_TAG, SinkRefused, TrackingRest, version_run
+from serving_app.monitoring.tracking import RESOURCE_TAG, SinkRefused, TrackingRest, version_run
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pytest
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Object, Property, Schema, TensorSpec
 
-from serving_app.monitoring.mlflow_sink import RunInfo, SinkRefused, oldest, partition, proxied_path
+from serving_app.monitoring.mlflow_sink import partition
 from serving_app.monitoring.records import PayloadRecord
 from serving_app.monitoring.table import (
     REQUEST_FIELDS,
@@ -30,6 +30,7 @@ from serving_app.monitoring.table import (
     plain,
     signature_columns,
 )
+from serving_app.monitoring.tracking import RunInfo, SinkRefused, oldest, proxied_path
 
 AT = 1_700_000_000.25  # 2023-11-14 22:13:20.250 UTC
 REQUEST_NAMES = [name for name, _ in REQUEST_FIELDS]

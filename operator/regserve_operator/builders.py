@@ -114,6 +114,11 @@ def route_prefix(owner_name: str, serving: s.Serving) -> str:
     return serving.route_prefix or f"/{owner_name}"
 
 
+def monitoring_experiment(owner: Owner) -> str:
+    """The MLflow experiment of a resource's payloads and window metrics."""
+    return f"regserve/{owner.namespace}/{owner.name}"
+
+
 def monitoring_args(owner: Owner, monitoring: s.Monitoring) -> dict[str, Any]:
     args: dict[str, Any] = {"window_s": float(monitoring.window_seconds)}
     if monitoring.payloads is not None:
@@ -135,7 +140,7 @@ def payload_args(owner: Owner, payloads: s.Payloads) -> dict[str, Any]:
         "sample_rate": payloads.sample_rate,
         "include": list(payloads.include),
         "max_record_bytes": payloads.max_record_bytes,
-        "experiment": f"regserve/{owner.namespace}/{owner.name}",
+        "experiment": monitoring_experiment(owner),
         "namespace": owner.namespace,
         "resource": owner.name,
         **sink,

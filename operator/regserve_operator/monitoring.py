@@ -86,7 +86,7 @@ MonitoringProbe = Callable[[str], "WindowReport | None"]
 
 def probe_monitoring(url: str, *, client: httpx.Client | None = None) -> WindowReport | None:
     """The app's last completed window; None before the first one, or when it cannot be asked."""
-    response = probe._get(url, "/monitoring", client)
+    response = probe.get_answer(url, "/monitoring", client)
     if response is None or response.status_code != 200:
         return None
     try:
@@ -194,7 +194,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 @dataclass(frozen=True)
-class DriftCondition:
+class ConditionOutcome:
     status: ConditionStatus
     reason: str
     message: str
@@ -213,9 +213,9 @@ class WindowMetrics:
 @dataclass(frozen=True)
 class Judgement:
     status: MonitoringStatus
-    condition: DriftCondition | None  # None: leave the condition as it is (no drift asked)
+    condition: ConditionOutcome | None  # None: leave the condition as it is (no drift asked)
     metrics: tuple[WindowMetrics, ...]
-    payloads: DriftCondition | None = None  # PayloadsLogged (None: no payload logging asked)
+    payloads: ConditionOutcome | None = None  # PayloadsLogged (None: no payload logging asked)
 
 
 def window_end_text(end: float) -> str:
@@ -253,20 +253,20 @@ def judge(
     return Judgement(status, condition, metrics, logged)
 
 
-def _payloads_condition(payloads: PayloadWindow | None) -> DriftCondition:
+def _payloads_condition(payloads: PayloadWindow | None) -> ConditionOutcome:
     """Whether payload records reach the sink: a replica that cannot log at all, or a sink failing, is
     said with the cause (serving is never touched by either)."""
     if payloads is None:
-        return DriftCondition("Unknown", "NoFigures", "no replica reported payload figures for the window")
+        return ConditionOutcome("Unknown", "NoFigures", "no replica reported payload figures for the window")
     for problem in payloads.problems:
         reason, message = PROBLEM_REASONS.get(problem, ("SinkUnavailable", problem))
-        return DriftCondition("False", reason, f"payload logging is off: {message}")
+        return ConditionOutcome("False", reason, f"payload logging is off: {message}")
     counts = f"{payloads.logged} logged, {payloads.dropped} dropped, {payloads.sink_error} given up"
     if payloads.errors:
-        return DriftCondition(
+        return ConditionOutcome(
             "False", "SinkFailing", f"the sink fails ({', '.join(payloads.errors)}): {counts}"
         )
-    return DriftCondition("True", "Logging", counts)
+    return ConditionOutcome("True", "Logging", counts)
 
 
 def _status_figures(figures: WindowFigures) -> VersionFigures:
@@ -306,7 +306,7 @@ def _metric_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)[:100]
 
 
-def _condition(report: WindowReport, judged_versions: tuple[str, ...]) -> DriftCondition:
+def _condition(report: WindowReport, judged_versions: tuple[str, ...]) -> ConditionOutcome:
     judged = [f for f in report.versions if f.version in judged_versions]
     drifted = [f for f in judged if f.enough_rows and (f.drifted or f.predictions_drifted)]
     if drifted:
@@ -321,14 +321,14 @@ def _condition(report: WindowReport, judged_versions: tuple[str, ...]) -> DriftC
                 " against its input example (a weak reference)" if figures.reference == "inputExample" else ""
             )
             parts.append(f"version {figures.version}{weak}: {', '.join(named[:MESSAGE_FEATURES])}")
-        return DriftCondition("True", "Drifted", "; ".join(parts))
+        return ConditionOutcome("True", "Drifted", "; ".join(parts))
     with_rows = [f for f in judged if f.enough_rows]
     if with_rows:
-        return DriftCondition(
+        return ConditionOutcome(
             "False", "NoDrift", f"no feature over the threshold in {len(with_rows)} version(s)"
         )
     no_reference = [f for f in judged if f.rows is None]
     if judged and len(no_reference) == len(judged):
         note = "; ".join(f"version {f.version}: {f.reference_note or f.reference}" for f in no_reference)
-        return DriftCondition("Unknown", "NoReference", note[:500])
-    return DriftCondition("Unknown", "NotEnoughRows", "too few rows in the last window for a verdict")
+        return ConditionOutcome("Unknown", "NoReference", note[:500])
+    return ConditionOutcome("Unknown", "NotEnoughRows", "too few rows in the last window for a verdict")

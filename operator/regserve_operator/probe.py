@@ -59,7 +59,7 @@ Probe = Callable[[str], AppReport | None]
 def probe_app(url: str, *, client: httpx.Client | None = None) -> AppReport | None:
     """What the application at `url` reports; None when it cannot be asked (unreachable, not ready,
     an older app): the caller then goes by Ray's status alone."""
-    response = _get(url, "/healthz", client)
+    response = get_answer(url, "/healthz", client)
     if response is None or response.status_code != 200:
         return None
     try:
@@ -69,7 +69,7 @@ def probe_app(url: str, *, client: httpx.Client | None = None) -> AppReport | No
     return parse_report(body)
 
 
-def _get(url: str, path: str, client: httpx.Client | None) -> Answer | None:
+def get_answer(url: str, path: str, client: httpx.Client | None) -> Answer | None:
     """The app's answer at `path`, complete within the probe's deadline and byte cap; None otherwise."""
     target = f"{url.rstrip('/')}{path}"
     deadline = Deadline.after(PROBE_DEADLINE_S)
@@ -172,7 +172,7 @@ def probe_rollout(
 ) -> RolloutReport | RolloutUnsupported | None:
     """The app's rollout report; RolloutUnsupported for an app without the route; None when it cannot
     be asked or answers with something else: the caller then promotes nothing."""
-    response = _get(url, "/rollout", client)
+    response = get_answer(url, "/rollout", client)
     if response is None:
         return None
     if response.status_code == 404:

@@ -21,7 +21,13 @@ from datetime import datetime
 from typing import Any
 
 from regserve_operator import conditions as c
-from regserve_operator.builders import BuildDefaults, Owner, rayservice_name, route_prefix
+from regserve_operator.builders import (
+    BuildDefaults,
+    Owner,
+    monitoring_experiment,
+    rayservice_name,
+    route_prefix,
+)
 from regserve_operator.decide import (
     Event,
     FactsResult,
@@ -204,7 +210,7 @@ def log_window_metrics(decision: Outcome, inputs: Inputs, deps: Deps, credential
     spec, owner = inputs.spec, inputs.owner
     for window in decision.window_metrics:
         run = VersionRunRef(
-            experiment=f"regserve/{owner.namespace}/{owner.name}",
+            experiment=monitoring_experiment(owner),
             model=spec.model.name,
             resource=f"{owner.namespace}/{owner.name}",
             version=window.version,

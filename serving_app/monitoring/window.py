@@ -117,7 +117,7 @@ class ReplicaWindows:
     def completed_wire(self) -> dict[str, Any] | None:
         """The last completed window, in the form replicas send to be summed; None before the first."""
         self._roll_if_due()
-        if self.completed_index is None or self.completed_index != self.index - 1:
+        if self.completed_index is None:
             return None
         versions = {}
         for version, window in self.completed.items():

@@ -34,6 +34,7 @@ BOARD_NAME = "regserve-rollout-board"
 
 
 RETRY_AFTER_S = 10.0
+WINDOWS_KEPT = 2  # per replica: the newest monitoring window and the one before it
 
 
 class BoardUnavailable(RuntimeError):
@@ -55,7 +56,7 @@ class RolloutBoard:
     def __init__(self, stale_after_s: float = STALE_AFTER_S) -> None:
         self._stale_after_s = stale_after_s
         self._snapshots: dict[str, dict[str, tuple[float, ReplicaSnapshot]]] = {}
-        self._windows: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
+        self._windows: dict[str, dict[str, list[tuple[float, dict[str, Any]]]]] = {}
 
     def push(self, app: str, snapshot: ReplicaSnapshot) -> None:
         self._snapshots.setdefault(app, {})[snapshot.replica] = (time.monotonic(), snapshot)
@@ -76,19 +77,23 @@ class RolloutBoard:
         return rollout_report(self.snapshots(app))
 
     def push_window(self, app: str, replica: str, wire: dict[str, Any]) -> None:
-        """A replica's last completed monitoring window (`serving_app.monitoring.window`)."""
-        self._windows.setdefault(app, {})[replica] = (time.monotonic(), wire)
+        """A replica's completed monitoring window (`serving_app.monitoring.window`). Its previous one
+        is kept too: until every replica has pushed the newest, readers are answered the one before."""
+        pushed = self._windows.setdefault(app, {}).setdefault(replica, [])
+        others = [(at, kept) for at, kept in pushed if kept["window"] != wire["window"]]  # a retried push
+        pushed[:] = [*others[-(WINDOWS_KEPT - 1) :], (time.monotonic(), {**wire, "replica": replica})]
 
     def windows(self, app: str) -> list[dict[str, Any]]:
         # A window is pushed once when it completes: kept for two windows' time, then it is old news.
         kept = self._windows.get(app, {})
-        for replica in [
-            r for r, (at, wire) in kept.items() if time.monotonic() - at > 2 * wire["window_s"] + 10
-        ]:
-            del kept[replica]
+        now = time.monotonic()
+        for replica, pushed in list(kept.items()):
+            pushed[:] = [(at, wire) for at, wire in pushed if now - at <= 2 * wire["window_s"] + 10]
+            if not pushed:
+                del kept[replica]
         if not kept:
             self._windows.pop(app, None)
-        return [wire for _, wire in kept.values()]
+        return [wire for pushed in kept.values() for _, wire in pushed]
 
 
 class BoardClient:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Protocol
 
 from serving_app.config import MonitoringArgs
@@ -15,13 +16,14 @@ from serving_app.metrics import ServingMetrics
 from serving_app.monitoring.profiles import VersionProfiles
 from serving_app.monitoring.records import Choice, PayloadCapture, request_id, sampled
 from serving_app.monitoring.replica import ReplicaPayloads, replica_payloads, writer_id
-from serving_app.monitoring.window import ReplicaWindows, sum_windows
+from serving_app.monitoring.window import ReplicaWindows, settled_window, sum_windows
 
 logger = logging.getLogger("ray.serve")
 
 MAX_SIGNATURES = 64
 PAYLOAD_OUTCOMES = ("logged", "dropped", "sink_error")
 TICK_S = 1.0  # drift rows are counted, and a completed window pushed, this often
+SETTLE_GRACE_S = 3 * TICK_S + 2.0  # every live replica has pushed a window this long after its end
 
 
 class WindowBoard(Protocol):
@@ -143,6 +145,7 @@ class ReplicaMonitor:
             wires,
             psi_threshold=drift.psi_threshold if drift else 0.2,
             min_rows=drift.min_rows if drift else 1,
+            index=settled_window(wires, now=time.time(), grace_s=SETTLE_GRACE_S),
         )
         window_s = self.args.window_s
         return {

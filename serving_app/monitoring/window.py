@@ -206,15 +206,44 @@ class VersionFigures:
         return body
 
 
+def settled_window(wires: Sequence[Mapping[str, Any]], *, now: float, grace_s: float) -> int | None:
+    """The newest window, once every replica that pushed the one before has pushed it too or it ended
+    `grace_s` ago; until then the one before.
+
+    Replicas push a window a moment after it ends, each on its own tick: until the last one has, the
+    newest window is only part of the traffic, and a reader judging each window once (the operator)
+    would judge a part. A replica that did not push the window before is gone or new, and is not
+    waited for. `wires` carry the pushing replica's name (`replica`) and `window_s`."""
+    windows = [w for w in wires if isinstance(w.get("window"), int)]
+    if not windows:
+        return None
+    newest_of: dict[str, int] = {}
+    for position, wire in enumerate(windows):
+        replica = str(wire.get("replica", position))
+        newest_of[replica] = max(newest_of.get(replica, -1), int(wire["window"]))
+    newest = max(newest_of.values())
+    window_s = max(float(w.get("window_s") or 0.0) for w in windows if w["window"] == newest)
+    if now >= (newest + 1) * window_s + grace_s or (newest - 1) not in newest_of.values():
+        return newest
+    return newest - 1
+
+
 def sum_windows(
-    wires: Sequence[Mapping[str, Any]], *, psi_threshold: float, min_rows: int
+    wires: Sequence[Mapping[str, Any]],
+    *,
+    psi_threshold: float,
+    min_rows: int,
+    index: int | None = None,
 ) -> tuple[int | None, list[VersionFigures]]:
-    """The newest window any replica completed, summed over the replicas that completed it."""
+    """Window `index` (by default the newest any replica completed), summed over the replicas that
+    completed it."""
     windows = [w for w in wires if isinstance(w.get("window"), int)]
     if not windows:
         return None, []
-    newest = max(int(w["window"]) for w in windows)
+    newest = max(int(w["window"]) for w in windows) if index is None else index
     same = [w for w in windows if w["window"] == newest]
+    if not same:
+        return None, []
     names = sorted({v for w in same for v in (w.get("versions") or {})}, key=_version_order)
     return newest, [
         _version_figures(

@@ -19,6 +19,7 @@ from serving_app.monitoring.window import (
     ReplicaWindows,
     latency_bucket,
     quantile_ms,
+    settled_window,
     sum_windows,
 )
 
@@ -385,6 +386,56 @@ def part(
 
 def window_wire(index: int, **versions: dict[str, Any]) -> dict[str, Any]:
     return {"window": index, "window_s": WINDOW_S, "versions": {v[1:]: p for v, p in versions.items()}}
+
+
+def pushed(replica: str, index: int) -> dict[str, Any]:
+    return {**window_wire(index, v3=part(1)), "replica": replica}
+
+
+GRACE_S = 5.0
+END_OF_11 = 12 * WINDOW_S  # window 11 covers [660, 720)
+settled_cases = [
+    # (name, wires, now, settled window)
+    ("nothing pushed", [], END_OF_11, None),
+    ("every replica pushed the newest", [pushed("a", 11), pushed("b", 11)], END_OF_11 + 1, 11),
+    (
+        "one replica still on the one before: that one is answered",
+        [pushed("a", 10), pushed("a", 11), pushed("b", 10)],
+        END_OF_11 + 1,
+        10,
+    ),
+    (
+        "a replica that stopped pushing holds nothing back past the grace",
+        [pushed("a", 10), pushed("a", 11), pushed("b", 10)],
+        END_OF_11 + GRACE_S,
+        11,
+    ),
+    ("a lone replica's first window", [pushed("a", 11)], END_OF_11 + 1, 11),
+    (
+        "a replica that missed the window before is not waited for",
+        [pushed("a", 10), pushed("a", 11), pushed("b", 9)],
+        END_OF_11 + 1,
+        11,
+    ),
+    ("wires without a replica name are a replica each", [window_wire(11), window_wire(10)], END_OF_11, 10),
+]
+
+
+@pytest.mark.parametrize(
+    ("wires", "now", "settled"), [c[1:] for c in settled_cases], ids=[c[0] for c in settled_cases]
+)
+def test_the_window_answered_is_one_every_replica_pushed_or_whose_grace_is_over(
+    wires: list[dict[str, Any]], now: float, settled: int | None
+) -> None:
+    assert settled_window(wires, now=now, grace_s=GRACE_S) == settled
+
+
+def test_a_settled_window_is_summed_over_the_replicas_that_pushed_it() -> None:
+    wires = [pushed("a", 10), pushed("a", 11), pushed("b", 10)]
+    index, [figures] = sum_windows(wires, psi_threshold=PSI_THRESHOLD, min_rows=MIN_ROWS, index=10)
+    assert (index, figures.requests) == (10, 2)
+    assert sum_windows(wires, psi_threshold=PSI_THRESHOLD, min_rows=MIN_ROWS, index=None)[0] == 11
+    assert sum_windows(wires, psi_threshold=PSI_THRESHOLD, min_rows=MIN_ROWS, index=3) == (None, [])
 
 
 def test_sum_of_nothing() -> None:

@@ -260,6 +260,16 @@ def test_board_drops_replicas_that_stopped_pushing() -> None:
     assert fresh.report("nobody")["replicas"] == 0
 
 
+def test_board_keeps_each_replicas_last_two_windows_once_each() -> None:
+    board = RolloutBoard()
+    for index in (7, 8, 9, 9):  # the last push retried
+        board.push_window("app", "a", {"window": index, "window_s": 60.0, "versions": {}})
+    board.push_window("app", "b", {"window": 8, "window_s": 60.0, "versions": {}})
+    kept = sorted((w["replica"], w["window"]) for w in board.windows("app"))
+    assert kept == [("a", 8), ("a", 9), ("b", 8)]
+    assert board.windows("other") == []
+
+
 # ------------------------------------------------------------------------ shadow comparison
 
 agree_cases = [

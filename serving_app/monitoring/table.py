@@ -86,6 +86,8 @@ def plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biu" or (value.dtype.kind == "f" and np.isfinite(value).all()):
+            return value.tolist()  # plain already: no item needs a look
         return [plain(item) for item in value.tolist()]
     if isinstance(value, dict):
         return {str(key): plain(item) for key, item in value.items()}
@@ -100,24 +102,37 @@ def plain(value: Any) -> Any:
     return value
 
 
+_JSON = json.JSONEncoder(default=str, separators=(",", ":"))  # holds settings only: safe to share
+
+
 def _json(value: Any) -> str:
-    return json.dumps(plain(value), default=str, separators=(",", ":"))
+    return _JSON.encode(plain(value))
 
 
-def _input_rows(record: PayloadRecord, columns: Columns) -> tuple[list[dict[str, Any]], str | None]:
-    """The request's rows by input column, or (no rows, the input as JSON) when it has no columns."""
+@dataclass(frozen=True)
+class InputColumns:
+    """A request's input as the signature's columns (by name, one value per row), or as JSON text when
+    it has none."""
+
+    values: dict[str, list[Any]]
+    rows: int
+    as_json: str | None = None
+
+    def row(self, index: int) -> dict[str, Any]:
+        return {name: column[index] for name, column in self.values.items()}
+
+
+def _input_columns(record: PayloadRecord, columns: Columns) -> InputColumns:
     frame = record.model_input
     if frame is None:
-        return [], None
+        return InputColumns({}, 0)
     if columns.inputs and isinstance(frame, ColumnArrays):
         names = [name for name, _ in columns.inputs if name in frame.arrays]
-        data = {name: frame.arrays[name].tolist() for name in names}
-        return [{name: data[name][i] for name in names} for i in range(frame.rows)], None
+        return InputColumns({name: frame.arrays[name].tolist() for name in names}, frame.rows)
     if columns.inputs and hasattr(frame, "columns"):
         names = [name for name, _ in columns.inputs if name in frame.columns]
-        data = {name: frame[name].tolist() for name in names}
-        return [{name: plain(data[name][i]) for name in names} for i in range(len(frame))], None
-    return [], _json(frame)
+        return InputColumns({name: plain(frame[name].tolist()) for name in names}, len(frame))
+    return InputColumns({}, 0, _json(frame))
 
 
 def _output_fields(answer: Any, columns: Columns) -> tuple[dict[str, Any], str | None]:
@@ -141,9 +156,10 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
         "error_code": record.error_code,
         "latency_ms": record.latency_ms,
     }
-    inputs, inputs_json = _input_rows(record, columns)
+    inputs = _input_columns(record, columns)
+    inputs_json = inputs.as_json
     outputs = record.outputs or []
-    count = max(len(inputs), len(outputs), 1)
+    count = max(inputs.rows, len(outputs), 1)
     # Sized row by row only when the whole record may not fit (most are far below the bound).
     budget = max_bytes if _may_exceed(record, inputs_json, max_bytes) else None
     truncated = len(inputs_json or "") > max_bytes
@@ -151,9 +167,9 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
         inputs_json = None
     rows: list[dict[str, Any]] = []
     for index in range(count):
-        row: dict[str, Any] = {**request, "row": index if (inputs or outputs) else None}
-        if index < len(inputs):
-            row.update({f"input_{name}": value for name, value in inputs[index].items()})
+        row: dict[str, Any] = {**request, "row": index if (inputs.rows or outputs) else None}
+        if index < inputs.rows:
+            row.update({f"input_{name}": value for name, value in inputs.row(index).items()})
         if index == 0:
             row["inputs_json"] = inputs_json
         if index < len(outputs):
@@ -183,8 +199,15 @@ def _may_exceed(record: PayloadRecord, inputs_json: str | None, max_bytes: int) 
                 size += 24 * array.size
             else:
                 size += sum(len(str(value)) + 8 for value in array.tolist())
-    size += len(_json(record.outputs)) if record.outputs is not None else 0
+    outputs = record.outputs or []
+    if all(isinstance(value, _NUMBERS) for value in outputs):
+        size += 24 * len(outputs)
+    else:
+        size += len(_json(outputs))
     return size > max_bytes
+
+
+_NUMBERS = (int, float, np.number, np.bool_)
 
 
 def _size(row: dict[str, Any]) -> int:
@@ -203,7 +226,7 @@ def _column(values: list[Any], kind: pa.DataType) -> pa.Array:
         # Arrow would truncate 1.5 to 1: a number nobody sent. Not a whole number: null.
         values = [None if isinstance(v, float) and not v.is_integer() else v for v in values]
     try:
-        return pa.array(values, type=kind)
+        return pa.array(values, type=kind, from_pandas=True)  # NaN as null, as `plain` has it
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
         return pa.array([_scalar(v, kind) for v in values], type=kind)
 
@@ -223,7 +246,79 @@ def payload_table(
     of inputs and outputs (the rows past it left out and the record's rows marked truncated)."""
     columns = signature_columns(records[0].signature) if records else Columns((), ())
     schema = arrow_schema(columns, inputs=inputs, outputs=outputs)
-    rows = [row for record in records for row in _rows_of(record, columns, max_record_bytes)]
-    return pa.Table.from_arrays(
-        [_column([row.get(f.name) for row in rows], f.type) for f in schema], schema=schema
+    row_values: dict[str, list[Any]] = {name: [] for name in schema.names if name not in _REQUEST_NAMES}
+    requests = [_request_values(record) for record in records]
+    counts = [_append_rows(row_values, record, columns, max_record_bytes) for record in records]
+    by_request = dict(zip(_REQUEST_NAMES, zip(*requests, strict=True), strict=True)) if requests else {}
+    # The request's fields once per request, then repeated for its rows by Arrow (not in Python).
+    repeat = (
+        None if all(count == 1 for count in counts) else pa.array(np.repeat(np.arange(len(counts)), counts))
     )
+    arrays = []
+    for field in schema:
+        if field.name in _REQUEST_NAMES:
+            array = _column(list(by_request.get(field.name, ())), field.type)
+            arrays.append(array if repeat is None else array.take(repeat))
+        else:
+            arrays.append(_column(row_values[field.name], field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+_REQUEST_NAMES = (
+    "request_id",
+    "time",
+    "model",
+    "version",
+    "choice",
+    "route",
+    "status",
+    "error_code",
+    "latency_ms",
+)
+
+
+def _request_values(record: PayloadRecord) -> tuple[Any, ...]:
+    """The request's own fields, in `_REQUEST_NAMES`' order."""
+    return (
+        record.request_id,
+        int(record.at * 1000),
+        record.model,
+        record.version,
+        record.choice,
+        record.route,
+        record.status,
+        record.error_code,
+        record.latency_ms,
+    )
+
+
+def _append_rows(
+    values: dict[str, list[Any]], record: PayloadRecord, columns: Columns, max_bytes: int
+) -> int:
+    """The record's rows added to the row columns (`row`, `truncated`, inputs, outputs); how many. A
+    record that may not fit its budget is sized row by row (`_rows_of`); the rest, nearly all, go in
+    whole."""
+    inputs = _input_columns(record, columns)
+    if _may_exceed(record, inputs.as_json, max_bytes):
+        rows = list(_rows_of(record, columns, max_bytes))
+        for row in rows:
+            for name, column in values.items():
+                column.append(row.get(name))
+        return len(rows)
+    outputs = record.outputs or []
+    count = max(inputs.rows, len(outputs), 1)
+    values["truncated"].extend([False] * count)
+    values["row"].extend(range(count) if (inputs.rows or outputs) else [None])
+    if "inputs_json" in values:
+        values["inputs_json"].extend([inputs.as_json, *[None] * (count - 1)])
+        for name, _ in columns.inputs:
+            given = inputs.values.get(name, [])
+            values[f"input_{name}"].extend(given + [None] * (count - len(given)))
+    if "outputs_json" in values:
+        answered = [_output_fields(answer, columns) for answer in outputs] + [({}, None)] * (
+            count - len(outputs)
+        )
+        values["outputs_json"].extend([as_json for _, as_json in answered])
+        for name, _ in columns.outputs:
+            values[f"output_{name}"].extend([fields.get(name) for fields, _ in answered])
+    return count

@@ -21,7 +21,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Object, Property, Schema, TensorSpec
 
 from serving_app.monitoring.mlflow_sink import partition
-from serving_app.monitoring.records import PayloadRecord
+from serving_app.monitoring.records import PayloadRecord, settled
 from serving_app.monitoring.table import (
     REQUEST_FIELDS,
     Columns,
@@ -252,7 +252,7 @@ def test_outputs_by_column_or_as_json(outputs: list[Any], score: list[Any], as_j
     assert built.column("outputs_json").to_pylist() == as_json
 
 
-def test_inputs_made_plain_nan_as_null_and_unknown_columns_left_out() -> None:
+def test_inputs_made_plain_nan_as_null_and_unknown_columns_left_out_as_queued_or_settled() -> None:
     model_input = pd.DataFrame(
         {
             "x": np.array([np.nan, 1.0]),
@@ -261,7 +261,11 @@ def test_inputs_made_plain_nan_as_null_and_unknown_columns_left_out() -> None:
             "extra": ["not", "in the signature"],
         }
     )
-    built = table(record(model_input, [0.0, 1.0]))
+    for logged in (record(model_input, [0.0, 1.0]), settled(record(model_input, [0.0, 1.0]))):
+        assert_plain_inputs(table(logged))
+
+
+def assert_plain_inputs(built: pa.Table) -> None:
     assert built.column("input_x").to_pylist() == [None, 1.0]
     assert built.column("input_n").to_pylist() == [7, 8]
     assert built.column("input_s").to_pylist() == [None, None]  # the signature's, not in the frame

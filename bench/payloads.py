@@ -338,6 +338,17 @@ def cpu_s(pids: Iterable[int]) -> float:
     return ticks / _TICKS
 
 
+def children(pid: int) -> list[int]:
+    """The process's live children (a CloudEvents replica's sender process), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
 def payload_figures(target: Target) -> dict[str, Any]:
     """The replica's `/healthz` `payloads` (one replica per application, so its figures are the app's)."""
     health = httpx.get(f"{target.base}/healthz", timeout=10).json()
@@ -373,7 +384,8 @@ class Pids:
 def measure_cell(target: Target, concurrency: int, duration: float, pids: Pids) -> dict[str, Any]:
     replica, sink_side = [pids.replicas[target.app]], pids.sink_side(target.sink)
     figures = payload_figures(target) if target.logged else {}
-    cpu_replica, cpu_sink = cpu_s(replica), cpu_s(sink_side)
+    senders = children(replica[0])  # started by the first write: there since the warm-up of round 1
+    cpu_replica, cpu_sink, cpu_senders = cpu_s(replica), cpu_s(sink_side), cpu_s(senders)
     warm, result = load_cells(
         [
             cell(target.base + "/serve", target.case.body, concurrency=concurrency, duration_s=d, warmup_s=0)
@@ -391,6 +403,7 @@ def measure_cell(target: Target, concurrency: int, duration: float, pids: Pids) 
         "drained": drained,
         "replica_cpu_us_per_request": (cpu_s(replica) - cpu_replica) / max(1, answered) * 1e6,
         "sink_cpu_us_per_record": (cpu_s(sink_side) - cpu_sink) / max(1, logged) * 1e6 if logged else 0.0,
+        "sender_cpu_us_per_record": (cpu_s(senders) - cpu_senders) / max(1, logged) * 1e6 if logged else 0.0,
     }
 
 
@@ -516,8 +529,14 @@ def in_process(cases: Sequence[ModelCase], tracking_uri: str, receiver_url: str)
                 "capture_us": _capture_us(request),
                 "settle_us": _settle_us(request),
                 "gc_us_queued": retained - without,
-                "mlflow_us": _sink_us(case, "mlflow", records, tracking_uri, receiver_url),
-                "cloudevents_us": _sink_us(case, "cloudevents", records, tracking_uri, receiver_url),
+                "mlflow_us": _sink_us(case, "mlflow", records, tracking_uri, receiver_url)[0],
+                **dict(
+                    zip(
+                        ("cloudevents_us", "cloudevents_sender_us"),
+                        _sink_us(case, "cloudevents", records, tracking_uri, receiver_url),
+                        strict=True,
+                    )
+                ),
             }
         )
         print(f"  in process {rows[-1]}", flush=True)
@@ -612,8 +631,9 @@ def _gc_while_queued(request: Any, *, retain: bool, n: int = 5000, batch: int = 
 
 def _sink_us(
     case: ModelCase, sink: str, records: Sequence[Any], tracking_uri: str, receiver_url: str
-) -> float:
-    """The sink's CPU per record (this process, every thread) over three writes of 1,000 records."""
+) -> tuple[float, float]:
+    """The sink's CPU per record over three writes of 1,000 records: this process (every thread), and
+    the sink's own processes (the CloudEvents sender)."""
     import resource
 
     from serving_app.config import PayloadArgs
@@ -627,14 +647,15 @@ def _sink_us(
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    async def write() -> float:
-        await writer.write(records[:10])  # the run (or the connection) made first
-        before = cpu()
+    async def write() -> tuple[float, float]:
+        await writer.write(records[:10])  # the run (or the sender process) made first
+        senders = children(os.getpid())
+        before, before_senders = cpu(), cpu_s(senders)
         for _ in range(3):
             await writer.write(records)
-        spent = cpu() - before
+        spent, spent_senders = cpu() - before, cpu_s(senders) - before_senders
         await writer.close()
-        return spent / (3 * len(records)) * 1e6
+        return spent / (3 * len(records)) * 1e6, spent_senders / (3 * len(records)) * 1e6
 
     return asyncio.run(write())
 
@@ -717,6 +738,7 @@ def summarise(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99_ms": median([g["p99_ms"] for g in group]),
                 "replica_cpu_us": median([g["replica_cpu_us_per_request"] for g in group]),
                 "sink_cpu_us": median([g["sink_cpu_us_per_record"] for g in group]),
+                "sender_cpu_us": median([g.get("sender_cpu_us_per_record", 0.0) for g in group]),
                 "errors": sum(g["errors"] for g in group),
                 "answered": sum(g["answered"] for g in group),
                 "logged": sum(g["logged"] for g in group),
@@ -764,6 +786,7 @@ def ratio_table(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]
                 ", ".join(f"{x:.2f}" for x in per_round) if r["sink"] != "off" else "",
                 r["replica_cpu_us"],
                 r["replica_cpu_us"] - off["replica_cpu_us"] if off else float("nan"),
+                r["sender_cpu_us"] if r["sink"] == "cloudevents" else "",
                 r["sink_cpu_us"] if r["sink"] != "off" else "",
                 _logged(r),
                 r["errors"],
@@ -775,7 +798,7 @@ def ratio_table(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]
 RATIO_HEADERS = [
     "model", "batching", "c", "payloads", "req/s", "p50 ms", "p99 ms", "req/s ÷ off", "p50 ÷ off",
     "per round (c=1: p50, c=32: req/s) ÷ off", "replica CPU µs/request", "µs/request over off",
-    "sink side CPU µs/record", "logged/answered", "errors",
+    "replica's sender process CPU µs/record", "sink side CPU µs/record", "logged/answered", "errors",
 ]  # fmt: skip
 
 
@@ -837,7 +860,7 @@ def arrival_table(arrived: Sequence[dict[str, Any]]) -> list[list[Any]]:
 PART_HEADERS = [
     "model", "GC-tracked objects in the process", "request path: id, capture, record, queue µs/request",
     "GC µs/request while records wait in the queue (1,000)", "MLflow sink µs/record (1,000 a write)",
-    "CloudEvents sink µs/record",
+    "CloudEvents sink µs/record", "CloudEvents sender process µs/record",
 ]  # fmt: skip
 
 ARRIVAL_HEADERS = [
@@ -872,7 +895,7 @@ def report(
             PART_HEADERS,
             [
                 [p["model"], p["gc_tracked_objects"], p["capture_us"], p["gc_us_queued"], p["mlflow_us"],
-                 p["cloudevents_us"]]
+                 p["cloudevents_us"], p["cloudevents_sender_us"]]
                 for p in parts
             ],
         )  # fmt: skip

@@ -17,7 +17,8 @@ import httpx
 from serving_app.config import PayloadArgs
 from serving_app.metrics import Counter
 from serving_app.mlmodel import RegistryAuth
-from serving_app.monitoring.cloudevents_sink import CloudEventsSink, SinkHeadersInvalid, parse_headers
+from serving_app.monitoring.cloudevents_format import SinkHeadersInvalid, parse_headers
+from serving_app.monitoring.cloudevents_sink import CloudEventsSink
 from serving_app.monitoring.mlflow_sink import MlflowPayloadSink
 from serving_app.monitoring.records import (
     Choice,

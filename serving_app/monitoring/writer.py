@@ -65,7 +65,8 @@ class PayloadLog:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.totals: collections.Counter[str] = collections.Counter()
-        self.last_error: str | None = None  # the sink's last failure, as a type name (no message)
+        # The sink's last failure, as a type name (no message; a sink's error may name its cause's type).
+        self.last_error: str | None = None
 
     @property
     def queued(self) -> int:
@@ -121,7 +122,7 @@ class PayloadLog:
             except Exception as error:
                 self._writing = 0
                 attempt += 1
-                self.last_error = type(error).__name__
+                self.last_error = str(getattr(error, "error_name", "")) or type(error).__name__
                 if not retry or attempt >= self.limits.attempts:
                     logger.warning(
                         "payload sink failed %d time(s) (%s): %d record(s) given up",

@@ -1,5 +1,5 @@
 """The CloudEvents sink: the headers Secret's parsing, each record's pair of events, and posting them
-to a receiver (a loopback HTTP server started here)."""
+to a receiver (a loopback HTTP server started here) through the sink's real sender process."""
 
 from __future__ import annotations
 
@@ -9,22 +9,26 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pandas as pd
 import pytest
 
-from serving_app.monitoring.cloudevents_sink import (
+from serving_app.monitoring.cloudevents_format import (
     MAX_HEADER_VALUE,
     MAX_HEADERS,
     REQUEST_TYPE,
     RESPONSE_TYPE,
-    CloudEventsSink,
     SinkHeadersInvalid,
-    events,
     parse_headers,
+)
+from serving_app.monitoring.cloudevents_sink import (
+    CloudEventsSink,
+    EventsRefused,
+    EventsUndelivered,
+    events,
 )
 from serving_app.monitoring.records import Choice, PayloadRecord
 
@@ -337,29 +341,59 @@ def test_write_of_many_records_posts_them_all(serve: Any) -> None:
     assert len(receiver.received) == 50
 
 
-def test_the_sinks_session_is_reused_and_closed(serve: Any) -> None:
+def test_the_sender_process_is_reused_stopped_at_close_and_started_again_after_it_died(serve: Any) -> None:
     receiver = Receiver()
     target = sink(serve(receiver))
 
     async def scenario() -> None:
         await target.write([answered()])
-        session = target._session
+        sender = target._sender
+        assert sender is not None and sender.alive
         await target.write([answered("shadow")])
-        assert target._session is session
+        assert target._sender is sender
+        sender.kill()
+        await sender.process.wait()
+        await target.write([answered("canary")])  # a new sender
+        assert target._sender is not sender and target._sender is not None and target._sender.alive
+        again = target._sender
         await target.close()
-        assert target._session is None
+        assert target._sender is None and again.process.returncode == 0  # stopped by the end of its stdin
         await target.close()  # twice is fine
 
     asyncio.run(scenario())
-    assert len(receiver.received) == 4
+    assert len(receiver.received) == 6
+
+
+def process_files(pid: int) -> tuple[bytes, bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes(), Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_the_sender_gets_neither_the_headers_nor_the_replicas_environment(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAYLOAD_HEADERS", f"Authorization: Bearer {SECRET}")
+    target = sink(serve(Receiver()))
+
+    async def scenario() -> tuple[bytes, bytes]:
+        try:
+            await target.write([answered()])
+            assert target._sender is not None
+            return await asyncio.to_thread(process_files, target._sender.pid)
+        finally:
+            await target.close()
+
+    environ, cmdline = asyncio.run(scenario())
+    assert sorted(entry.split(b"=")[0] for entry in environ.split(b"\0") if entry) == [b"PATH", b"PYTHONPATH"]
+    assert SECRET.encode() not in environ + cmdline
 
 
 @pytest.mark.parametrize("status", [400, 404, 500, 503])
 def test_a_receiver_refusing_makes_write_raise(serve: Any, status: int) -> None:
     receiver = Receiver(status=status)
-    with pytest.raises(aiohttp.ClientResponseError) as refused:
+    with pytest.raises(EventsRefused) as refused:
         write(sink(serve(receiver)), [answered()])
     assert refused.value.status == status
+    assert refused.value.error_name == f"ReceiverAnswered{status}"  # what status and /healthz say
     assert SECRET not in str(refused.value)
 
 
@@ -367,13 +401,13 @@ def test_a_receiver_that_is_not_there_makes_write_raise(serve: Any) -> None:
     server = Loopback(("127.0.0.1", 0), handler_for(Receiver()))
     port = server.server_address[1]
     server.server_close()  # the port is free again: nothing listens
-    with pytest.raises(aiohttp.ClientError):
+    with pytest.raises(EventsUndelivered, match="ClientConnectorError"):
         write(sink(f"http://127.0.0.1:{port}/events"), [answered()])
 
 
 def test_a_redirect_is_not_followed_with_the_secrets_headers(serve: Any) -> None:
     elsewhere = Receiver()
     receiver = Receiver(status=307, location=serve(elsewhere))
-    with pytest.raises(aiohttp.ClientResponseError):
+    with pytest.raises(EventsRefused):
         write(sink(serve(receiver)), [answered()])
     assert [h.get("x-api-key") for h, _ in elsewhere.received] == []

@@ -16,7 +16,7 @@ import pytest
 from serving_app.monitoring.records import PayloadRecord
 from serving_app.monitoring.writer import Outcome, PayloadLog, WriterLimits, next_backoff
 
-Step = Literal["ok", "fail", "stall"]
+Step = Literal["ok", "fail", "stall", "named"]
 
 # Tiny intervals and back-offs: every scenario ends well within a second.
 FAST = WriterLimits(
@@ -48,6 +48,10 @@ def record(n: int) -> PayloadRecord:
     )
 
 
+class NamedFailure(RuntimeError):
+    error_name = "ReceiverAnswered503"  # a sink's error naming its cause (`CloudEventsSink`)
+
+
 @dataclass
 class FakeSink:
     """Answers each write as `plan` says, in order ("ok" once the plan is used up); `gate`, when set,
@@ -72,6 +76,8 @@ class FakeSink:
             await asyncio.Event().wait()  # until the writer gives up on it
         if step == "fail":
             raise ConnectionError("sink down")
+        if step == "named":
+            raise NamedFailure("the receiver said no")
         self.batches.append([r.request_id for r in records])
 
     async def close(self) -> None:
@@ -325,6 +331,18 @@ def test_the_bound_holds_while_a_refused_batch_waits_for_its_retry() -> None:
         assert log.queued == 0
 
     asyncio.run(scenario())
+
+
+def test_a_sink_error_that_names_its_cause_is_reported_by_that_name() -> None:
+    async def scenario() -> str | None:
+        sink = FakeSink(plan=["named"])
+        log, _ = new_log(sink, replace(FAST, batch_records=1, backoff_initial_s=NEVER))
+        async with running(log):
+            log.offer(record(0))
+            await until(lambda: log.last_error is not None)
+            return log.last_error
+
+    assert asyncio.run(scenario()) == "ReceiverAnswered503"
 
 
 # ----------------------------------------------------------------------------------------- stop

@@ -50,22 +50,24 @@ def forget_rollout(namespace: str, name: str) -> None:
         ROLLOUT_WEIGHT.remove(namespace, name)
 
 
+DRIFT_PSI_LABELS = ("resource_namespace", "resource", "version", "feature")
 DRIFT_PSI = Gauge(
     "regserve_drift_psi",
     "Population stability index of a feature (or `prediction.<output>`) in the last window, by version",
-    ["resource_namespace", "resource", "version", "feature"],
+    DRIFT_PSI_LABELS,
 )
+WINDOW_REQUESTS_LABELS = ("resource_namespace", "resource", "version")
 WINDOW_REQUESTS = Gauge(
     "regserve_window_requests",
     "Requests a version answered in the last completed monitoring window",
-    ["resource_namespace", "resource", "version"],
+    WINDOW_REQUESTS_LABELS,
 )
 
 
 def record_monitoring(namespace: str, name: str, monitoring: MonitoringStatus | None) -> None:
     """The last window's figures; the previous window's series of this resource go."""
-    for gauge in (DRIFT_PSI, WINDOW_REQUESTS):
-        for labels in [key for key in _series(gauge) if key[:2] == (namespace, name)]:
+    for gauge, label_names in ((DRIFT_PSI, DRIFT_PSI_LABELS), (WINDOW_REQUESTS, WINDOW_REQUESTS_LABELS)):
+        for labels in [key for key in _series(gauge, label_names) if key[:2] == (namespace, name)]:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
     for figures in (monitoring.versions or []) if monitoring is not None else []:
@@ -76,9 +78,13 @@ def record_monitoring(namespace: str, name: str, monitoring: MonitoringStatus | 
             DRIFT_PSI.labels(namespace, name, figures.version, f"prediction.{output}").set(psi)
 
 
-def _series(gauge: Gauge) -> list[tuple[str, ...]]:
-    # prometheus_client keeps a labelled metric's children by their label values.
-    return [tuple(labels) for labels in gauge._metrics]
+def _series(gauge: Gauge, label_names: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """The label values of the gauge's series, in `label_names`' order."""
+    return {
+        tuple(sample.labels[label] for label in label_names)
+        for metric in gauge.collect()
+        for sample in metric.samples
+    }
 
 
 def record_poll(server: str, seconds: float, ok: bool) -> None:

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from regserve_operator import metrics
 from regserve_operator.monitoring import (
     MAX_FEATURES,
     MAX_NAME,
@@ -25,7 +26,7 @@ from regserve_operator.monitoring import (
     probe_monitoring,
     window_end_text,
 )
-from regserve_operator.spec import Monitoring, MonitoringStatus
+from regserve_operator.spec import Monitoring, MonitoringStatus, VersionFigures
 
 from serving_app.config import DriftArgs, MonitoringArgs
 from serving_app.monitoring.drift import ReferenceProfile, profile_from_frame
@@ -798,3 +799,39 @@ def test_payload_summary_sums_replicas_and_names_each_problem_once() -> None:
         "errors": ["SinkRefused"],
     }
     assert payload_summary([None]) is None
+
+
+# ---------------------------------------------------------------------------------- Prometheus
+
+
+def gauge_values(gauge: Any) -> dict[tuple[str, ...], float]:
+    """The gauge's series by (resource, version[, feature])."""
+    return {
+        tuple(s.labels[k] for k in ("resource", "version", "feature") if k in s.labels): s.value
+        for m in gauge.collect()
+        for s in m.samples
+    }
+
+
+def test_a_resources_window_series_replace_its_last_ones_and_leave_others_alone() -> None:
+    def status(*versions: VersionFigures) -> MonitoringStatus:
+        return MonitoringStatus(versions=list(versions))
+
+    metrics.record_monitoring("team-b", "other", status(VersionFigures(version="9", requests=1)))
+    metrics.record_monitoring(
+        "team-a",
+        "iris",
+        status(
+            VersionFigures(version="3", requests=40, input_psi={"x": 0.3}, prediction_psi={"score": 0.1}),
+            VersionFigures(version="4", requests=2, input_psi={"y": 0.01}),
+        ),
+    )
+    assert gauge_values(metrics.DRIFT_PSI)[("iris", "3", "prediction.score")] == 0.1
+    metrics.record_monitoring("team-a", "iris", status(VersionFigures(version="4", requests=5)))
+    requests = gauge_values(metrics.WINDOW_REQUESTS)
+    assert {k: v for k, v in requests.items() if k[0] == "iris"} == {("iris", "4"): 5}
+    assert requests[("other", "9")] == 1
+    assert not [k for k in gauge_values(metrics.DRIFT_PSI) if k[0] == "iris"]
+    metrics.record_monitoring("team-a", "iris", None)
+    metrics.record_monitoring("team-b", "other", None)
+    assert not [k for k in gauge_values(metrics.WINDOW_REQUESTS) if k[0] in ("iris", "other")]

@@ -264,6 +264,20 @@ class Receiver:
             return {h["ce-type"]: (h, b) for h, b in self.events if h.get("ce-id") == request_id}
 
 
+def event_senders() -> list[int]:
+    """Live CloudEvents sender processes on this machine (`serving_app.monitoring.event_sender`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0] if command else "Z"
+        except OSError:  # gone meanwhile
+            continue
+        if b"serving_app.monitoring.event_sender" in command and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def test_records_reach_a_cloudevents_receiver_in_kserves_format(
     mlflow_server: MlflowServer, local_ray: LocalRay, versions: tuple[str, str]
 ) -> None:
@@ -284,6 +298,9 @@ def test_records_reach_a_cloudevents_receiver_in_kserves_format(
             wait_for(
                 lambda: len(receiver.of("event-1")) == 2, timeout=30, message="request and response events"
             )
+            assert len(event_senders()) == 1, "the replica posts through one sender process"
+        # The application's replica is gone: its sender exited with it.
+        wait_for(lambda: not event_senders(), timeout=30, message="the sender process gone")
 
     events = receiver.of("event-1")
     request, response = (

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from regserve_operator.sandbox.processes import free_port
 
 from serving_app.monitoring.cloudevents_format import (
     MAX_HEADER_VALUE,
@@ -31,6 +30,7 @@ from serving_app.monitoring.cloudevents_sink import (
     events,
 )
 from serving_app.monitoring.records import Choice, PayloadRecord
+from tests.support.event_receiver import EventReceiver
 
 SECRET = "SECRETVALUE"
 ALL = ("inputs", "outputs")
@@ -242,54 +242,18 @@ def test_bodies_are_strict_json() -> None:
 # -------------------------------------------------------------------------------------- the sink
 
 
-@dataclass
-class Receiver:
-    """What a loopback receiver was sent, and how it answers."""
-
-    status: int = 202
-    location: str | None = None
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class Loopback(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64  # the sink's posts at once all get in, none waits for a SYN retry
-
-
-def handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with receiver.lock:
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(receiver.status)
-            if receiver.location is not None:
-                self.send_header("Location", receiver.location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return Handler
-
-
 @pytest.fixture
 def serve() -> Iterator[Any]:
-    """Starts loopback receivers; each is shut down at the end of the test."""
-    servers: list[Loopback] = []
+    """Starts loopback receivers; each is stopped at the end of the test."""
+    receivers: list[EventReceiver] = []
 
-    def start(receiver: Receiver) -> str:
-        server = Loopback(("127.0.0.1", 0), handler_for(receiver))
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-        return f"http://127.0.0.1:{server.server_address[1]}/events"
+    def start(receiver: EventReceiver) -> str:
+        receivers.append(receiver.start())
+        return receiver.url
 
     yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    for receiver in receivers:
+        receiver.stop()
 
 
 def sink(url: str, include: Sequence[str] = ALL) -> CloudEventsSink:
@@ -314,7 +278,7 @@ def write(target: CloudEventsSink, records: Sequence[PayloadRecord]) -> None:
 
 
 def test_write_posts_every_event_with_the_extra_headers(serve: Any) -> None:
-    receiver = Receiver()
+    receiver = EventReceiver()
     records = [answered(), answered("canary"), record(status=400, error_code="invalid_input")]
     write(sink(serve(receiver)), records)
     assert len(receiver.received) == 6
@@ -335,14 +299,14 @@ def test_write_posts_every_event_with_the_extra_headers(serve: Any) -> None:
 
 
 def test_write_of_many_records_posts_them_all(serve: Any) -> None:
-    receiver = Receiver()
+    receiver = EventReceiver()
     records = [answered() for _ in range(25)]  # more events than posts at once
     write(sink(serve(receiver)), records)
     assert len(receiver.received) == 50
 
 
 def test_the_sender_process_is_reused_stopped_at_close_and_started_again_after_it_died(serve: Any) -> None:
-    receiver = Receiver()
+    receiver = EventReceiver()
     target = sink(serve(receiver))
 
     async def scenario() -> None:
@@ -372,7 +336,7 @@ def test_the_sender_gets_neither_the_headers_nor_the_replicas_environment(
     serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PAYLOAD_HEADERS", f"Authorization: Bearer {SECRET}")
-    target = sink(serve(Receiver()))
+    target = sink(serve(EventReceiver()))
 
     async def scenario() -> tuple[bytes, bytes]:
         try:
@@ -389,7 +353,7 @@ def test_the_sender_gets_neither_the_headers_nor_the_replicas_environment(
 
 @pytest.mark.parametrize("status", [400, 404, 500, 503])
 def test_a_receiver_refusing_makes_write_raise(serve: Any, status: int) -> None:
-    receiver = Receiver(status=status)
+    receiver = EventReceiver(status=status)
     with pytest.raises(EventsRefused) as refused:
         write(sink(serve(receiver)), [answered()])
     assert refused.value.status == status
@@ -397,17 +361,14 @@ def test_a_receiver_refusing_makes_write_raise(serve: Any, status: int) -> None:
     assert SECRET not in str(refused.value)
 
 
-def test_a_receiver_that_is_not_there_makes_write_raise(serve: Any) -> None:
-    server = Loopback(("127.0.0.1", 0), handler_for(Receiver()))
-    port = server.server_address[1]
-    server.server_close()  # the port is free again: nothing listens
+def test_a_receiver_that_is_not_there_makes_write_raise() -> None:
     with pytest.raises(EventsUndelivered, match="ClientConnectorError"):
-        write(sink(f"http://127.0.0.1:{port}/events"), [answered()])
+        write(sink(f"http://127.0.0.1:{free_port()}/events"), [answered()])
 
 
 def test_a_redirect_is_not_followed_with_the_secrets_headers(serve: Any) -> None:
-    elsewhere = Receiver()
-    receiver = Receiver(status=307, location=serve(elsewhere))
+    elsewhere = EventReceiver()
+    receiver = EventReceiver(status=307, location=serve(elsewhere))
     with pytest.raises(EventsRefused):
         write(sink(serve(receiver)), [answered()])
     assert [h.get("x-api-key") for h, _ in elsewhere.received] == []

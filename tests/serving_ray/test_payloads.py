@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from regserve_operator.sandbox.processes import wait_for
 from serving_app.monitoring.records import sampled
 from tests.operator.counting_proxy import CountingProxy
 from tests.serving.conftest import app_config
+from tests.support.event_receiver import EventReceiver
 from tests.support.ray_cluster import LocalRay, deployed_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -225,45 +223,6 @@ def test_shadow_and_canary_answers_go_to_each_versions_own_run(
         assert set(frame[frame["request_id"] == "canary-1"]["choice"]) == {"canary"}
 
 
-class Receiver:
-    """A CloudEvents receiver of our own: keeps each event's headers and body."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[dict[str, str], dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver._lock:
-                    receiver.events.append(
-                        ({k.lower(): v for k, v in self.headers.items()}, json.loads(body))
-                    )
-                self.send_response(202)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/events"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def of(self, request_id: str) -> dict[str, tuple[dict[str, str], dict[str, Any]]]:
-        with self._lock:
-            return {h["ce-type"]: (h, b) for h, b in self.events if h.get("ce-id") == request_id}
-
-
 def event_senders() -> list[int]:
     """Live CloudEvents sender processes on this machine (`serving_app.monitoring.event_sender`)."""
     found = []
@@ -282,7 +241,7 @@ def test_records_reach_a_cloudevents_receiver_in_kserves_format(
     mlflow_server: MlflowServer, local_ray: LocalRay, versions: tuple[str, str]
 ) -> None:
     v1, _ = versions
-    with Receiver() as receiver:
+    with EventReceiver() as receiver:
         config = payload_app(
             "payloads-events",
             mlflow_server.url,

@@ -48,6 +48,7 @@ from tests.k8s.operator_support import (
 )
 from tests.k8s.podrunner import pod_ready, with_cluster_hosts
 from tests.reliability.delaying_proxy import DelayingProxy
+from tests.support.event_receiver import EventReceiver
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kuberay, pytest.mark.slow]
 
@@ -969,7 +970,8 @@ def test_monitoring_logs_payloads_to_mlflow_and_reports_a_shifted_prompt_as_drif
 ) -> None:
     """spec.monitoring with real Ray behind KubeRay: every request's record read back from MLflow with
     pandas as the client sent and got it; prompts the training data never had → InputDrift naming
-    `prompt`, the window's figures in status and on the version's MLflow run. Turned off again after."""
+    `prompt`, the window's figures in status and on the version's MLflow run; then CloudEvents with a
+    Secret's headers at a receiver of our own. Turned off again after."""
     if "raycluster_uid" not in serving.facts:
         pytest.skip("the resource never served (see the first test)")
     prompts = ["Hello", "Goodbye", "Thank you"] * 40
@@ -1036,6 +1038,39 @@ def test_monitoring_logs_payloads_to_mlflow_and_reports_a_shifted_prompt_as_drif
         assert frame.loc[rid, "input_prompt"] == prompt
         assert frame.loc[rid, "output_translation_text"] == answers[rid]
         assert frame.loc[rid, "version"] == monitored and frame.loc[rid, "status"] == 200
+
+    # The CloudEvents sink, its headers from a Secret by reference: events in KServe's format reach a
+    # receiver of our own on the pod bridge, with the Secret's header.
+    token = f"Bearer {uuid.uuid4().hex}"
+    serving.cluster.secret("payload-headers", {"headers": f"Authorization: {token}"})
+    try:
+        with EventReceiver(host=network.BRIDGE_IP) as receiver:
+            http = {"url": receiver.url, "headersSecretRef": {"name": "payload-headers", "key": "headers"}}
+            _merge_spec(serving, NAME, {"monitoring": {"payloads": {"sink": {"mlflow": None, "http": http}}}})
+            asked: list[str] = []
+
+            def delivered() -> bool:
+                asked.append(f"event-{len(asked)}")
+                response = httpx.post(
+                    serving.url(), json={"prompt": "Hello"}, headers={"X-Request-Id": asked[-1]}, timeout=30
+                )
+                assert response.status_code == 200, response.text
+                return any(len(receiver.of(rid)) == 2 for rid in asked)
+
+            until("CloudEvents at the receiver", delivered, timeout=NEW_CLUSTER_S)
+            events = next(receiver.of(rid) for rid in asked if len(receiver.of(rid)) == 2)
+    finally:
+        serving.cluster.core.delete_namespaced_secret("payload-headers", serving.namespace)
+    (request, asked_body), (response, answered_body) = (
+        events["org.kubeflow.serving.inference.request"],
+        events["org.kubeflow.serving.inference.response"],
+    )
+    for headers in (request, response):
+        assert headers["authorization"] == token
+        assert (headers["ce-inferenceservicename"], headers["ce-namespace"]) == (NAME, serving.namespace)
+        assert (headers["ce-modelversion"], headers["ce-statuscode"]) == (monitored, "200")
+    assert asked_body == {"dataframe_records": [{"prompt": "Hello"}]}
+    assert list(answered_body["predictions"][0]) == ["translation_text"]
 
     _merge_spec(serving, NAME, {"monitoring": None})
     until(

@@ -17,6 +17,7 @@ class Loopback(ThreadingHTTPServer):
 
 @dataclass
 class EventReceiver:
+    host: str = "127.0.0.1"  # the plane's tests listen on the pod bridge's host address
     status: int = 202
     location: str | None = None
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
@@ -26,10 +27,10 @@ class EventReceiver:
     @property
     def url(self) -> str:
         assert self.server is not None, "not started"
-        return f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        return f"http://{self.host}:{self.server.server_address[1]}/events"
 
     def start(self) -> EventReceiver:
-        self.server = Loopback(("127.0.0.1", 0), _handler_for(self))
+        self.server = Loopback((self.host, 0), _handler_for(self))
         threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
         return self
 

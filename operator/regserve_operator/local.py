@@ -557,7 +557,9 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        print(f"{time.strftime('%H:%M:%S')} regserve: stopping", flush=True)
         session.cluster.stop()
+        print(f"{time.strftime('%H:%M:%S')} regserve: stopped", flush=True)
     return 0
 
 

@@ -516,12 +516,14 @@ def in_process(cases: Sequence[ModelCase], tracking_uri: str, receiver_url: str)
 
     import mlflow
 
+    from serving_app.monitoring.records import settled
+
     rows = []
     for case in cases:
         loaded = mlflow.pyfunc.load_model(f"models:/{case.name}/{case.version}")
         request = _one_request(case, loaded)
         retained, without = _gc_while_queued(request, retain=True), _gc_while_queued(request, retain=False)
-        records = [_record(*request()) for _ in range(1000)]
+        records = [settled(_record(*request())) for _ in range(1000)]  # as the writer hands them over
         rows.append(
             {
                 "model": case.key,

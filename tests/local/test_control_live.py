@@ -124,7 +124,7 @@ def check_monitoring(client: LocalControlClient, uri: str, tmp_path: Path) -> No
 
     with monitored.Traffic(f"{client.serve_url}/monitored") as traffic:
         failing = wait_for(sink_failing, timeout=120, interval=1, message="PayloadsLogged=False")
-    assert failing["status"] == "False" and "ClientConnectorError" in failing["message"]
+    assert failing["status"] == "False" and "CouldNotConnect" in failing["message"]
     assert traffic.failures == 0
     assert client.delete("default", "monitored") is True
 

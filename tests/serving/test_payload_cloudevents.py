@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,8 +363,22 @@ def test_a_receiver_refusing_makes_write_raise(serve: Any, status: int) -> None:
 
 
 def test_a_receiver_that_is_not_there_makes_write_raise() -> None:
-    with pytest.raises(EventsUndelivered, match="ClientConnectorError"):
+    with pytest.raises(EventsUndelivered, match="CouldNotConnect"):
         write(sink(f"http://127.0.0.1:{free_port()}/events"), [answered()])
+
+
+def test_a_receiver_whose_certificate_is_not_trusted_gets_nothing(serve: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "receiver.crt", tmp_path / "receiver.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    receiver = EventReceiver(tls=(cert, key))
+    with pytest.raises(EventsUndelivered, match="PeerFailedVerification"):
+        write(sink(serve(receiver)), [answered()])
+    assert receiver.received == []
 
 
 def test_a_redirect_is_not_followed_with_the_secrets_headers(serve: Any) -> None:

@@ -4,9 +4,11 @@ it is told (a status, a redirect)."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -23,14 +25,20 @@ class EventReceiver:
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Loopback | None = None
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve https
 
     @property
     def url(self) -> str:
         assert self.server is not None, "not started"
-        return f"http://{self.host}:{self.server.server_address[1]}/events"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.server.server_address[1]}/events"
 
     def start(self) -> EventReceiver:
         self.server = Loopback((self.host, 0), _handler_for(self))
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
         return self
 

@@ -541,6 +541,9 @@ def main(argv: Sequence[str]) -> int:
         resources, dashboard_url=args.dashboard, serve_port=args.serve_port, num_cpus=args.num_cpus
     )
     signal.signal(signal.SIGTERM, lambda *_: session.stop_event.set())
+    # Ctrl-C stops it even when started where SIGINT is ignored (a background job of a script): Python
+    # leaves an inherited SIG_IGN in place, and the interrupt would be lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     token = secrets.token_urlsafe(32)
     try:
         with (

@@ -1,7 +1,8 @@
 """`mlflow deployments` against `regserve-local`: MLflow's `run-local` starts local mode for one model
 (real Ray, real MLflow), and the same session then takes MLflow's client — get, predict, create that
 blocks until the version answers, an update to another version, list, delete twice — and the
-`regserve status` and `promote` verbs (exit code by verdict); Ctrl-C ends it and its session file."""
+`regserve status` and `promote` verbs (exit code by verdict); Ctrl-C ends it and its session file, also when
+it was started with SIGINT ignored (as a script's background job is)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from regserve_operator.local_client import LocalControlClient, LocalSessionNotFound
 from regserve_operator.sandbox.mlflow_server import MlflowServer
 from regserve_operator.sandbox.models import log_phrasebook, log_sklearn_classifier
-from regserve_operator.sandbox.processes import free_port, session_members, start_and_wait, stop
+from regserve_operator.sandbox.processes import free_port, session_members, start, stop, wait_while_running
 
 from tests.local.test_local_ray import ray_session_of
 
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "deploy_local_model"
 FIRST_SERVE_S = 300.0
-CTRL_C_S = 180  # Ray's own shutdown on a loaded two-core machine: seconds when idle
+CTRL_C_S = 120
 
 
 def _ready_session(path: Path) -> LocalControlClient | None:
@@ -59,15 +60,28 @@ def test_run_local_then_the_regserve_local_target(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    local = start_and_wait(
-        [sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "regserve-local",
-         "--name", "first", "-m", f"models:/{MODEL}@champion", "-C", "cpusPerReplica=0.25"],
-        log=tmp_path / "run-local.log",
-        ready=lambda: _ready_session(session_file),
-        what="run-local serving the model",
-        timeout=FIRST_SERVE_S,
-        cwd=tmp_path,
-    )  # fmt: skip
+    # Started as a script's background job is (SIGINT ignored, and inherited so): Ctrl-C must still work.
+    ignoring = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        local = start(
+            [sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "regserve-local",
+             "--name", "first", "-m", f"models:/{MODEL}@champion", "-C", "cpusPerReplica=0.25"],
+            log=tmp_path / "run-local.log",
+            cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, ignoring)
+    try:
+        wait_while_running(
+            local,
+            lambda: _ready_session(session_file),
+            log=tmp_path / "run-local.log",
+            what="run-local serving the model",
+            timeout=FIRST_SERVE_S,
+        )
+    except BaseException:
+        stop(local)
+        raise
     ray_session = 0
     try:
         ray_session = ray_session_of(dashboard_port)

@@ -144,19 +144,10 @@ def _output_fields(answer: Any, columns: Columns) -> tuple[dict[str, Any], str |
     return {}, _json(answer)
 
 
-def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterable[dict[str, Any]]:
-    request = {
-        "request_id": record.request_id,
-        "time": int(record.at * 1000),
-        "model": record.model,
-        "version": record.version,
-        "choice": record.choice,
-        "route": record.route,
-        "status": record.status,
-        "error_code": record.error_code,
-        "latency_ms": record.latency_ms,
-    }
-    inputs = _input_columns(record, columns)
+def _rows_of(
+    record: PayloadRecord, columns: Columns, inputs: InputColumns, max_bytes: int
+) -> Iterable[dict[str, Any]]:
+    request = dict(zip(_REQUEST_NAMES, _request_values(record), strict=True))
     inputs_json = inputs.as_json
     outputs = record.outputs or []
     count = max(inputs.rows, len(outputs), 1)
@@ -189,6 +180,9 @@ def _rows_of(record: PayloadRecord, columns: Columns, max_bytes: int) -> Iterabl
     return rows
 
 
+_NUMBERS = (int, float, np.number, np.bool_)
+
+
 def _may_exceed(record: PayloadRecord, inputs_json: str | None, max_bytes: int) -> bool:
     """An upper bound of the record's size against `max_bytes`, cheaply: numbers as 24 characters."""
     size = len(inputs_json or "")
@@ -205,9 +199,6 @@ def _may_exceed(record: PayloadRecord, inputs_json: str | None, max_bytes: int) 
     else:
         size += len(_json(outputs))
     return size > max_bytes
-
-
-_NUMBERS = (int, float, np.number, np.bool_)
 
 
 def _size(row: dict[str, Any]) -> int:
@@ -264,17 +255,8 @@ def payload_table(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-_REQUEST_NAMES = (
-    "request_id",
-    "time",
-    "model",
-    "version",
-    "choice",
-    "route",
-    "status",
-    "error_code",
-    "latency_ms",
-)
+# The request's own fields: the same on each of its rows.
+_REQUEST_NAMES = tuple(name for name, _ in REQUEST_FIELDS if name not in ("row", "truncated"))
 
 
 def _request_values(record: PayloadRecord) -> tuple[Any, ...]:
@@ -300,7 +282,7 @@ def _append_rows(
     whole."""
     inputs = _input_columns(record, columns)
     if _may_exceed(record, inputs.as_json, max_bytes):
-        rows = list(_rows_of(record, columns, max_bytes))
+        rows = list(_rows_of(record, columns, inputs, max_bytes))
         for row in rows:
             for name, column in values.items():
                 column.append(row.get(name))
